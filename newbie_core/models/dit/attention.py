@@ -1,0 +1,133 @@
+"""Norms and the grouped-query attention of the Next-DiT blocks (spec §2.7, §2.12).
+
+The reference path is ``torch.nn.functional.scaled_dot_product_attention`` with a boolean
+key-padding mask. When ``flash_attn`` is importable and the tensors are CUDA bf16/fp16, the
+varlen kernel is used instead (same math; the official bf16 path). Query chunking bounds the
+attention workspace of the SDPA math/efficient kernels: each chunk of query rows attends to all
+keys, so the result equals the unchunked one up to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope
+
+log = logging.getLogger(__name__)
+
+try:  # optional fast path, never required
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    HAS_FLASH_ATTN = True
+    log.info("flash_attn found: bf16/fp16 CUDA attention uses its varlen kernel.")
+except ImportError:
+    flash_attn_func = flash_attn_varlen_func = None
+    HAS_FLASH_ATTN = False
+    log.debug("flash_attn not installed: attention uses torch SDPA.")
+
+FP16_MAX = 65504.0
+
+
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Keep fp16 activations finite (inf -> +-65504, nan -> 0), as ComfyUI's lumina model does.
+
+    bf16/fp32 tensors pass through untouched.
+    """
+    if x.dtype == torch.float16:
+        return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+    return x
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times the learnable weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q (B,S,H,D), k/v (B,S,Hkv,D) -> (B,S,H,D); padding rows come back as zeros."""
+    if mask is None:
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+    b, s, h, d = q.shape
+    flat = mask.reshape(-1)
+    idx = torch.nonzero(flat, as_tuple=False).flatten()
+    lens = mask.sum(dim=1, dtype=torch.int32)
+    cu = F.pad(torch.cumsum(lens, dim=0, dtype=torch.int32), (1, 0))
+    max_len = int(lens.max())
+    q_u, k_u, v_u = (t.reshape(b * s, *t.shape[2:])[idx] for t in (q, k, v))
+    out_u = flash_attn_varlen_func(q_u, k_u, v_u, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                   max_seqlen_q=max_len, max_seqlen_k=max_len,
+                                   softmax_scale=scale, causal=False)
+    out = q.new_zeros(b * s, h, d)
+    out[idx] = out_u
+    return out.view(b, s, h, d)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float, query_chunk: int | None = None) -> torch.Tensor:
+    """q (B,S,H,D), k/v (B,S,Hkv,D), mask (B,S) bool of valid keys or None -> (B,S,H,D).
+
+    KV head g serves query heads g*rep .. g*rep+rep-1 (repeat_interleave, spec §2.7).
+    """
+    rep = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2)                                             # (B, H, S, D)
+    kh = k.transpose(1, 2).repeat_interleave(rep, dim=1)               # (B, H, S, D)
+    vh = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+    attn_mask = None if mask is None else mask[:, None, None, :]       # (B, 1, 1, S)
+    s = q.shape[1]
+    if not query_chunk or query_chunk >= s:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale)
+        return out.transpose(1, 2)
+    out = torch.empty_like(qh)
+    for start in range(0, s, query_chunk):
+        rows = slice(start, min(start + query_chunk, s))
+        out[:, :, rows] = F.scaled_dot_product_attention(
+            qh[:, :, rows], kh, vh, attn_mask=attn_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+class JointAttention(nn.Module):
+    """Fused-qkv GQA with QK-RMSNorm and 3-axis RoPE; no biases (keys ``attention.*``)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, norm_eps: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps=norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=norm_eps)
+        self.query_chunk: int | None = None        # set by NextDiT.set_chunking
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = apply_rope(self.q_norm(q.view(b, s, self.n_heads, hd)), cos, sin)   # (B,S,H,hd)
+        k = apply_rope(self.k_norm(k.view(b, s, self.n_kv_heads, hd)), cos, sin)  # (B,S,Hkv,hd)
+        v = v.view(b, s, self.n_kv_heads, hd)
+        scale = 1.0 / math.sqrt(hd)
+        if _use_flash(q):
+            out = _flash_attention(q, k, v, mask, scale)
+        else:
+            out = sdpa_attention(q, k, v, mask, scale, self.query_chunk)
+        return self.out(out.reshape(b, s, self.n_heads * hd))           # (B, S, dim)
