@@ -1,0 +1,139 @@
+"""The text stage: Gemma 3 features and the Jina pooled vector, then both encoders leave the GPU.
+
+Each encoder runs under its own placement plan, its decoder layers resident or streamed like
+the DiT's blocks, and its embedding table stays in host RAM (rows are gathered on the CPU: a
+few hundred rows instead of a 1.3 GB table on the GPU). Positive and negative prompts run as one
+batch. Results go to the conditioning cache, so an unchanged prompt never runs the encoders.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from ..models.gemma import GemmaTextEncoder, estimate_gemma_activation_bytes
+from ..models.jina import JinaTextEncoder
+from ..placement import Report, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
+from ..prompt import EncoderTexts
+from .conditioning import CONDITIONING_CACHE, Conditioning, ConditioningCache, conditioning_key
+from .handles import TextEncoderHandle
+from .placed import PlacementInputs, materialize_non_blocks, placed_blocks, plan_for
+from .settings import MemorySettings, StorageDType
+
+log = logging.getLogger(__name__)
+
+GEMMA_MAX_TOKENS = 512
+JINA_MAX_TOKENS = 2048
+ENCODER_DTYPE = torch.bfloat16   # Gemma 3 overflows fp16; both encoders compute in bf16
+
+# Calls that really ran an encoder (tests and the ComfyUI tier check that cache hits skip them).
+ENCODER_CALLS = {"gemma": 0, "jina": 0}
+
+
+def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemorySettings, device: torch.device,
+                 report: Report, budget: int | None, cache: ConditioningCache = CONDITIONING_CACHE
+                 ) -> tuple[Conditioning, Conditioning]:
+    """(positive, negative) conditioning, from the cache when every input is unchanged."""
+    pairs = [(texts.gemma_pos, texts.jina_pos), (texts.gemma_neg, texts.jina_neg)]
+    keys = [conditioning_key(g, j, gemma_max=GEMMA_MAX_TOKENS, jina_max=JINA_MAX_TOKENS, dtype=str(ENCODER_DTYPE),
+                             encoder_files=list(handle.files)) for g, j in pairs]
+    found = [cache.get(k) for k in keys]
+    todo = [i for i, c in enumerate(found) if c is None]
+    if todo:
+        feats = run_gemma(handle, [pairs[i][0] for i in todo], memory, device, report, budget)
+        pooled = run_jina(handle, [pairs[i][1] for i in todo], memory, device, report, budget)
+        for i, f, p in zip(todo, feats, pooled):
+            found[i] = Conditioning(f, p)
+            cache.put(keys[i], found[i])
+    else:
+        log.info("conditioning cache hit: both encoders skipped")
+    return found[0], found[1]
+
+
+def _storage(handle: TextEncoderHandle, memory: MemorySettings) -> StorageChoice:
+    fp8 = memory.fp8_streaming or handle.gemma_storage is StorageDType.FP8
+    return StorageChoice.FP8 if fp8 else StorageChoice.BF16
+
+
+def plan_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, budget: int | None):
+    """Tokenize, build the meta encoder and plan it. Returns (encoder, inputs, plan, tokens)."""
+    ckpt = handle.gemma
+    tokens = ckpt.tokenizer(list(texts), max_length=GEMMA_MAX_TOKENS)
+    batch, length = tokens.input_ids.shape
+    encoder = GemmaTextEncoder(ckpt.config, ckpt.tokenizer)
+    inputs = PlacementInputs(
+        stage="encode:gemma", files=tuple(ckpt.source.files), storage=_storage(handle, memory),
+        compute_dtype=ENCODER_DTYPE, always_resident_bytes=0,
+        activation_bytes=lambda a, f: estimate_gemma_activation_bytes(ckpt.config, batch, length, ENCODER_DTYPE))
+    return encoder, inputs, plan_for(encoder, inputs, budget), tokens
+
+
+def run_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,
+              report: Report, budget: int | None) -> list[torch.Tensor]:
+    """Gemma ``hidden_states[-2]`` per text, trimmed to its valid tokens, on the CPU."""
+    ckpt = handle.gemma
+
+    def attempt(budget_now: int | None) -> list[torch.Tensor]:
+        encoder, inputs, plan, tokens = plan_gemma(handle, texts, memory, budget_now)
+        log.info("Gemma plan:\n%s", plan.render())
+        with stage_guard("encode:gemma", device) as guard, \
+                measure_stage(report, "encode:gemma", device, plan.predicted_peak) as rec:
+            guard.on_release(lambda: encoder.to_empty(device="meta"))
+            materialize_non_blocks(encoder, ckpt.source, device, ENCODER_DTYPE, host_prefixes=("model.embed_tokens.",))
+            encoder.rotary_emb.to(device)
+            encoder.compute_device = device
+            with placed_blocks(encoder, ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
+                guard.hold(session)
+                with torch.inference_mode():
+                    feats = encoder(tokens.input_ids, tokens.attention_mask)       # (B, L, H)
+                out = [feats[i, : int(n)].float().cpu() for i, n in enumerate(tokens.attention_mask.sum(1))]
+            rec.bytes_h2d = session.bytes_h2d
+            ENCODER_CALLS["gemma"] += 1
+        return out
+
+    return attempt(None) if budget is None else run_with_oom_retry(attempt, budget, stage="encode:gemma", device=device)
+
+
+def plan_jina(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, budget: int | None):
+    """Tokenize, build the meta encoder and plan it. Returns (encoder, inputs, plan, tokens)."""
+    ckpt = handle.jina
+    cfg = ckpt.config
+    tokens = ckpt.tokenizer(list(texts), max_length=JINA_MAX_TOKENS)
+    batch, length = tokens.input_ids.shape
+    # Post-LN layer: residual, qkv, scores (fp32 if the math kernel is used), MLP hidden.
+    act = batch * length * (6 * cfg.hidden_size + 2 * cfg.intermediate_size) * 2 \
+        + 4 * batch * cfg.num_attention_heads * length * length
+    encoder = JinaTextEncoder(cfg, ckpt.tokenizer)
+    inputs = PlacementInputs(
+        stage="encode:jina", files=tuple(ckpt.source.files), storage=StorageChoice.BF16,
+        compute_dtype=ENCODER_DTYPE, always_resident_bytes=4 * cfg.hidden_size * 2,
+        activation_bytes=lambda a, f: act)
+    return encoder, inputs, plan_for(encoder, inputs, budget), tokens
+
+
+def run_jina(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,
+             report: Report, budget: int | None) -> list[torch.Tensor]:
+    """Jina CLIP v2 mean-pooled text embedding per text, on the CPU."""
+    ckpt = handle.jina
+
+    def attempt(budget_now: int | None) -> list[torch.Tensor]:
+        encoder, inputs, plan, tokens = plan_jina(handle, texts, memory, budget_now)
+        with stage_guard("encode:jina", device) as guard, \
+                measure_stage(report, "encode:jina", device, plan.predicted_peak) as rec:
+            guard.on_release(lambda: encoder.to_empty(device="meta"))
+            materialize_non_blocks(encoder, ckpt.source, device, ENCODER_DTYPE,
+                                   host_prefixes=("embeddings.word_embeddings.",))
+            encoder.rotary_emb.to(device)
+            encoder.compute_device = device
+            with placed_blocks(encoder, ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
+                guard.hold(session)
+                with torch.inference_mode():
+                    pooled = encoder.pooled(tokens.input_ids, tokens.attention_mask)   # (B, H)
+                out = [p.float().cpu() for p in pooled]
+            rec.bytes_h2d = session.bytes_h2d
+            ENCODER_CALLS["jina"] += 1
+        return out
+
+    return attempt(None) if budget is None else run_with_oom_retry(attempt, budget, stage="encode:jina", device=device)

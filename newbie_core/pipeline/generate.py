@@ -1,0 +1,117 @@
+"""One whole generation, staged the classic way: encode, release; sample, release; decode.
+
+Each stage plans for the budget that is free when it starts, so the encoders' memory is back
+before the DiT loads and the DiT's before the VAE decodes. The CLI calls :func:`generate`; the
+ComfyUI nodes call the same stage functions one node at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..placement import Report, auto_budget
+from ..prompt import EncoderTexts, prepare_texts
+from ..sampling import validate_size
+from .encode import encode_texts, plan_gemma, plan_jina
+from .handles import DiTHandle, TextEncoderHandle, VaeHandle
+from .sample import StepCallback, plan_sampling, run_sampling
+from .settings import MemorySettings, SamplingSettings
+from .vae_stage import decode_latent, encode_image, plan_vae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Models:
+    dit: DiTHandle
+    encoders: TextEncoderHandle
+    vae: VaeHandle
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative: str = ""
+    width: int = 1024
+    height: int = 1024
+    batch: int = 1
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    compat: bool = False
+    init_image: torch.Tensor | None = None    # IMAGE (1, H, W, 3) in [0, 1], for img2img
+
+    def __post_init__(self) -> None:
+        validate_size(self.width, self.height)
+        if self.batch < 1:
+            raise ValueError(f"batch must be at least 1, got {self.batch}.")
+
+
+@dataclass
+class GenerationResult:
+    image: torch.Tensor                        # IMAGE (B, H, W, 3) float32 in [0, 1], CPU
+    latent: torch.Tensor                       # raw latent (B, 16, H/8, W/8), CPU
+    report: Report
+    step_seconds: list[float]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def stage_budget(memory: MemorySettings, device: torch.device) -> int | None:
+    """The budget for the stage about to start: the user's, or what is free now (auto).
+
+    On the CPU there is nothing to budget unless one is given (tests do, to exercise streaming)."""
+    if memory.vram_budget_bytes is not None:
+        return memory.vram_budget_bytes
+    return auto_budget(device) if device.type == "cuda" else None
+
+
+def generate(models: Models, request: GenerationRequest, device: torch.device | None = None,
+             callback: StepCallback | None = None) -> GenerationResult:
+    device = device or default_device()
+    memory = request.memory
+    texts = prepare_texts(request.prompt, request.negative, compat=request.compat)
+    report = Report()
+    pos, neg = encode_texts(models.encoders, texts, memory, device, report, stage_budget(memory, device))
+    raw = start_latent(models.vae, request, device, report)
+    result = run_sampling(models.dit, pos, neg, raw, request.sampling, memory, device, report,
+                          stage_budget(memory, device), callback)
+    image = decode_latent(models.vae, result.latent, memory, device, report, stage_budget(memory, device))
+    return GenerationResult(image, result.latent, report, result.step_seconds)
+
+
+def start_latent(vae: VaeHandle, request: GenerationRequest, device: torch.device, report: Report) -> torch.Tensor:
+    """Zeros for text-to-image (the noise replaces them at denoise 1), the encoded image for img2img."""
+    if request.init_image is None:
+        return torch.zeros(request.batch, 16, request.height // 8, request.width // 8)
+    image = request.init_image
+    if tuple(image.shape[1:3]) != (request.height, request.width):
+        raise ValueError(f"the init image is {image.shape[2]}x{image.shape[1]} but the requested size is "
+                         f"{request.width}x{request.height}; give --size to match the image.")
+    raw = encode_image(vae, image, request.memory, device, report, stage_budget(request.memory, device))
+    return raw.expand(request.batch, -1, -1, -1).contiguous()
+
+
+def describe_plan(models: Models, request: GenerationRequest, device: torch.device | None = None) -> str:
+    """Every stage's plan, from the analytic model alone: nothing is loaded or run."""
+    device = device or default_device()
+    memory = request.memory
+    budget = stage_budget(memory, device)
+    texts: EncoderTexts = prepare_texts(request.prompt, request.negative, compat=request.compat)
+    *_, gemma, gemma_tokens = plan_gemma(models.encoders, [texts.gemma_pos, texts.gemma_neg], memory, budget)
+    *_, jina, _ = plan_jina(models.encoders, [texts.jina_pos, texts.jina_neg], memory, budget)
+    parts = [gemma.render(), jina.render()]
+    cap = int(gemma_tokens.attention_mask.sum(1).max())
+    guided = request.sampling.cfg != 1.0
+    batch = request.batch * (2 if guided else 1)
+    _, _, plan = plan_sampling(models.dit, memory, batch, cap, request.width, request.height, device, budget)
+    parts.append(plan.render())
+    parts.append(plan_vae(models.vae, memory, request.batch, request.height // 8, request.width // 8, budget,
+                          device).render())
+    header = f"device {device}, VRAM budget " + ("none (CPU)" if budget is None else f"{budget / 2**30:.2f} GiB")
+    return "\n\n".join([header] + parts)

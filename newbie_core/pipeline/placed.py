@@ -1,0 +1,122 @@
+"""Put one model under a placement plan: the glue between a checkpoint, a model and placement.
+
+Every stage (Gemma, Jina, the DiT) goes through :func:`placed_blocks`: the model is built on the
+meta device, its small non-block modules are materialised where the caller says, and its blocks
+are handed to placement, which keeps them resident or streams them from the host cache exactly
+as the plan says. The block modules themselves stay on meta; their weights only ever exist in
+placement's buffers. So there is one code path for every budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.checkpoint import TensorSource
+from ..placement import (HOST_CACHE, BlockSize, StagePlan, StorageChoice, StreamingSession, block_sizes,
+                         cache_key, model_layouts, plan_stage, stream_blocks)
+
+log = logging.getLogger(__name__)
+
+# Planning on the CPU: no budget applies, everything is resident.
+UNLIMITED = 1 << 60
+
+
+def block_keys(model, source: TensorSource) -> list[list[str]]:
+    """For each block of ``model.block_sequence()``, the source keys that belong to it."""
+    prefixes = [name + "." for name, _ in model.block_sequence()]
+    keys: list[list[str]] = [[] for _ in prefixes]
+    lookup = {p: i for i, p in enumerate(prefixes)}
+    for key in source.keys():
+        parts = key.split(".")
+        for cut in range(1, len(parts)):
+            i = lookup.get(".".join(parts[:cut]) + ".")
+            if i is not None:
+                keys[i].append(key)
+                break
+    return keys
+
+
+def block_reader(model, source: TensorSource) -> Callable[[int], dict[str, torch.Tensor]]:
+    """``read_block(i)`` for placement's host store: block-relative name -> CPU tensor (lazy mmap)."""
+    names = [name for name, _ in model.block_sequence()]
+    keys = block_keys(model, source)
+
+    def read_block(index: int) -> dict[str, torch.Tensor]:
+        cut = len(names[index]) + 1
+        return {k[cut:]: source.get(k) for k in keys[index]}
+
+    return read_block
+
+
+def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch.device,
+                           dtype: torch.dtype, host_prefixes: Sequence[str] = (),
+                           optional: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None) -> int:
+    """Load every parameter outside the block sequence, one tensor at a time (assign, no copy).
+
+    Parameters under ``host_prefixes`` (e.g. a 1.3 GB embedding table) stay on the CPU, where
+    their rows are gathered. Returns the bytes placed on ``device``.
+    """
+    block_prefixes = tuple(name + "." for name, _ in model.block_sequence())
+    placed = 0
+    for name, param in list(model.named_parameters()):
+        if name.startswith(block_prefixes):
+            continue
+        if name in source:
+            tensor = source.get(name)
+        elif optional is not None:
+            tensor = optional(name, tuple(param.shape))
+        else:
+            raise KeyError(name)
+        where = torch.device("cpu") if name.startswith(tuple(host_prefixes)) else device
+        value = tensor.to(device=where, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        _assign(model, name, value)
+        if where == device:
+            placed += value.numel() * value.element_size()
+    return placed
+
+
+def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    *parents, leaf = name.split(".")
+    module = root
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+@dataclass(frozen=True)
+class PlacementInputs:
+    """What a stage tells the planner about one model."""
+    stage: str
+    files: tuple[Path, ...]
+    storage: StorageChoice
+    compute_dtype: torch.dtype
+    always_resident_bytes: int
+    activation_bytes: Callable[[int | None, int | None], int]
+    chunk_candidates: tuple[tuple[int | None, int | None], ...] = ((None, None),)
+
+
+def plan_for(model, inputs: PlacementInputs, budget: int | None) -> StagePlan:
+    """Plan a stage; ``budget=None`` (CPU) keeps everything resident."""
+    sizes: list[BlockSize] = block_sizes(model, inputs.compute_dtype)
+    return plan_stage(inputs.stage, sizes, UNLIMITED if budget is None else budget,
+                      always_resident_bytes=inputs.always_resident_bytes,
+                      activation_bytes=inputs.activation_bytes,
+                      chunk_candidates=inputs.chunk_candidates, storage=inputs.storage)
+
+
+@contextmanager
+def placed_blocks(model, source: TensorSource, inputs: PlacementInputs, plan: StagePlan,
+                  device: torch.device, host_budget: int | None) -> Iterator[StreamingSession]:
+    """Run ``model``'s blocks as ``plan`` says, their host copies from the process-wide cache."""
+    layouts = [l.storage for l in model_layouts(model, plan, inputs.compute_dtype)]
+    key = cache_key(inputs.files, source.keys(), f"{plan.storage[0].value}/{inputs.compute_dtype}")
+    store = HOST_CACHE.get(key, layouts, block_reader(model, source), host_budget)
+    with stream_blocks(model, plan, store, device, compute_dtype=inputs.compute_dtype) as session:
+        yield session

@@ -1,0 +1,178 @@
+"""The sampling stage: the DiT under a placement plan, driven by a flow sampler with CFG.
+
+Cond and uncond run as one batch (splitting them would double the weight traffic when blocks
+stream). Noise is drawn on the CPU from the seed, so it does not depend on placement. Latents
+come in and go out *raw* (ComfyUI's LATENT convention); NewBie's normalisation is applied on
+entry and undone on exit, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.dit import ActivationChunks, AttentionKernel, DiTConfig, build_dit, estimate_activation_bytes
+from ..placement import Report, StagePlan, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
+from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow_sigmas, initial_noise,
+                        noise_latent, normalize_latent, sample)
+from .conditioning import Conditioning, batch_conditionings
+from .handles import DiTHandle
+from .placed import PlacementInputs, placed_blocks, materialize_non_blocks, plan_for
+from .settings import MemorySettings, SamplingSettings, StorageDType
+
+log = logging.getLogger(__name__)
+
+# (callback) step index, total steps, current x (normalised), denoised estimate (normalised)
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+ATTN_CHUNKS = (4096, 2048, 1024, 512)
+FFN_CHUNKS = (8192, 4096, 2048, 1024)
+
+
+@dataclass
+class SampleResult:
+    latent: torch.Tensor                      # raw latent (B, 16, H/8, W/8), float32, CPU
+    plan: StagePlan
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def chunk_candidates(memory: MemorySettings, batch: int, tokens: int) -> tuple[tuple[int | None, int | None], ...]:
+    """The (attention query chunk, FFN token chunk) pairs the planner may pick from."""
+    def options(setting: int, choices: tuple[int, ...], limit: int) -> list[int | None]:
+        if setting < 0:
+            return [None]
+        if setting > 0:
+            return [setting]
+        return [None] + [c for c in choices if c < limit]
+    attn = options(memory.attention_chunk, ATTN_CHUNKS, tokens)
+    ffn = options(memory.ffn_chunk, FFN_CHUNKS, batch * tokens)
+    return tuple((a, f) for a in attn for f in ffn)
+
+
+def dit_activation_estimate(config: DiTConfig, batch: int, cap_tokens: int, image_tokens: int,
+                            dtype: torch.dtype, device: torch.device) -> Callable[[int | None, int | None], int]:
+    kernel = AttentionKernel.EFFICIENT if device.type == "cuda" else AttentionKernel.MATH
+    latent = batch * config.in_channels * image_tokens * config.patch_size ** 2 * 4   # fp32 x, v, denoised
+
+    def estimate(attn: int | None, ffn: int | None) -> int:
+        return estimate_activation_bytes(config, batch, cap_tokens, image_tokens, dtype, attn, ffn, kernel) + 4 * latent
+    return estimate
+
+
+def _storage(handle: DiTHandle, memory: MemorySettings) -> StorageChoice:
+    return StorageChoice.FP8 if (memory.fp8_streaming or handle.storage is StorageDType.FP8) else StorageChoice.BF16
+
+
+def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tokens: int,
+                  width: int, height: int, device: torch.device, budget: int | None) -> tuple:
+    """Build the meta model and its plan (no weights read). Returns (model, inputs, plan)."""
+    config = handle.ckpt.config
+    dtype = memory.torch_compute_dtype
+    model = build_dit(config, "meta", dtype)
+    image_tokens = (height // 16) * (width // 16)
+    small = sum(p.numel() for n, p in model.named_parameters()
+                if not n.startswith(tuple(f"{b}." for b, _ in model.block_sequence()))) * dtype.itemsize
+    inputs = PlacementInputs(
+        stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
+        always_resident_bytes=small,
+        activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device),
+        chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens))
+    return model, inputs, plan_for(model, inputs, budget)
+
+
+def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioning, raw_latent: torch.Tensor,
+                 sampling: SamplingSettings, memory: MemorySettings, device: torch.device, report: Report,
+                 budget: int | None, callback: StepCallback | None = None) -> SampleResult:
+    """Sample a raw latent. ``raw_latent`` is the start (zeros for text-to-image, a VAE-encoded
+    image for img2img with ``denoise < 1``); its shape fixes batch and size."""
+    b, c, h, w = raw_latent.shape
+    width, height = w * 8, h * 8
+    guided = sampling.cfg != 1.0
+    batch = 2 * b if guided else b
+    cap_tokens = max(positive.length, negative.length) if guided else positive.length
+
+    def attempt(budget_now: int | None) -> SampleResult:
+        model, inputs, plan = plan_sampling(handle, memory, batch, cap_tokens, width, height, device, budget_now)
+        log.info("sampling plan:\n%s", plan.render())
+        with stage_guard("sample", device) as guard, measure_stage(report, "sample", device, plan.predicted_peak) as rec:
+            guard.on_release(lambda: model.to_empty(device="meta"))
+            materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
+                                   optional=lambda name, shape: torch.ones(shape))
+            model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
+            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
+                guard.hold(session)
+                result = _sample_loop(model, positive, negative, raw_latent, sampling, device, inputs.compute_dtype,
+                                      callback)
+            rec.bytes_h2d = session.bytes_h2d     # resident loads + streamed copies, complete once closed
+            model.to_empty(device="meta")
+        result.plan = plan
+        return result
+
+    if budget is None:
+        return attempt(None)
+    return run_with_oom_retry(attempt, budget, stage="sample", device=device)
+
+
+def _sample_loop(model, positive: Conditioning, negative: Conditioning, raw_latent: torch.Tensor,
+                 sampling: SamplingSettings, device: torch.device, dtype: torch.dtype,
+                 callback: StepCallback | None) -> SampleResult:
+    b = raw_latent.shape[0]
+    pair = batch_conditionings([positive] * b + [negative] * b, device, dtype)
+    single = batch_conditionings([positive] * b, device, dtype)
+
+    def batched_model(x2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+        return model(x2.to(dtype), t2, *pair)
+
+    def single_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x.to(dtype), t, *single)
+
+    trunc = sampling.cfg_trunc if sampling.cfg_trunc < 1.0 else None
+    velocity = GuidedVelocity(batched_model, single_model,
+                              GuidanceConfig(scale=sampling.cfg, renorm=sampling.cfg_renorm, trunc=trunc))
+    sigmas = flow_sigmas(sampling.steps, sampling.shift, sampling.denoise)
+    noise = initial_noise(sampling.seed, tuple(raw_latent.shape)).to(device)
+    x0 = normalize_latent(raw_latent.to(device=device, dtype=torch.float32))
+    x = noise_latent(x0, noise, float(sigmas[0])) if sampling.denoise < 1.0 else noise
+
+    clock = _StepClock(device)
+
+    def on_step(i: int, n: int, x_now: torch.Tensor, denoised: torch.Tensor) -> None:
+        clock.mark()
+        if callback is not None:
+            callback(i, n, x_now, denoised)
+
+    with torch.inference_mode():
+        clock.mark()
+        out = sample(sampling.sampler, velocity, x, sigmas, callback=on_step)
+    latent = denormalize_latent(out.float()).cpu()
+    return SampleResult(latent=latent, plan=None, step_seconds=clock.intervals())  # type: ignore[arg-type]
+
+
+class _StepClock:
+    """Per-step times without a host sync in the loop: CUDA events, read once at the end.
+
+    A mark is set before sampling and at each step's callback, which fires once the step's
+    (first) model call is done, so consecutive marks bracket one step's model work.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda and self.marks:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]

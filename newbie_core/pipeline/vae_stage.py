@@ -1,0 +1,115 @@
+"""The VAE stages: decode a raw latent to an image, encode an image for img2img.
+
+The FLUX VAE is small (84 M params) and stays resident for its stage; what needs planning is its
+activations (a 1024² decode peaks about 2.5 GB above the weights), so the tile size comes from the
+budget: untiled when it fits, else the largest tile that does. Tiles overlap and are blended.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..models.vae import FluxVAE, build_vae, from_image_01, to_image_01
+from ..models.vae_memory import DEFAULT_OVERLAP_LATENT, choose_tile, estimate_decode_bytes, estimate_encode_bytes
+from ..models.vae_tiling import decode_tiled, encode_tiled
+from ..placement import Report, fmt_bytes, measure_stage, stage_guard
+from ..placement.budget import segment_bytes
+from .handles import VaeHandle
+from .settings import MemorySettings
+
+log = logging.getLogger(__name__)
+
+VAE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class VaePlan:
+    stage: str
+    tile_latent: int | None       # None = untiled
+    overlap_latent: int
+    weight_bytes: int
+    predicted_peak: int
+
+    def render(self) -> str:
+        tiles = "untiled" if self.tile_latent is None else f"{self.tile_latent * 8} px tiles, {self.overlap_latent * 8} px overlap"
+        return (f"stage           {self.stage}\npredicted peak  {fmt_bytes(self.predicted_peak)}\n"
+                f"weights         {fmt_bytes(self.weight_bytes)} (resident)\ntiling          {tiles}")
+
+
+def vae_dtype(handle: VaeHandle, device: torch.device) -> torch.dtype:
+    """The handle's dtype on a GPU; fp32 on the CPU, where bf16 convolutions are many times slower."""
+    return VAE_DTYPES[handle.dtype] if device.type == "cuda" else torch.float32
+
+
+def _weight_bytes(handle: VaeHandle, dtype: torch.dtype) -> int:
+    """Reserved bytes of the weights: small tensors share 2 MiB segments, large ones get their own."""
+    sizes = [int(torch.Size(handle.ckpt.source.shape(k)).numel()) * dtype.itemsize for k in handle.ckpt.source.keys()]
+    small = sum(-(-n // 512) * 512 for n in sizes if n <= 2**20)
+    return segment_bytes(small) + sum(segment_bytes(n) for n in sizes if n > 2**20)
+
+
+def plan_vae(handle: VaeHandle, memory: MemorySettings, batch: int, latent_h: int, latent_w: int,
+             budget: int | None, device: torch.device, encode: bool = False) -> VaePlan:
+    """Tile size from the budget (or the user's fixed tile), and the predicted peak."""
+    dtype = vae_dtype(handle, device)
+    config = handle.ckpt.config
+    weights = _weight_bytes(handle, dtype)
+    overlap = max(1, memory.vae_overlap_px // 8) if memory.vae_overlap_px else DEFAULT_OVERLAP_LATENT
+    if memory.vae_tile_px > 0:
+        tile = memory.vae_tile_px // 8
+    elif memory.vae_tile_px < 0 or budget is None:
+        tile = None
+    else:
+        tile = choose_tile(budget - weights, latent_h, latent_w, dtype, config, batch=batch, encode=encode)
+    if tile is not None and tile >= max(latent_h, latent_w):
+        tile = None
+    estimate = estimate_encode_bytes if encode else estimate_decode_bytes
+    act = estimate(config, batch, latent_h, latent_w, dtype, tile)
+    return VaePlan("encode:vae" if encode else "decode", tile, overlap, weights, weights + act)
+
+
+def decode_latent(handle: VaeHandle, raw_latent: torch.Tensor, memory: MemorySettings, device: torch.device,
+                  report: Report, budget: int | None) -> torch.Tensor:
+    """Raw latent (B, 16, h, w) -> IMAGE (B, 8h, 8w, 3) float32 in [0, 1] on the CPU."""
+    b, _, h, w = raw_latent.shape
+    plan = plan_vae(handle, memory, b, h, w, budget, device)
+    log.info("VAE decode plan:\n%s", plan.render())
+    with stage_guard("decode", device) as guard, measure_stage(report, "decode", device, plan.predicted_peak):
+        vae = guard.hold(_resident_vae(handle, device))
+        with torch.inference_mode():
+            latent = raw_latent.to(device=device, dtype=vae.dtype)
+            if plan.tile_latent is None:
+                image = vae.decode(latent)
+            else:
+                image = decode_tiled(vae, latent, plan.tile_latent, plan.overlap_latent)
+            out = to_image_01(image)
+        del vae, image, latent
+    return out
+
+
+def encode_image(handle: VaeHandle, image01: torch.Tensor, memory: MemorySettings, device: torch.device,
+                 report: Report, budget: int | None) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) in [0, 1] -> raw latent (B, 16, H/8, W/8) float32 on the CPU (posterior mode)."""
+    b, height, width, _ = image01.shape
+    if height % 16 or width % 16:
+        raise ValueError(f"the init image is {width}x{height}; NewBie needs sides that are multiples of 16 px. "
+                         f"Resize or crop it (e.g. to {width // 16 * 16}x{height // 16 * 16}).")
+    plan = plan_vae(handle, memory, b, height // 8, width // 8, budget, device, encode=True)
+    with stage_guard("encode:vae", device) as guard, measure_stage(report, "encode:vae", device, plan.predicted_peak):
+        vae = guard.hold(_resident_vae(handle, device))
+        with torch.inference_mode():
+            pixels = from_image_01(image01).to(device=device, dtype=vae.dtype)
+            if plan.tile_latent is None:
+                latent = vae.encode(pixels)
+            else:
+                latent = encode_tiled(vae, pixels, plan.tile_latent * 8, plan.overlap_latent * 8)
+            out = latent.float().cpu()
+        del vae, latent, pixels
+    return out
+
+
+def _resident_vae(handle: VaeHandle, device: torch.device) -> FluxVAE:
+    return build_vae(handle.ckpt, device, vae_dtype(handle, device))

@@ -1,0 +1,226 @@
+"""The copy stream: where weights travel, ordered against compute with events only.
+
+Two streams matter. The *main* stream is whatever stream is current when the model runs: all
+compute, and every allocation the placement core makes (ring, resident buffers). The *side*
+stream carries host->device copies and the fp8 upcast. They are ordered only by events:
+
+- ``main_wait(copy_done)`` before compute reads a slot the side stream filled;
+- ``side_wait(compute_done)`` before the side stream overwrites a slot compute has read;
+- ``host_wait(copy_done)`` before the CPU overwrites a pinned staging buffer a copy reads.
+
+No tensor is ever allocated on the side stream: the side stream only writes into buffers the
+main stream allocated, so the caching allocator never sees a cross-stream free and
+``record_stream`` is never needed (its pitfall: the block is held until the *later* of the
+streams' work, which silently grows reserved memory). Before those buffers are freed the main
+stream waits for the side stream (:meth:`drain`), so reuse by the allocator is safe.
+
+:class:`FakeCopyStream` is the CPU stand-in used by the tests. It is deliberately hostile: side
+work is queued and lands only when an event after it is waited on; every destination is
+filled with NaN bytes the moment a copy into it is *queued*; and overwriting memory the main
+stream consumed, without first waiting for a main event recorded after that, raises
+:class:`StreamRaceError`. A missing wait therefore shows up as NaNs or as that error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+class CopyEngine(Protocol):
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None: ...
+    def launch(self, fn: Callable[[], None], writes: Sequence[torch.Tensor] = ()) -> None: ...
+    def side_record(self) -> Any: ...
+    def side_wait(self, event: Any) -> None: ...
+    def main_record(self) -> Any: ...
+    def main_wait(self, event: Any) -> None: ...
+    def host_wait(self, event: Any) -> None: ...
+    def drain(self) -> None: ...
+
+
+class CudaCopyEngine:
+    """A real side CUDA stream. Nothing here blocks the host except :meth:`host_wait`."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+
+    def _main(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None:
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+
+    def launch(self, fn: Callable[[], None], writes: Sequence[torch.Tensor] = ()) -> None:
+        with torch.cuda.stream(self.stream):
+            fn()   # must allocate nothing: see the module docstring
+
+    def side_record(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def side_wait(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            self.stream.wait_event(event)
+
+    def main_record(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(self._main())
+        return event
+
+    def main_wait(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            self._main().wait_event(event)
+
+    def host_wait(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.synchronize()
+
+    def drain(self) -> None:
+        self.main_wait(self.side_record())
+
+
+class ImmediateCopyEngine:
+    """CPU execution without streams: every operation happens at once, events are None."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None:
+        dst.copy_(src)
+
+    def launch(self, fn: Callable[[], None], writes: Sequence[torch.Tensor] = ()) -> None:
+        fn()
+
+    def side_record(self) -> None:
+        return None
+
+    def side_wait(self, event: None) -> None:
+        pass
+
+    def main_record(self) -> None:
+        return None
+
+    def main_wait(self, event: None) -> None:
+        pass
+
+    def host_wait(self, event: None) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+
+def make_engine(device: torch.device | str) -> CopyEngine:
+    device = torch.device(device)
+    return CudaCopyEngine(device) if device.type == "cuda" else ImmediateCopyEngine()
+
+
+class StreamRaceError(RuntimeError):
+    """The fake stream saw the side stream overwrite memory the main stream may still read."""
+
+
+@dataclass(frozen=True)
+class FakeEvent:
+    stream: str   # "side" or "main"
+    seq: int
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _poison(t: torch.Tensor) -> None:
+    """All bytes 0xFF: NaN in bf16, fp16, fp32 and e4m3fn."""
+    t.view(torch.uint8).fill_(0xFF) if t.is_contiguous() else t.fill_(float("nan"))
+
+
+class FakeCopyStream:
+    """A hostile, deterministic stand-in for a CUDA side stream on CPU (see module docstring)."""
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[int, Callable[[], None]]] = []
+        self._side_seq = 0
+        self._main_seq = 0
+        self._side_horizon = 0                     # newest main event the side stream waited on
+        self._consumed: list[tuple[int, int, int]] = []   # (start, end, main seq of the consuming wait)
+        self._landed_writes: list[tuple[int, int, int]] = []  # (start, end, side seq)
+        self.copies = 0
+        self.bytes_copied = 0
+
+    # -- side stream ----------------------------------------------------------------------
+    def _enqueue_write(self, writes: Sequence[torch.Tensor], op: Callable[[], None], side_only: bool = False) -> None:
+        for t in writes:
+            start, end = _span(t)
+            for c_start, c_end, seq in self._consumed:
+                if start < c_end and c_start < end and self._side_horizon <= seq:
+                    raise StreamRaceError(
+                        "side stream overwrites memory the main stream consumed without waiting for a "
+                        "main-stream event recorded after that use (missing compute_done wait)")
+            _poison(t)
+        self._side_seq += 1
+        seq = self._side_seq
+        spans = [] if side_only else [_span(t) for t in writes]   # side-only buffers: main never reads
+
+        def landed() -> None:
+            op()
+            self._landed_writes.extend((s, e, seq) for s, e in spans)
+        self._queue.append((seq, landed))
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None:
+        """``side_only``: the destination is read only by later side work (fp8 staging)."""
+        self.copies += 1
+        self.bytes_copied += src.numel() * src.element_size()
+        self._enqueue_write([dst], lambda: dst.copy_(src), side_only)   # src is read when it lands
+
+    def launch(self, fn: Callable[[], None], writes: Sequence[torch.Tensor] = ()) -> None:
+        self._enqueue_write(list(writes), fn)
+
+    def side_record(self) -> FakeEvent:
+        return FakeEvent("side", self._side_seq)
+
+    def side_wait(self, event: FakeEvent | None) -> None:
+        if event is not None:
+            if event.stream != "main":
+                raise ValueError("side_wait expects a main-stream event")
+            self._side_horizon = max(self._side_horizon, event.seq)
+            self._consumed = [c for c in self._consumed if c[2] >= self._side_horizon]
+
+    # -- main stream and host -------------------------------------------------------------
+    def _land(self, upto: int) -> None:
+        while self._queue and self._queue[0][0] <= upto:
+            self._queue.pop(0)[1]()
+
+    def main_record(self) -> FakeEvent:
+        self._main_seq += 1
+        return FakeEvent("main", self._main_seq)
+
+    def main_wait(self, event: FakeEvent | None) -> None:
+        if event is None:
+            return
+        if event.stream != "side":
+            raise ValueError("main_wait expects a side-stream event")
+        self._land(event.seq)
+        self._main_seq += 1
+        # Whatever the side stream wrote up to this event may now be read by the main stream.
+        keep = []
+        for s, e, seq in self._landed_writes:
+            if seq <= event.seq:
+                self._consumed.append((s, e, self._main_seq))
+            else:
+                keep.append((s, e, seq))
+        self._landed_writes = keep
+
+    def host_wait(self, event: FakeEvent | None) -> None:
+        if event is not None:
+            self._land(event.seq)
+
+    def drain(self) -> None:
+        self.main_wait(self.side_record())
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,112 @@
+"""Clean failure: a stage that raises (or is interrupted) gives back what it allocated.
+
+``stage_guard`` owns the stage's releasers (sessions, resident modules, any callback). On an
+exception or KeyboardInterrupt it runs them, drops its references, collects garbage and empties
+the CUDA cache, so ``memory_allocated`` is back at the baseline taken at entry; the exception
+is then re-raised. ``run_with_oom_retry`` turns one CUDA out-of-memory into a retry at half the
+budget and a second one into a :class:`PlacementOOMError` that says what to try.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+
+from .budget import fmt_bytes
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class PlacementOOMError(RuntimeError):
+    """The stage ran out of GPU memory even at half its budget."""
+
+
+class StageGuard:
+    def __init__(self, name: str, device: torch.device):
+        self.name, self.device = name, device
+        self.baseline: int | None = None
+        self._releasers: list[Callable[[], None]] = []
+        self._held: list[object] = []
+
+    def hold(self, obj: T) -> T:
+        """Keep ``obj`` (a tensor, a session, ...) referenced only by the guard; dropped on failure.
+        Objects with a ``close()`` are closed."""
+        self._held.append(obj)
+        if hasattr(obj, "close"):
+            self._releasers.append(obj.close)
+        return obj
+
+    def on_release(self, fn: Callable[[], None]) -> None:
+        self._releasers.append(fn)
+
+    def release(self) -> None:
+        for fn in reversed(self._releasers):
+            try:
+                fn()
+            except Exception:   # noqa: BLE001 - freeing must go on; the original error is re-raised
+                log.exception("stage %s: a releaser failed while cleaning up", self.name)
+        self._releasers.clear()
+        self._held.clear()
+        free_device_memory(self.device)
+
+
+def free_device_memory(device: torch.device | str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def stage_guard(name: str, device: torch.device | str) -> Iterator[StageGuard]:
+    guard = StageGuard(name, torch.device(device))
+    if guard.device.type == "cuda":
+        guard.baseline = torch.cuda.memory_allocated(guard.device)
+    try:
+        yield guard
+    except BaseException as e:   # KeyboardInterrupt too: the VRAM must come back either way
+        log.warning("stage %s failed (%s); releasing its memory", name, type(e).__name__)
+        guard.release()
+        if guard.baseline is not None:
+            now = torch.cuda.memory_allocated(guard.device)
+            if now > guard.baseline:
+                log.warning("stage %s: %s still allocated above the baseline after cleanup (held outside "
+                            "the stage)", name, fmt_bytes(now - guard.baseline))
+        raise
+
+
+def run_with_oom_retry(fn_for_budget: Callable[[int], T], budget: int, *, stage: str = "stage",
+                       device: torch.device | str = "cuda",
+                       predicted_peak: Callable[[int], int | None] | None = None) -> T:
+    """Run ``fn_for_budget(budget)``; on CUDA OOM free, warn, retry once with ``budget // 2``.
+
+    ``fn_for_budget`` must plan for the budget it is given (plan_stage inside), so the retry
+    really uses less memory. ``predicted_peak(budget)`` only improves the error message.
+    """
+    try:
+        return fn_for_budget(budget)
+    except torch.cuda.OutOfMemoryError as first:
+        # Leave the except block before retrying: the traceback's frames hold the failed
+        # attempt's activations, and they are only dropped once it is gone.
+        first_msg = str(first).splitlines()[0] if str(first) else "out of memory"
+    free_device_memory(device)
+    half = budget // 2
+    log.warning("%s: CUDA out of memory with a budget of %s (%s); retrying once with %s",
+                stage, fmt_bytes(budget), first_msg, fmt_bytes(half))
+    try:
+        return fn_for_budget(half)
+    except torch.cuda.OutOfMemoryError as second:
+        free_device_memory(device)
+        pred = predicted_peak(half) if predicted_peak else None
+        raise PlacementOOMError(
+            f"{stage}: out of GPU memory with a VRAM budget of {fmt_bytes(budget)} and again at half "
+            f"({fmt_bytes(half)}" + (f", predicted peak {fmt_bytes(pred)}" if pred is not None else "") +
+            "). Something outside this stage probably holds VRAM (another program, other models). "
+            "Try: a lower resolution, fp8 streaming, a smaller budget number, or closing other GPU programs."
+        ) from second

@@ -1,0 +1,133 @@
+"""What the planner decides for one stage, as frozen data that renders itself as a table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .budget import fmt_bytes
+
+
+class Storage(str, Enum):
+    """How a block's weights are stored between uses."""
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+
+class StorageChoice(str, Enum):
+    """What the caller allows: always bf16, always fp8, or ``auto``: fp8 only when the bf16 blocks
+    cannot all stay resident with the largest chunks."""
+    BF16 = "bf16"
+    FP8 = "fp8"
+    AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class BlockSize:
+    """One block's packed size (see layout.py) at compute dtype, and in fp8 storage if allowed."""
+    name: str
+    compute_bytes: int
+    fp8_bytes: int | None = None
+
+    def storage_bytes(self, storage: Storage) -> int:
+        if storage is Storage.FP8:
+            if self.fp8_bytes is None:
+                raise ValueError(f"block {self.name} has no fp8 size; pass fp8_bytes or choose bf16 storage.")
+            return self.fp8_bytes
+        return self.compute_bytes
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Where every block of one stage lives, and the peak that should cost.
+
+    ``resident`` blocks stay on the GPU for the whole stage; every other block is *streamed*
+    through a ring of ``slots`` preallocated GPU buffers, ``prefetch_depth`` blocks ahead.
+    fp8 blocks (streamed or resident) are upcast into a ring slot before each use, so they
+    also use the ring. ``breakdown`` lists what the predicted peak is made of.
+    """
+    stage: str
+    budget: int
+    block_names: tuple[str, ...]
+    resident: tuple[int, ...]
+    storage: tuple[Storage, ...]
+    slots: int
+    prefetch_depth: int
+    slot_bytes: int
+    staging_bytes: int
+    attn_chunk: int | None
+    ffn_chunk: int | None
+    predicted_peak: int
+    breakdown: tuple[tuple[str, int], ...]
+    reason: str
+    predicted_step_s: float | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_names)
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        res = set(self.resident)
+        return tuple(i for i in range(self.n_blocks) if i not in res)
+
+    @property
+    def ring_blocks(self) -> tuple[int, ...]:
+        """Blocks that pass through a ring slot: streamed ones and fp8 resident ones, in order."""
+        res = set(self.resident)
+        return tuple(i for i in range(self.n_blocks) if i not in res or self.storage[i] is Storage.FP8)
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.slots * self.slot_bytes + self.staging_bytes
+
+    def render(self) -> str:
+        n_res, n = len(self.resident), self.n_blocks
+        fp8 = sum(s is Storage.FP8 for s in self.storage)
+        rows = [
+            ("stage", self.stage),
+            ("budget (peak reserved)", fmt_bytes(self.budget)),
+            ("predicted peak", fmt_bytes(self.predicted_peak)),
+            ("blocks resident / streamed", f"{n_res} / {n - n_res} of {n}"),
+            ("resident range", _ranges(self.resident) or "none"),
+            ("storage", f"{fp8} fp8, {n - fp8} bf16"),
+            ("ring", f"{self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}, prefetch depth {self.prefetch_depth}"
+                     + (f", fp8 staging {fmt_bytes(self.staging_bytes)}" if self.staging_bytes else "")),
+            ("chunks (attention / ffn)", f"{self.attn_chunk} / {self.ffn_chunk}"),
+        ]
+        if self.predicted_step_s is not None:
+            rows.append(("predicted time per forward", f"{self.predicted_step_s * 1e3:.1f} ms"))
+        rows += [(f"  peak: {label}", fmt_bytes(b)) for label, b in self.breakdown]
+        rows.append(("reason", self.reason))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    parts, start, prev = [], None, None
+    for i in indices:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The plans of one generation's stages, in order (encode, sample, decode, ...)."""
+    stages: tuple[StagePlan, ...] = field(default_factory=tuple)
+
+    def __getitem__(self, stage: str) -> StagePlan:
+        for s in self.stages:
+            if s.stage == stage:
+                return s
+        raise KeyError(f"no plan for stage {stage!r}; planned: {[s.stage for s in self.stages]}")
+
+    def render(self) -> str:
+        return "\n\n".join(s.render() for s in self.stages)

@@ -1,0 +1,175 @@
+"""The planner: budget + block sizes + activation estimate -> :class:`StagePlan`. Pure, no GPU.
+
+Decisions, and why:
+
+- **Which blocks stay resident: the last ones, as one contiguous run.** The forward streams its
+  first blocks and computes the resident tail last. While the tail computes, the copy stream
+  is idle and the ring is free, so it prefetches the *next* forward's first streamed blocks
+  (the ring wraps around across sampling steps). The next step then starts with its first
+  ``prefetch_depth`` blocks already on the GPU, and the only exposed copy per run is the one
+  at the very start of the stage, which overlaps the embedders and whatever the pipeline does
+  between opening the session and calling the model.
+- **What shrinks first as the budget shrinks.** Candidate configurations form one chain, and
+  the plan is the first one in the chain that fits. Along the chain every knob only moves one
+  way (fewer resident blocks, fewer slots, smaller chunks), so a smaller budget never gives
+  more resident blocks or larger chunks: plans are monotone in the budget. When streaming is
+  hidden behind compute (the default, and the case measured for the DiT: ~3 ms copy vs ~3.5 ms
+  compute per block) residents go first, then the third ring slot, then chunk sizes, since a
+  hidden copy costs nothing and a smaller chunk costs every block. When the caller's
+  bandwidth and compute figures say copies are *not* hidden, chunks shrink first.
+- **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
+  for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, and
+  streamed fp8 blocks land first in one fp8 staging buffer; the copy stream is serial, so one
+  staging buffer is enough.
+
+The predicted peak is analytic (see budget.py for the allocator model), never a measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from .budget import activation_reserved, fmt_bytes, segment_bytes
+from .plan import BlockSize, StagePlan, Storage, StorageChoice
+
+ChunkPair = tuple[int | None, int | None]
+
+
+class BudgetTooSmallError(ValueError):
+    """Even the smallest plan (2 ring slots, smallest chunks, nothing resident) does not fit."""
+
+
+def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
+               always_resident_bytes: int = 0,
+               activation_bytes: Callable[[int | None, int | None], int] | None = None,
+               chunk_candidates: Sequence[ChunkPair] = ((None, None),),
+               storage: StorageChoice | str = StorageChoice.BF16,
+               bandwidth: float | None = None,
+               block_compute_s: float | None = None,
+               max_slots: int = 3) -> StagePlan:
+    """Plan one stage.
+
+    ``always_resident_bytes`` is what the small modules take once placed
+    (``ResidentModules.module_bytes``). ``activation_bytes(attn_chunk, ffn_chunk)`` is the caller's estimate of the live activation
+    peak for those chunk sizes (``None`` = unchunked); ``chunk_candidates`` lists the pairs it
+    may choose from. ``bandwidth`` (host->device bytes/s) and ``block_compute_s`` are optional
+    measurements; with both, the plan predicts a time per forward and orders its sacrifices.
+    """
+    if not blocks:
+        raise ValueError(f"stage {stage!r}: no blocks to plan.")
+    if not chunk_candidates:
+        raise ValueError(f"stage {stage!r}: chunk_candidates is empty; pass at least ((None, None),).")
+    act = activation_bytes or (lambda a, f: 0)
+    chunks = sorted(chunk_candidates, key=lambda c: -act(*c))   # largest (fastest) first
+    choice = StorageChoice(storage)
+    ctx = _Ctx(stage, list(blocks), budget, always_resident_bytes, act, chunks, bandwidth,
+               block_compute_s, max_slots)
+    if choice is StorageChoice.AUTO:
+        first = ctx.evaluate(Storage.BF16, len(blocks), ctx.slots_for(Storage.BF16, len(blocks)), 0)
+        kind = Storage.BF16 if first.predicted_peak <= budget else Storage.FP8
+    else:
+        kind = Storage(choice.value)
+    for cfg in ctx.chain(kind):
+        plan = ctx.evaluate(kind, *cfg)
+        if plan.predicted_peak <= budget:
+            return plan
+    raise BudgetTooSmallError(ctx.too_small_message(kind))
+
+
+class _Ctx:
+    """The planner's inputs, and how one configuration turns into a StagePlan."""
+
+    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots):
+        self.stage, self.blocks, self.budget, self.fixed = stage, blocks, budget, fixed
+        self.act, self.chunks, self.bandwidth, self.compute_s = act, chunks, bandwidth, compute_s
+        self.max_slots = max(1, max_slots)
+        self.n = len(blocks)
+
+    def ring_blocks(self, kind: Storage, n_resident: int) -> list[int]:
+        return list(range(self.n)) if kind is Storage.FP8 else list(range(self.n - n_resident))
+
+    def slots_for(self, kind: Storage, n_resident: int) -> int:
+        ring = len(self.ring_blocks(kind, n_resident))
+        streamed = self.n - n_resident
+        if ring == 0:
+            return 0
+        # Resident fp8 blocks only need an upcast (no H2D): two slots overlap it fully.
+        return min(ring, self.max_slots if streamed else 2)
+
+    def transfer_bound(self, kind: Storage) -> bool:
+        if not (self.bandwidth and self.compute_s):
+            return False
+        largest = max(b.storage_bytes(kind) for b in self.blocks)
+        return largest / self.bandwidth > self.compute_s
+
+    def chain(self, kind: Storage) -> list[tuple[int, int, int]]:
+        """Every configuration (n_resident, slots, chunk index), best first; see module docstring."""
+        n, last = self.n, len(self.chunks) - 1
+        low = lambda r: min(2, len(self.ring_blocks(kind, r)))   # noqa: E731
+        if self.transfer_bound(kind):
+            cfgs = [(n, self.slots_for(kind, n), c) for c in range(last + 1)]
+            cfgs += [(r, low(r), last) for r in range(n - 1, -1, -1)]
+            return cfgs
+        cfgs = [(r, self.slots_for(kind, r), 0) for r in range(n, -1, -1)]
+        cfgs += [(0, low(0), c) for c in range(last + 1)]
+        return cfgs
+
+    def evaluate(self, kind: Storage, n_resident: int, slots: int, chunk: int) -> StagePlan:
+        resident = tuple(range(self.n - n_resident, self.n))
+        streamed = range(self.n - n_resident)
+        ring = self.ring_blocks(kind, n_resident)
+        slot_bytes = max((self.blocks[i].compute_bytes for i in ring), default=0) if slots else 0
+        staging = max((self.blocks[i].fp8_bytes for i in streamed), default=0) if kind is Storage.FP8 else 0
+        attn, ffn = self.chunks[chunk]
+        act_bytes = self.act(attn, ffn)
+        breakdown = (
+            ("always-resident modules", self.fixed),
+            (f"{n_resident} resident block(s) ({kind.value})",
+             sum(segment_bytes(self.blocks[i].storage_bytes(kind)) for i in resident)),
+            (f"ring: {slots} slot(s) + staging", segment_bytes(slots * slot_bytes + staging)),
+            (f"activations {fmt_bytes(act_bytes)} + allocator overhead", activation_reserved(act_bytes)),
+        )
+        peak = sum(b for _, b in breakdown)
+        step = self.predict_time(kind, streamed)
+        return StagePlan(
+            stage=self.stage, budget=self.budget, block_names=tuple(b.name for b in self.blocks),
+            resident=resident, storage=tuple(kind for _ in self.blocks), slots=slots,
+            prefetch_depth=max(0, slots - 1), slot_bytes=slot_bytes, staging_bytes=staging,
+            attn_chunk=attn, ffn_chunk=ffn, predicted_peak=peak, breakdown=breakdown,
+            reason=self.reason(kind, n_resident, slots, chunk), predicted_step_s=step)
+
+    def predict_time(self, kind: Storage, streamed: range) -> float | None:
+        if not (self.bandwidth and self.compute_s):
+            return None
+        exposed = sum(max(0.0, self.blocks[i].storage_bytes(kind) / self.bandwidth - self.compute_s)
+                      for i in streamed)
+        return self.n * self.compute_s + exposed
+
+    def reason(self, kind: Storage, n_resident: int, slots: int, chunk: int) -> str:
+        parts = []
+        if n_resident == self.n:
+            parts.append(f"all {self.n} blocks fit resident")
+        elif n_resident:
+            parts.append(f"the last {n_resident} blocks stay resident, the first {self.n - n_resident} stream "
+                         f"(their prefetch overlaps the resident tail of the previous forward)")
+        else:
+            parts.append(f"all {self.n} blocks stream")
+        if kind is Storage.FP8:
+            parts.append("fp8 storage halves transfer and resident bytes; upcast into a bf16 slot per use")
+        if self.transfer_bound(kind) and n_resident < self.n:
+            parts.append("copies are slower than compute here, so chunks shrank before residents")
+        if chunk:
+            parts.append(f"chunks reduced to fit (candidate {chunk + 1} of {len(self.chunks)})")
+        else:
+            parts.append("largest chunks fit")
+        return "; ".join(parts) + "."
+
+    def too_small_message(self, kind: Storage) -> str:
+        low = self.evaluate(kind, 0, min(2, len(self.ring_blocks(kind, 0))), len(self.chunks) - 1)
+        largest = max(range(self.n), key=lambda i: self.blocks[i].compute_bytes)
+        what = ", ".join(f"{label} {fmt_bytes(b)}" for label, b in low.breakdown)
+        return (f"VRAM budget {fmt_bytes(self.budget)} is too small for stage {self.stage!r}: the minimum is "
+                f"{fmt_bytes(low.predicted_peak)} ({low.predicted_peak:,} bytes) = {what}. The ring holds "
+                f"{low.slots} copies of the largest block {self.blocks[largest].name!r} "
+                f"({fmt_bytes(self.blocks[largest].compute_bytes)}). Raise the budget, lower the resolution "
+                f"(smaller activations), or allow fp8 storage.")

@@ -1,0 +1,141 @@
+"""StreamingRunner: carries out a StagePlan through the model's ``block_runner`` hook.
+
+Every block, resident or streamed, runs as ``functional_call(block, views, args, kwargs)`` with
+its parameters and buffers as views into one packed buffer (layout.py). The block module itself
+is never moved or changed (its own weights may even be on the meta device).
+
+Ring schedule. The blocks that use the ring (streamed ones, and fp8 ones kept resident) form a
+cycle that repeats every forward. Position ``p`` of that endless sequence is ring block
+``p % R`` of forward ``p // R`` and uses slot ``p % S``. Before computing position ``p`` the
+runner makes sure positions up to ``p + depth`` were issued. Issuing position ``q``:
+
+1. side stream waits ``compute_done[q % S]`` (position ``q - S`` finished reading the slot;
+   ``depth <= S - 1`` guarantees that compute was already enqueued);
+2. side stream copies the block into the slot (fp8: into the staging buffer, then upcasts
+   into the slot, both on the side stream, so stream order puts the upcast after the copy);
+3. side stream records ``copy_done[q % S]``.
+
+Computing position ``p``: main stream waits ``copy_done[p % S]``, runs the block, records
+``compute_done[p % S]``, then issues up to ``p + 1 + depth``. Because positions run on across
+forwards, the last blocks of one forward prefetch the first blocks of the next. The hot path
+never blocks the host: no ``.item()``, no synchronize, only events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .copy_engine import CopyEngine
+from .fp8 import upcast_block
+from .host_store import HostBlockStore
+from .layout import BlockLayout
+from .plan import StagePlan
+from .ring import SlotRing
+
+log = logging.getLogger(__name__)
+
+
+class StreamingRunner:
+    """The ``block_runner`` installed by a StreamingSession (see module docstring)."""
+
+    def __init__(self, plan: StagePlan, compute: Sequence[BlockLayout], storage: Sequence[BlockLayout],
+                 store: HostBlockStore | None, engine: CopyEngine, ring: SlotRing | None,
+                 resident: dict[int, torch.Tensor]):
+        self.plan, self.compute, self.storage = plan, list(compute), list(storage)
+        self.store, self.engine, self.ring, self.resident = store, engine, ring, resident
+        self.order = plan.ring_blocks
+        self.ring_pos = {b: k for k, b in enumerate(self.order)}
+        self.depth = plan.prefetch_depth
+        self.bytes_h2d = 0
+        self._next = 0          # next position to compute
+        self._issued = -1       # highest position issued
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
+                                if i not in self.ring_pos}
+        if self.order and (ring is None or ring.n_slots < 1):
+            raise ValueError("the plan streams blocks but no ring was given.")
+
+    # -- hook -----------------------------------------------------------------------------
+    def __call__(self, index: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        views = self._resident_views.get(index)
+        if views is not None:
+            return functional_call(block, views, args, kwargs)
+        k = self.ring_pos.get(index)
+        if k is None:
+            raise RuntimeError(f"block {index} is neither resident nor streamed in plan {self.plan.stage!r}; "
+                               f"the model's block_sequence() changed after planning.")
+        if self._next % len(self.order) != k:
+            self._resync(k)
+        p = self._next
+        self.issue_upto(p + self.depth)
+        s = p % self.ring.n_slots
+        self.engine.main_wait(self.ring.copy_done[s])
+        out = functional_call(block, self._slot_views(s, index), args, kwargs)
+        self.ring.compute_done[s] = self.engine.main_record()
+        self._next = p + 1
+        self.issue_upto(self._next + self.depth)
+        return out
+
+    def start(self) -> None:
+        """Issue the first prefetches at once, so they overlap whatever runs before block 0."""
+        if self.order:
+            self.issue_upto(self.depth)
+
+    # -- scheduling -----------------------------------------------------------------------
+    def issue_upto(self, last: int) -> None:
+        while self._issued < last:
+            self._issued += 1
+            self._issue(self._issued)
+
+    def _issue(self, q: int) -> None:
+        block = self.order[q % len(self.order)]
+        s = q % self.ring.n_slots
+        compute, storage = self.compute[block], self.storage[block]
+        slot = self.ring.slots[s][: compute.nbytes]
+        self.engine.side_wait(self.ring.compute_done[s])          # (1) nobody reads the slot any more
+        if block in self.resident:                                # fp8 kept resident: upcast only
+            src = self.resident[block]
+            self.engine.launch(lambda: upcast_block(storage, compute, src, slot), writes=[slot])
+        else:
+            host = self.store.acquire(block, self.engine)
+            if storage.is_fp8:                                   # (2) H2D into staging, then upcast
+                staging = self.ring.staging[: storage.nbytes]
+                self.engine.copy(staging, host, side_only=True)
+                self.engine.launch(lambda: upcast_block(storage, compute, staging, slot), writes=[slot])
+            else:
+                self.engine.copy(slot, host)
+            self.store.release(block, self.engine.side_record())
+            self.bytes_h2d += storage.nbytes
+        self.ring.copy_done[s] = self.engine.side_record()        # (3)
+
+    def _resync(self, k: int) -> None:
+        """A forward was cut short (an exception) or started again: restart the cycle at ring
+        block ``k`` after everything issued so far. Slot contents are simply re-issued."""
+        log.debug("runner %s: resync at ring block %d (expected %d)", self.plan.stage, k,
+                  self._next % len(self.order))
+        # Full barrier both ways: the main stream waits for every queued copy, and later copies
+        # wait for everything the main stream did, including a failed block whose kernels read
+        # a slot but never recorded its compute_done.
+        self.engine.drain()
+        self.engine.side_wait(self.engine.main_record())
+        r = len(self.order)
+        p = self._issued + 1
+        p += (k - p) % r
+        self._next, self._issued = p, p - 1
+
+    def _slot_views(self, s: int, block: int) -> dict[str, torch.Tensor]:
+        key = (s, block)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = self.compute[block].views(self.ring.slots[s])
+        return views
+
+    def release(self) -> None:
+        self._views.clear()
+        self._resident_views.clear()

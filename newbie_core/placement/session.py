@@ -1,0 +1,186 @@
+"""The public entry point: plan -> host store -> ``with stream_blocks(...)`` -> run the model.
+
+Example (a model following the seam in ``newbie_core.models.blocks``)::
+
+    layouts = model_layouts(model, Storage.FP8)
+    plan = plan_stage("sample", block_sizes(model), budget, activation_bytes=est, chunk_candidates=c)
+    store = HOST_CACHE.get(key, [l.storage for l in layouts], read_block, host_budget)
+    with stream_blocks(model, plan, store, device) as session:
+        for t in steps:
+            v = model(x, t, cond)          # every block goes through session.runner
+    log.info(session.bytes_h2d)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .copy_engine import CopyEngine, make_engine
+from .host_store import HostBlockStore
+from .layout import BlockLayout, block_tensors, compute_layout, default_keep_high_precision, fp8_layout
+from .plan import BlockSize, StagePlan, Storage
+from .ring import SlotRing
+from .runner import StreamingRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockLayouts:
+    compute: BlockLayout
+    storage: BlockLayout
+
+
+def block_layouts(block: nn.Module, storage: Storage | str, compute_dtype: torch.dtype = torch.bfloat16,
+                  keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision
+                  ) -> BlockLayouts:
+    compute = compute_layout(block_tensors(block, compute_dtype))
+    stored = fp8_layout(compute, keep_high_precision) if Storage(storage) is Storage.FP8 else compute
+    return BlockLayouts(compute, stored)
+
+
+def model_layouts(model, plan_or_storage: StagePlan | Storage | str, compute_dtype: torch.dtype = torch.bfloat16,
+                  keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision
+                  ) -> list[BlockLayouts]:
+    """Layouts for every block of ``model.block_sequence()``, per block storage from a plan."""
+    blocks = model.block_sequence()
+    if isinstance(plan_or_storage, StagePlan):
+        kinds = plan_or_storage.storage
+    else:
+        kinds = [Storage(plan_or_storage)] * len(blocks)
+    return [block_layouts(b, k, compute_dtype, keep_high_precision) for (_, b), k in zip(blocks, kinds)]
+
+
+def block_sizes(model, compute_dtype: torch.dtype = torch.bfloat16,
+                keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision
+                ) -> list[BlockSize]:
+    """The planner's input: packed bytes per block at compute dtype and in fp8 storage."""
+    out = []
+    for name, block in model.block_sequence():
+        compute = compute_layout(block_tensors(block, compute_dtype))
+        out.append(BlockSize(name, compute.nbytes, fp8_layout(compute, keep_high_precision).nbytes))
+    return out
+
+
+class StreamingSession:
+    """Installs a StreamingRunner on ``model`` for one stage and takes everything back on exit."""
+
+    def __init__(self, model, plan: StagePlan, store: HostBlockStore | None, device: torch.device | str,
+                 engine: CopyEngine | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+                 keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision):
+        self.model, self.plan, self.store = model, plan, store
+        self.device = torch.device(device)
+        self.engine = engine if engine is not None else make_engine(self.device)
+        self.layouts = model_layouts(model, plan, compute_dtype, keep_high_precision)
+        self.runner: StreamingRunner | None = None
+        self.ring: SlotRing | None = None
+        self.resident: dict[int, torch.Tensor] = {}
+        self._prev = None
+        self._had_own = False
+        self.bytes_h2d = 0
+
+    def __enter__(self) -> "StreamingSession":
+        names = tuple(n for n, _ in self.model.block_sequence())
+        if names != self.plan.block_names:
+            raise ValueError(f"plan {self.plan.stage!r} was made for blocks {self.plan.block_names[:3]}... "
+                             f"but the model has {names[:3]}...; plan again for this model.")
+        if self.store is not None and [l.storage for l in self.layouts] != self.store.layouts:
+            raise ValueError("the host store was built with other block layouts (storage dtype or compute dtype "
+                             "differs from the plan); build the store from model_layouts(model, plan).")
+        try:
+            self._allocate()
+        except BaseException:
+            self._free()
+            raise
+        self._had_own = "block_runner" in vars(self.model)
+        self._prev = getattr(self.model, "block_runner", None)
+        self.model.block_runner = self.runner
+        self.runner.start()
+        return self
+
+    def _allocate(self) -> None:
+        plan = self.plan
+        if plan.slots:   # the ring first: one segment at the bottom, before any activation
+            self.ring = SlotRing(plan.slots, plan.slot_bytes, plan.staging_bytes, self.device)
+        if plan.resident and self.store is None:
+            raise ValueError("the plan keeps blocks resident but no host store was given to load them from.")
+        for i in plan.resident:
+            storage = self.layouts[i].storage
+            buf = torch.empty(storage.nbytes, dtype=torch.uint8, device=self.device)
+            self.engine.copy(buf, self.store.acquire(i, self.engine))
+            self.store.release(i, self.engine.side_record())
+            self.bytes_h2d += storage.nbytes
+            self.resident[i] = buf
+        self.engine.drain()   # resident weights are in place before any compute reads them
+        self.runner = StreamingRunner(plan, [l.compute for l in self.layouts], [l.storage for l in self.layouts],
+                                      self.store, self.engine, self.ring, self.resident)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.bytes_h2d += self.runner.bytes_h2d
+            if self._had_own:
+                self.model.block_runner = self._prev
+            else:
+                try:
+                    del self.model.block_runner
+                except AttributeError:
+                    self.model.block_runner = self._prev
+        self._free()
+
+    def _free(self) -> None:
+        # In-flight copies still write into the ring: the main stream waits for them before the
+        # buffers go back to the allocator (which reuses memory in main-stream order).
+        self.engine.drain()
+        if self.runner is not None:
+            self.runner.release()
+        if self.ring is not None:
+            self.ring.release()
+        self.runner, self.ring, self.resident = None, None, {}
+
+
+def stream_blocks(model, plan: StagePlan, store: HostBlockStore | None, device: torch.device | str,
+                  engine: CopyEngine | None = None, **kwargs) -> StreamingSession:
+    """Context manager running ``model``'s blocks as ``plan`` says (see module docstring)."""
+    return StreamingSession(model, plan, store, device, engine, **kwargs)
+
+
+class ResidentModules:
+    """Small always-resident modules (embedders, final layer): placed whole, counted in bytes."""
+
+    def __init__(self) -> None:
+        self._placed: dict[int, tuple[nn.Module, torch.device]] = {}
+
+    def place(self, module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.Module:
+        home = next((t.device for t in module.parameters()), torch.device("cpu"))
+        module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device)
+        self._placed[id(module)] = (module, home)
+        return module
+
+    def release(self, module: nn.Module | None = None) -> None:
+        """Move one module (or all) back to where it came from."""
+        keys = [id(module)] if module is not None else list(self._placed)
+        for key in keys:
+            mod, home = self._placed.pop(key)
+            mod.to(home if home.type != "meta" else "cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for mod, _ in self._placed.values()
+                   for t in list(mod.parameters()) + list(mod.buffers()))
+
+    @staticmethod
+    def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
+        """Bytes a module will take once placed (the planner's ``always_resident_bytes``)."""
+        total = 0
+        for t in list(module.parameters()) + list(module.buffers()):
+            size = dtype.itemsize if (dtype is not None and t.is_floating_point()) else t.element_size()
+            total += t.numel() * size
+        return total

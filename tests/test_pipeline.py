@@ -1,0 +1,121 @@
+"""The staged pipeline on tiny checkpoints, on the CPU: end to end, caching, streaming, errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from newbie_core.models.checkpoint import CheckpointError
+from newbie_core.pipeline import (CONDITIONING_CACHE, ENCODER_CALLS, GenerationRequest, MemorySettings, Models,
+                                  SamplingSettings, StorageDType, describe_plan, generate, load_dit_handle,
+                                  load_text_encoder_handle, load_vae_handle)
+from newbie_core.pipeline.sample import run_sampling
+from newbie_core.pipeline.encode import encode_texts
+from newbie_core.placement import Report
+from newbie_core.prompt import prepare_texts
+
+CPU = torch.device("cpu")
+XML = "<character_1>\n<n>miku</n>\n<gender>1girl</gender>\n</character_1>\n<general_tags>\n<count>1girl, solo</count>\n</general_tags>"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir) -> Models:
+    from newbie_core.tiny import build_tiny_checkpoints
+    paths = build_tiny_checkpoints(tiny_dir)
+    return Models(load_dit_handle(paths.dit), load_text_encoder_handle(paths.gemma, paths.jina),
+                  load_vae_handle(paths.vae))
+
+
+def _request(**kw) -> GenerationRequest:
+    base = dict(prompt=XML, negative="", width=64, height=64, sampling=SamplingSettings(steps=3, seed=7))
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def test_generate_end_to_end_gives_an_image_of_the_requested_size(models):
+    result = generate(models, _request(width=80, height=48), CPU)
+    assert result.image.shape == (1, 48, 80, 3)
+    assert result.latent.shape == (1, 16, 6, 10)
+    assert torch.isfinite(result.image).all()
+    assert 0.0 <= result.image.min() and result.image.max() <= 1.0
+    assert result.image.std() > 1e-3          # not a constant image
+    assert [r.name for r in result.report.records] in (["encode:gemma", "encode:jina", "sample", "decode"],
+                                                         ["sample", "decode"])
+
+
+def test_same_seed_same_latent_and_cache_skips_encoders(models):
+    CONDITIONING_CACHE.clear()
+    first = generate(models, _request(), CPU)
+    calls = dict(ENCODER_CALLS)
+    second = generate(models, _request(), CPU)
+    assert ENCODER_CALLS == calls, "an unchanged prompt must not run the encoders again"
+    assert torch.equal(first.latent, second.latent)
+    assert [r.name for r in second.report.records] == ["sample", "decode"]
+    generate(models, _request(prompt=XML + "\n<caption>new</caption>"), CPU)
+    assert ENCODER_CALLS["gemma"] == calls["gemma"] + 1
+
+
+def test_cache_key_follows_the_encoder_file_mtime(models, tiny_dir):
+    CONDITIONING_CACHE.clear()
+    texts = prepare_texts("a cat")
+    encode_texts(models.encoders, texts, MemorySettings(), CPU, Report(), None)
+    calls = ENCODER_CALLS["jina"]
+    path = models.encoders.jina.source.files[0]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    encode_texts(models.encoders, texts, MemorySettings(), CPU, Report(), None)
+    assert ENCODER_CALLS["jina"] == calls + 1
+
+
+def test_streamed_sampling_is_bitwise_equal_to_resident(models):
+    texts = prepare_texts(XML, "lowres")
+    pos, neg = encode_texts(models.encoders, texts, MemorySettings(), CPU, Report(), None)
+    start = torch.zeros(1, 16, 8, 8)
+    sampling = SamplingSettings(steps=3, seed=3)
+    resident = run_sampling(models.dit, pos, neg, start, sampling, MemorySettings(), CPU, Report(), None)
+    # A budget that fits the small modules, activations and a two-slot ring but not all blocks.
+    block = resident.plan.slot_bytes or 2 * 2**20
+    tight = resident.plan.predicted_peak - 3 * block
+    streamed = run_sampling(models.dit, pos, neg, start, sampling, MemorySettings(), CPU, Report(), tight)
+    assert len(streamed.plan.resident) < streamed.plan.n_blocks, "the budget must force streaming"
+    assert (streamed.plan.attn_chunk, streamed.plan.ffn_chunk) == (resident.plan.attn_chunk, resident.plan.ffn_chunk)
+    assert torch.equal(streamed.latent, resident.latent)
+
+
+def test_fp8_storage_drifts_little_from_bf16(models, tiny_dir):
+    texts = prepare_texts(XML)
+    pos, neg = encode_texts(models.encoders, texts, MemorySettings(), CPU, Report(), None)
+    start = torch.zeros(1, 16, 8, 8)
+    sampling = SamplingSettings(steps=3, seed=1)
+    bf16 = run_sampling(models.dit, pos, neg, start, sampling, MemorySettings(), CPU, Report(), None).latent
+    fp8_handle = load_dit_handle(models.dit.ckpt.path, StorageDType.FP8)
+    fp8 = run_sampling(fp8_handle, pos, neg, start, sampling, MemorySettings(), CPU, Report(), None).latent
+    rel = (fp8 - bf16).norm() / bf16.norm()
+    assert 0 < rel < 0.1
+
+
+def test_img2img_keeps_the_start_at_low_denoise(models):
+    image = torch.rand(1, 64, 64, 3)
+    low = generate(models, _request(init_image=image, sampling=SamplingSettings(steps=4, denoise=0.2)), CPU)
+    assert low.image.shape == image.shape
+    with pytest.raises(ValueError, match="init image is 32x32"):
+        generate(models, _request(init_image=torch.rand(1, 32, 32, 3)), CPU)
+
+
+def test_plan_describes_every_stage_without_running(models):
+    calls = dict(ENCODER_CALLS)
+    text = describe_plan(models, _request(memory=MemorySettings(vram_budget_gb=4)), CPU)
+    for stage in ("encode:gemma", "encode:jina", "sample", "decode"):
+        assert stage in text
+    assert ENCODER_CALLS == calls
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist.*Looked in"):
+        load_dit_handle(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _request(width=100)
+    with pytest.raises(ValueError, match="denoise"):
+        SamplingSettings(denoise=0.0)
