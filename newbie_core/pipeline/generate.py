@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..placement import Report, auto_budget
+from ..placement import Report, StagePlan, auto_budget
 from ..prompt import EncoderTexts, prepare_texts
 from ..sampling import validate_size
 from .encode import encode_texts, plan_gemma, plan_jina
@@ -56,6 +56,7 @@ class GenerationResult:
     latent: torch.Tensor                       # raw latent (B, 16, H/8, W/8), CPU
     report: Report
     step_seconds: list[float]
+    sample_plan: StagePlan | None = None
 
 
 def default_device() -> torch.device:
@@ -82,7 +83,7 @@ def generate(models: Models, request: GenerationRequest, device: torch.device | 
     result = run_sampling(models.dit, pos, neg, raw, request.sampling, memory, device, report,
                           stage_budget(memory, device), callback)
     image = decode_latent(models.vae, result.latent, memory, device, report, stage_budget(memory, device))
-    return GenerationResult(image, result.latent, report, result.step_seconds)
+    return GenerationResult(image, result.latent, report, result.step_seconds, result.plan)
 
 
 def start_latent(vae: VaeHandle, request: GenerationRequest, device: torch.device, report: Report) -> torch.Tensor:

@@ -1,0 +1,211 @@
+"""GPU benchmarks: the full-size random-weight NewBie pipeline under VRAM budgets.
+
+Every row is a whole generation (encode + sample + decode) with a warm host cache and a cold
+conditioning cache. The budget is enforced with ``torch.cuda.set_per_process_memory_fraction``,
+so going over raises OOM instead of passing quietly. Writes ``results.json`` (one object per
+row) and ``BENCHMARKS.part.md`` (tables) into ``--out``.
+
+    python bench/full_size.py /tmp/newbie_full
+    python bench/run_benchmarks.py --models /tmp/newbie_full --out $OUT            # all rows
+    python bench/run_benchmarks.py --models /tmp/newbie_full --out $OUT --quick    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from newbie_core.models.dit import build_dit, flops_per_forward  # noqa: E402
+from newbie_core.pipeline import (CONDITIONING_CACHE, GenerationRequest, MemorySettings, Models,  # noqa: E402
+                                  SamplingSettings, StorageDType, generate, load_dit_handle,
+                                  load_text_encoder_handle, load_vae_handle)
+from newbie_core.pipeline.sample import run_sampling  # noqa: E402
+from newbie_core.pipeline.encode import encode_texts  # noqa: E402
+from newbie_core.placement import HOST_CACHE, Report, block_sizes  # noqa: E402
+from newbie_core.prompt import prepare_texts  # noqa: E402
+
+GB = 2**30
+PROMPT = ("<character_1>\n<n>hatsune_miku</n>\n<gender>1girl</gender>\n<appearance>aqua_hair, twintails, "
+          "very_long_hair, aqua_eyes</appearance>\n<clothing>sailor_collar, pleated_skirt, detached_sleeves"
+          "</clothing>\n<expression>smile, open_mouth</expression>\n<action>waving, looking_at_viewer</action>\n"
+          "<position>center</position>\n</character_1>\n\n<general_tags>\n<count>1girl, solo</count>\n<style>anime "
+          "style</style>\n<background>outdoors, beach</background>\n<lighting>sunlight</lighting>\n<quality>very "
+          "aesthetic, masterpiece, no text</quality>\n</general_tags>\n\n<caption>A girl with long aqua twintails "
+          "waves at the viewer on a sunny beach, smiling with her mouth open.</caption>")
+log = logging.getLogger("bench")
+
+
+def pinned_bandwidth(device: torch.device, nbytes: int = GB) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del host, dev
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(times[1:])
+
+
+def reset_host_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def set_budget(device: torch.device, budget_gb: float | None) -> None:
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if budget_gb is None else min(1.0, budget_gb * GB / total), device)
+
+
+def load_models(root: Path, dtype: str) -> Models:
+    storage = StorageDType.FP8 if dtype == "fp8" else StorageDType.BF16
+    return Models(load_dit_handle(root / "diffusion_models" / "NewBie-Image-Exp0.1-bf16.safetensors", storage),
+                  load_text_encoder_handle(root / "text_encoders" / "gemma_3_4b_it_bf16.safetensors",
+                                           root / "text_encoders" / "jina_clip_v2_bf16.safetensors",
+                                           storage),
+                  load_vae_handle(root / "vae" / "ae.safetensors"))
+
+
+def streamed_bytes_per_forward(models: Models, plan, compute: str) -> int:
+    dtype = torch.float16 if compute == "fp16" else torch.bfloat16
+    sizes = block_sizes(build_dit(models.dit.ckpt.config, "meta", dtype), dtype)
+    return sum(sizes[i].storage_bytes(plan.storage[i]) for i in plan.streamed)
+
+
+def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | None, dtype: str, steps: int,
+            compute: str = "bf16", chunks: tuple[int, int] = (0, 0)) -> dict:
+    CONDITIONING_CACHE.clear()
+    torch.cuda.empty_cache()
+    set_budget(device, budget_gb)
+    reset_host_peak()
+    memory = MemorySettings(vram_budget_gb=budget_gb, compute_dtype=compute, attention_chunk=chunks[0],
+                            ffn_chunk=chunks[1], fp8_streaming=dtype == "fp8")
+    request = GenerationRequest(prompt=PROMPT, width=size, height=size,
+                                sampling=SamplingSettings(steps=steps, cfg=cfg, seed=0), memory=memory)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = generate(models, request, device)
+    torch.cuda.synchronize()
+    whole = time.perf_counter() - start
+    set_budget(device, None)
+    plan = result.sample_plan
+    per_step = result.step_seconds[1:] or result.step_seconds
+    s_step = statistics.mean(per_step)
+    cap = int(models.encoders.gemma.tokenizer([prepare_texts(PROMPT).gemma_pos]).attention_mask.sum())
+    batch = 2 if cfg != 1.0 else 1
+    flops = flops_per_forward(models.dit.ckpt.config, batch, cap, (size // 16) ** 2)
+    recs = {r.name: r for r in result.report.records}
+    return {
+        "row": "ours", "dtype": dtype if compute == "bf16" else compute, "size": f"{size}x{size}",
+        "cfg": cfg != 1.0, "budget_gb": budget_gb,
+        "peak_vram_gb": max(r.peak_reserved for r in recs.values()) / GB,
+        "stage_peaks_gb": {k: r.peak_reserved / GB for k, r in recs.items()},
+        "predicted_peaks_gb": {k: (r.predicted_peak or 0) / GB for k, r in recs.items()},
+        "stage_seconds": {k: r.seconds for k, r in recs.items()},
+        "s_per_step": s_step, "whole_s": whole, "tflops": flops / s_step / 1e12,
+        "host_ram_peak_gb": max((r.host_ram_peak or 0) for r in recs.values()) / GB,
+        "streamed_bytes_per_step": streamed_bytes_per_forward(models, plan, compute),
+        "resident_blocks": len(plan.resident), "chunks": [plan.attn_chunk, plan.ffn_chunk],
+        "slots": plan.slots, "_latent": result.latent,
+    }
+
+
+def resident_with_chunks(models: Models, device, size: int, cfg: float, chunks, steps: int) -> torch.Tensor:
+    """Sampling-stage latent of an all-resident run with the given chunk sizes (for bitwise checks)."""
+    texts = prepare_texts(PROMPT)
+    memory = MemorySettings(attention_chunk=chunks[0] or -1, ffn_chunk=chunks[1] or -1)
+    pos, neg = encode_texts(models.encoders, texts, memory, device, Report(), None)
+    start = torch.zeros(1, 16, size // 8, size // 8)
+    sampling = SamplingSettings(steps=steps, cfg=cfg, seed=0)
+    return run_sampling(models.dit, pos, neg, start, sampling, memory, device, Report(), 100 * GB).latent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=28)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    bandwidth = pinned_bandwidth(device)
+    print(f"pinned H2D bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    models = {d: load_models(args.models, d) for d in ("bf16", "fp8")}
+    steps = 6 if args.quick else args.steps
+    budgets = [None, 16, 8, 4, 2] if not args.quick else [None, 2]
+    configs = [(1024, 5.0), (512, 1.0)]
+    rows: list[dict] = []
+    # warm the host cache (and kernels) for both storage dtypes
+    for d in ("bf16", "fp8"):
+        run_row(models[d], device, 512, 5.0, None, d, 2)
+    for size, cfg in configs:
+        resident = {}
+        for dtype in ("bf16", "fp8"):
+            for budget in budgets:
+                row = run_row(models[dtype], device, size, cfg, budget, dtype, steps)
+                if budget is None:
+                    resident[dtype] = row
+                    row["row"] = "resident" if dtype == "bf16" else "ours"
+                base = resident["bf16"]
+                same = resident[dtype]
+                row["ratio_to_resident"] = row["s_per_step"] / base["s_per_step"]
+                row["whole_ratio_to_resident"] = row["whole_s"] / base["whole_s"]
+                row["roofline_s_per_step"] = max(base["s_per_step"], row["streamed_bytes_per_step"] / bandwidth)
+                if row["chunks"] == same["chunks"]:
+                    row["bitwise_equal_to_resident"] = bool(torch.equal(row["_latent"], same["_latent"]))
+                else:
+                    ref = resident_with_chunks(models[dtype], device, size, cfg, row["chunks"], steps)
+                    row["bitwise_equal_to_resident"] = bool(torch.equal(row["_latent"], ref))
+                print(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}), flush=True)
+                rows.append(row)
+    drift = {}
+    for size, cfg in configs[:1]:
+        ref = next(r for r in rows if r["row"] == "resident" and r["size"] == f"{size}x{size}")["_latent"]
+        fp16 = run_row(models["bf16"], device, size, cfg, None, "bf16", steps, compute="fp16")
+        fp8 = next(r for r in rows if r["dtype"] == "fp8" and r["budget_gb"] is None and r["size"] == f"{size}x{size}")
+        for name, lat in (("fp16", fp16["_latent"]), ("fp8", fp8["_latent"])):
+            diff = (lat - ref).abs()
+            rms = ref.pow(2).mean().sqrt()
+            drift[name] = {"max_abs_rel": float(diff.max() / rms), "mean_abs_rel": float(diff.mean() / rms),
+                           "rel_l2": float((lat - ref).norm() / ref.norm())}
+        fp16.pop("_latent")
+        fp16["row"] = "ours"
+        rows.append(fp16)
+    print("drift vs bf16:", json.dumps(drift), flush=True)
+    # cold run: no host cache, page cache dropped
+    HOST_CACHE.clear()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError:
+        pass
+    cold = run_row(models["bf16"], device, 1024, 5.0, None, "bf16", steps)
+    cold["row"] = "resident (cold, disk reads)"
+    rows.append(cold)
+    stamp = {"machine": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat()}
+    clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
+    (args.out / "results.json").write_text(json.dumps(clean, indent=1))
+    (args.out / "extra.json").write_text(json.dumps({"bandwidth_gbps": bandwidth / 1e9, "drift": drift,
+                                                     "torch": torch.__version__}, indent=1))
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
