@@ -126,6 +126,16 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
     }
 
 
+def summary(row: dict) -> str:
+    stages = " ".join(f"{k}={row['stage_peaks_gb'][k]:.2f}/{row['predicted_peaks_gb'][k]:.2f}"
+                      for k in row["stage_peaks_gb"])
+    return (f"{row['size']} cfg={row['cfg']} {row['dtype']} budget={row['budget_gb']}: {row['s_per_step'] * 1e3:.1f} ms/step "
+            f"(x{row.get('ratio_to_resident', 1):.3f}, roofline {row.get('roofline_s_per_step', 0) * 1e3:.1f} ms) "
+            f"whole {row['whole_s']:.2f} s (x{row.get('whole_ratio_to_resident', 1):.3f}) {row['tflops']:.0f} TFLOP/s "
+            f"resident {row['resident_blocks']} slots {row['slots']} chunks {row['chunks']} "
+            f"bitwise {row.get('bitwise_equal_to_resident')} | measured/predicted GB {stages}")
+
+
 def resident_with_chunks(models: Models, device, size: int, cfg: float, chunks, steps: int) -> torch.Tensor:
     """Sampling-stage latent of an all-resident run with the given chunk sizes (for bitwise checks)."""
     texts = prepare_texts(PROMPT)
@@ -144,7 +154,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = pinned_bandwidth(device)
     print(f"pinned H2D bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
@@ -160,7 +170,12 @@ def main() -> None:
         resident = {}
         for dtype in ("bf16", "fp8"):
             for budget in budgets:
-                row = run_row(models[dtype], device, size, cfg, budget, dtype, steps)
+                try:
+                    row = run_row(models[dtype], device, size, cfg, budget, dtype, steps)
+                except Exception as e:   # noqa: BLE001 - a failed row is reported, the others still run
+                    set_budget(device, None)
+                    print(f"ROW FAILED {size} cfg={cfg} {dtype} budget={budget}: {type(e).__name__}: {e}", flush=True)
+                    continue
                 if budget is None:
                     resident[dtype] = row
                     row["row"] = "resident" if dtype == "bf16" else "ours"
@@ -174,7 +189,7 @@ def main() -> None:
                 else:
                     ref = resident_with_chunks(models[dtype], device, size, cfg, row["chunks"], steps)
                     row["bitwise_equal_to_resident"] = bool(torch.equal(row["_latent"], ref))
-                print(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}), flush=True)
+                print(summary(row), flush=True)
                 rows.append(row)
     drift = {}
     for size, cfg in configs[:1]:

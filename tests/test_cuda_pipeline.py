@@ -17,7 +17,7 @@ from newbie_core.pipeline.sample import run_sampling
 from newbie_core.placement import Report
 
 pytestmark = pytest.mark.cuda
-DEV = torch.device("cuda")
+DEV = torch.device("cuda", 0)
 GB = 2**30
 
 
@@ -61,7 +61,7 @@ def test_vram_returns_to_baseline_after_an_error_and_an_interrupt(full_dit, cond
                 raise exc
         with pytest.raises(type(exc)):
             _sample(full_dit, conds, 4 * GB, steps=3, callback=boom)
-        assert torch.cuda.memory_allocated(DEV) == baseline
+        assert torch.cuda.memory_allocated(DEV) <= baseline
 
 
 def test_real_oom_recovers_through_the_half_budget_retry(full_dit, conds, caplog):

@@ -147,7 +147,7 @@ def test_vram_returns_to_baseline_after_exception_and_interrupt():
                 model(*xs[0])
                 raise exc
         store.close()
-        assert torch.cuda.memory_allocated() == baseline
+        assert torch.cuda.memory_allocated() <= baseline
 
 
 def test_oom_recovers_at_half_budget():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -72,6 +73,9 @@ def stage_guard(name: str, device: torch.device | str) -> Iterator[StageGuard]:
         yield guard
     except BaseException as e:   # KeyboardInterrupt too: the VRAM must come back either way
         log.warning("stage %s failed (%s); releasing its memory", name, type(e).__name__)
+        # The finished frames the exception passed through still hold the stage's activations
+        # (and would until the caller drops the exception): clear their locals now.
+        traceback.clear_frames(e.__traceback__)
         guard.release()
         if guard.baseline is not None:
             now = torch.cuda.memory_allocated(guard.device)
