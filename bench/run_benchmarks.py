@@ -116,6 +116,7 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
         "cfg": cfg != 1.0, "budget_gb": budget_gb,
         "peak_vram_gb": max(r.peak_reserved for r in recs.values()) / GB,
         "stage_peaks_gb": {k: r.peak_reserved / GB for k, r in recs.items()},
+        "stage_peaks_allocated_gb": {k: r.peak_allocated / GB for k, r in recs.items()},
         "predicted_peaks_gb": {k: (r.predicted_peak or 0) / GB for k, r in recs.items()},
         "stage_seconds": {k: r.seconds for k, r in recs.items()},
         "s_per_step": s_step, "whole_s": whole, "tflops": flops / s_step / 1e12,
@@ -144,6 +145,31 @@ def resident_with_chunks(models: Models, device, size: int, cfg: float, chunks, 
     start = torch.zeros(1, 16, size // 8, size // 8)
     sampling = SamplingSettings(steps=steps, cfg=cfg, seed=0)
     return run_sampling(models.dit, pos, neg, start, sampling, memory, device, Report(), 100 * GB).latent
+
+
+def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: float, steps: int = 3) -> dict:
+    """Where a streamed step's time goes: GPU kernel time vs host-to-device copy time."""
+    texts = prepare_texts(PROMPT)
+    pos, neg = encode_texts(models.encoders, texts, MemorySettings(), device, Report(), None)
+    start = torch.zeros(1, 16, size // 8, size // 8)
+    set_budget(device, budget_gb)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        run_sampling(models.dit, pos, neg, start, SamplingSettings(steps=steps, cfg=cfg), MemorySettings(), device,
+                     Report(), int(budget_gb * GB))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    set_budget(device, None)
+
+    def dev_time(e) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) / 1e6
+    events = prof.key_averages()
+    h2d = sum(dev_time(e) for e in events if "HtoD" in e.key)
+    kernels = sum(dev_time(e) for e in events if "Memcpy" not in e.key and "Memset" not in e.key)
+    top = sorted(((dev_time(e), e.key) for e in events), reverse=True)[:12]
+    return {"size": f"{size}x{size}", "cfg": cfg != 1.0, "budget_gb": budget_gb, "steps": steps, "wall_s": wall,
+            "kernel_s": kernels, "h2d_copy_s": h2d, "top": [[round(t, 4), k[:90]] for t, k in top]}
 
 
 def main() -> None:
@@ -205,6 +231,10 @@ def main() -> None:
         fp16["row"] = "ours"
         rows.append(fp16)
     print("drift vs bf16:", json.dumps(drift), flush=True)
+    profiles = [profile_sampling(models["bf16"], device, 1024, 5.0, 2), profile_sampling(models["fp8"], device, 1024, 5.0, 2),
+                profile_sampling(models["bf16"], device, 512, 1.0, 2)]
+    for p in profiles:
+        print("profile:", json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
     # cold run: no host cache, page cache dropped
     HOST_CACHE.clear()
     try:
@@ -218,6 +248,7 @@ def main() -> None:
     clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
     (args.out / "results.json").write_text(json.dumps(clean, indent=1))
     (args.out / "extra.json").write_text(json.dumps({"bandwidth_gbps": bandwidth / 1e9, "drift": drift,
+                                                     "profiles": profiles,
                                                      "torch": torch.__version__}, indent=1))
     print("done", flush=True)
 

@@ -16,7 +16,7 @@ from ..models.vae import FluxVAE, build_vae, from_image_01, to_image_01
 from ..models.vae_memory import DEFAULT_OVERLAP_LATENT, choose_tile, estimate_decode_bytes, estimate_encode_bytes
 from ..models.vae_tiling import decode_tiled, encode_tiled
 from ..placement import Report, fmt_bytes, measure_stage, stage_guard
-from ..placement.budget import segment_bytes
+from ..placement.budget import MiB, activation_reserved, segment_bytes
 from .handles import VaeHandle
 from .settings import MemorySettings
 
@@ -45,10 +45,14 @@ def vae_dtype(handle: VaeHandle, device: torch.device) -> torch.dtype:
 
 
 def _weight_bytes(handle: VaeHandle, dtype: torch.dtype) -> int:
-    """Reserved bytes of the weights: small tensors share 2 MiB segments, large ones get their own."""
+    """Reserved bytes of the weights, loaded one after another: tensors up to 1 MiB share 2 MiB
+    segments, those below 10 MiB share 20 MiB segments, larger ones get their own."""
     sizes = [int(torch.Size(handle.ckpt.source.shape(k)).numel()) * dtype.itemsize for k in handle.ckpt.source.keys()]
-    small = sum(-(-n // 512) * 512 for n in sizes if n <= 2**20)
-    return segment_bytes(small) + sum(segment_bytes(n) for n in sizes if n > 2**20)
+    rounded = [-(-n // 512) * 512 for n in sizes]
+    small = sum(n for n in rounded if n <= MiB)
+    medium = sum(n for n in rounded if MiB < n < 10 * MiB)
+    return (-(-small // (2 * MiB)) * 2 * MiB + -(-medium // (20 * MiB)) * 20 * MiB
+            + sum(segment_bytes(n) for n in rounded if n >= 10 * MiB))
 
 
 def plan_vae(handle: VaeHandle, memory: MemorySettings, batch: int, latent_h: int, latent_w: int,
@@ -63,12 +67,12 @@ def plan_vae(handle: VaeHandle, memory: MemorySettings, batch: int, latent_h: in
     elif memory.vae_tile_px < 0 or budget is None:
         tile = None
     else:
-        tile = choose_tile(budget - weights, latent_h, latent_w, dtype, config, batch=batch, encode=encode)
+        tile = choose_tile(int((budget - weights - 20 * MiB) / 1.1), latent_h, latent_w, dtype, config, batch=batch, encode=encode)
     if tile is not None and tile >= max(latent_h, latent_w):
         tile = None
     estimate = estimate_encode_bytes if encode else estimate_decode_bytes
     act = estimate(config, batch, latent_h, latent_w, dtype, tile)
-    return VaePlan("encode:vae" if encode else "decode", tile, overlap, weights, weights + act)
+    return VaePlan("encode:vae" if encode else "decode", tile, overlap, weights, weights + activation_reserved(act))
 
 
 def decode_latent(handle: VaeHandle, raw_latent: torch.Tensor, memory: MemorySettings, device: torch.device,

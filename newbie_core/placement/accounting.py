@@ -60,7 +60,10 @@ def measure_stage(report: Report, name: str, device: torch.device | str,
     cuda = device.type == "cuda"
     record = StageRecord(name, 0.0, predicted_peak=predicted_peak)
     if cuda:
+        # Cached-but-free segments of earlier stages would count in this stage's reserved peak
+        # (and stay away from other programs): give them back first, and again at the end.
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         record.baseline_allocated = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
@@ -71,6 +74,7 @@ def measure_stage(report: Report, name: str, device: torch.device | str,
             torch.cuda.synchronize(device)
             record.peak_allocated = torch.cuda.max_memory_allocated(device)
             record.peak_reserved = torch.cuda.max_memory_reserved(device)
+            torch.cuda.empty_cache()
         record.seconds = time.perf_counter() - start
         record.host_ram_peak = host_ram_peak()
         report.add(record)

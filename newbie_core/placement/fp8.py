@@ -16,6 +16,7 @@ from collections.abc import MutableMapping
 
 import torch
 
+from .fp8_cuda import upcast_into
 from .layout import FP8, FP8_MAX, BlockLayout, view
 
 
@@ -73,6 +74,9 @@ def upcast_block(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, 
     """
     for s, c in zip(storage.entries, compute.entries):
         out = view(dst, c.offset, c.shape, c.dtype)
-        out.copy_(view(src, s.offset, s.shape, s.dtype))   # e4m3 -> bf16 is exact
+        q = view(src, s.offset, s.shape, s.dtype)
+        if s.scale_offset is not None and upcast_into(q, storage.scale(src, s), out):
+            continue                                         # one fused CUDA pass, same bits
+        out.copy_(q)                                         # e4m3 -> bf16 is exact
         if s.scale_offset is not None:
             out.mul_(storage.scale(src, s))                  # bf16 * bf16 scale, one rounding

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,18 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
+@dataclass(frozen=True)
+class KeyPadding:
+    """Right-padded keys: sample i attends to its first ``lengths[i]`` tokens.
+
+    The lengths are Python ints known before the blocks run, so attention can split the batch
+    without a device-to-host sync per block. ``mask`` is the same information as a (B, S) bool
+    tensor, for the flash-attn varlen path.
+    """
+    lengths: tuple[int, ...]
+    mask: torch.Tensor
+
+
 def _use_flash(q: torch.Tensor) -> bool:
     return HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
@@ -80,12 +93,21 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(b, s, h, d)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   scale: float, query_chunk: int | None = None) -> torch.Tensor:
-    """q (B,S,H,D), k/v (B,S,Hkv,D), mask (B,S) bool of valid keys or None -> (B,S,H,D).
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: KeyPadding | torch.Tensor | None, scale: float,
+                   query_chunk: int | None = None) -> torch.Tensor:
+    """q (B,S,H,D), k/v (B,S,Hkv,D), valid keys (KeyPadding, (B,S) bool, or None) -> (B,S,H,D).
 
-    KV head g serves query heads g*rep .. g*rep+rep-1 (repeat_interleave, spec §2.7).
+    KV head g serves query heads g*rep .. g*rep+rep-1 (repeat_interleave, spec §2.7). With a
+    KeyPadding each sample runs on its own valid prefix with no mask at all, which lets SDPA pick
+    its fastest (flash) kernel; padded query rows come back as zeros (they are discarded).
     """
+    if isinstance(mask, KeyPadding):
+        out = q.new_zeros(q.shape)
+        for i, n in enumerate(mask.lengths):
+            out[i:i + 1, :n] = sdpa_attention(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n], None, scale,
+                                              query_chunk)
+        return out
     rep = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2)                                             # (B, H, S, D)
     kh = k.transpose(1, 2).repeat_interleave(rep, dim=1)               # (B, H, S, D)
@@ -127,7 +149,7 @@ class JointAttention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, hd)
         scale = 1.0 / math.sqrt(hd)
         if _use_flash(q):
-            out = _flash_attention(q, k, v, mask, scale)
+            out = _flash_attention(q, k, v, mask.mask if isinstance(mask, KeyPadding) else mask, scale)
         else:
             out = sdpa_attention(q, k, v, mask, scale, self.query_chunk)
         return self.out(out.reshape(b, s, self.n_heads * hd))           # (B, S, dim)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..blocks import BlockRunner, run_block_directly
-from .attention import RMSNorm
+from .attention import KeyPadding, RMSNorm
 from .blocks import JointTransformerBlock
 from .config import ActivationChunks, DiTConfig
 from .embedders import FinalLayer, TimestepEmbedder, patchify, unpatchify
@@ -96,7 +96,7 @@ class NextDiT(nn.Module):
         cap_cos, cap_sin = rope_cos_sin(caption_positions(b, cap.shape[1], dev), cfg.axes_dims, cfg.rope_theta)
         img_pos = image_positions(cap_lens, hp, wp, dev)                         # (B, N, 3)
         img_cos, img_sin = rope_cos_sin(img_pos, cfg.axes_dims, cfg.rope_theta)
-        cap_attn_mask = None if all(n == cap.shape[1] for n in cap_lens) else cap_valid
+        cap_attn_mask = None if all(n == cap.shape[1] for n in cap_lens) else KeyPadding(tuple(cap_lens), cap_valid)
 
         index = 0
         for block in self.context_refiner:
@@ -106,7 +106,8 @@ class NextDiT(nn.Module):
             img = self.block_runner(index, block, img, None, img_cos, img_sin, c)
             index += 1
 
-        joint, joint_mask, joint_pos = _pack(cap, img, cap_lens, img_pos)       # (B, S, dim)
+        joint, joint_valid, joint_pos = _pack(cap, img, cap_lens, img_pos)      # (B, S, dim)
+        joint_mask = None if joint_valid is None else KeyPadding(tuple(n + n_img for n in cap_lens), joint_valid)
         joint_cos, joint_sin = rope_cos_sin(joint_pos, cfg.axes_dims, cfg.rope_theta)
         del cap, img
         for block in self.layers:
