@@ -2,13 +2,13 @@
 
 Decisions, and why:
 
-- **Which blocks stay resident: the last ones, as one contiguous run.** The forward streams its
-  first blocks and computes the resident tail last. While the tail computes, the copy stream
-  is idle and the ring is free, so it prefetches the *next* forward's first streamed blocks
-  (the ring wraps around across sampling steps). The next step then starts with its first
-  ``prefetch_depth`` blocks already on the GPU, and the only exposed copy per run is the one
-  at the very start of the stage, which overlaps the embedders and whatever the pipeline does
-  between opening the session and calling the model.
+- **Which blocks stay resident: spread evenly over the sequence.** Every streamed block's copy
+  then overlaps the compute of the resident blocks around it. A first version kept the last
+  blocks resident as one run: while that tail computed, the ring could only prefetch
+  ``prefetch_depth`` blocks, so the copies of the streamed head were exposed whenever a block
+  copies slower than it computes (measured on an H200 at 512² without CFG, 4 GB budget:
+  79 ms per step against a 66 ms copy roofline). The ring wraps around across sampling steps,
+  so the next forward's first streamed blocks are prefetched during the previous one's end.
 - **What shrinks first as the budget shrinks.** Candidate configurations form one chain, and
   the plan is the first one in the chain that fits. Along the chain every knob only moves one
   way (fewer resident blocks, fewer slots, smaller chunks), so a smaller budget never gives
@@ -76,6 +76,11 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     raise BudgetTooSmallError(ctx.too_small_message(kind))
 
 
+def resident_set(n: int, k: int) -> tuple[int, ...]:
+    """``k`` of ``n`` block indices, spread evenly (the last block is always among them)."""
+    return tuple(i for i in range(n) if (i + 1) * k // n > i * k // n)
+
+
 class _Ctx:
     """The planner's inputs, and how one configuration turns into a StagePlan."""
 
@@ -86,7 +91,10 @@ class _Ctx:
         self.n = len(blocks)
 
     def ring_blocks(self, kind: Storage, n_resident: int) -> list[int]:
-        return list(range(self.n)) if kind is Storage.FP8 else list(range(self.n - n_resident))
+        if kind is Storage.FP8:
+            return list(range(self.n))
+        resident = set(resident_set(self.n, n_resident))
+        return [i for i in range(self.n) if i not in resident]
 
     def slots_for(self, kind: Storage, n_resident: int) -> int:
         ring = len(self.ring_blocks(kind, n_resident))
@@ -115,8 +123,8 @@ class _Ctx:
         return cfgs
 
     def evaluate(self, kind: Storage, n_resident: int, slots: int, chunk: int) -> StagePlan:
-        resident = tuple(range(self.n - n_resident, self.n))
-        streamed = range(self.n - n_resident)
+        resident = resident_set(self.n, n_resident)
+        streamed = [i for i in range(self.n) if i not in set(resident)]
         ring = self.ring_blocks(kind, n_resident)
         slot_bytes = max((self.blocks[i].compute_bytes for i in ring), default=0) if slots else 0
         staging = max((self.blocks[i].fp8_bytes for i in streamed), default=0) if kind is Storage.FP8 else 0
@@ -138,7 +146,7 @@ class _Ctx:
             attn_chunk=attn, ffn_chunk=ffn, predicted_peak=peak, breakdown=breakdown,
             reason=self.reason(kind, n_resident, slots, chunk), predicted_step_s=step)
 
-    def predict_time(self, kind: Storage, streamed: range) -> float | None:
+    def predict_time(self, kind: Storage, streamed: Sequence[int]) -> float | None:
         if not (self.bandwidth and self.compute_s):
             return None
         exposed = sum(max(0.0, self.blocks[i].storage_bytes(kind) / self.bandwidth - self.compute_s)
