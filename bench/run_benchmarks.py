@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--calibrate", action="store_true", help="only check predicted vs measured stage peaks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -186,6 +187,19 @@ def main() -> None:
     bandwidth = pinned_bandwidth(device)
     print(f"pinned H2D bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     models = {d: load_models(args.models, d) for d in ("bf16", "fp8")}
+    if args.calibrate:
+        checks = [(1024, 5.0, None, "bf16"), (1024, 5.0, 4, "bf16"), (1024, 5.0, 2, "bf16"), (1024, 5.0, 2, "fp8"),
+                  (1024, 5.0, None, "fp8"), (512, 1.0, None, "bf16"), (512, 1.0, 2, "bf16"), (768, 5.0, 3, "bf16"),
+                  (1536, 5.0, 6, "bf16"), (768, 1.0, 2, "fp8")]
+        for d in ("bf16", "fp8"):
+            run_row(models[d], device, 512, 5.0, None, d, 2)
+        out = []
+        for size, cfg, budget, d in checks:
+            row = run_row(models[d], device, size, cfg, budget, d, 3)
+            print(summary(row), flush=True)
+            out.append({k: v for k, v in row.items() if not k.startswith("_")})
+        (args.out / "calibration.json").write_text(json.dumps(out, indent=1))
+        return
     steps = 6 if args.quick else args.steps
     budgets = [None, 16, 8, 4, 2] if not args.quick else [None, 2]
     configs = [(1024, 5.0), (512, 1.0)]
