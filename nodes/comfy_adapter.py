@@ -1,0 +1,447 @@
+"""The one seam between the pack and ComfyUI.
+
+Every call into ComfyUI (`comfy.model_management`, `comfy.utils`, `folder_paths`,
+`latent_preview`) goes through this module, and those imports happen inside functions only,
+so the node classes import and run in plain pytest. Two implementations share one surface:
+
+* `ComfyAdapter` talks to a running ComfyUI. It is chosen automatically when ComfyUI's
+  modules are already imported (`folder_paths` and `comfy.model_management` in `sys.modules`);
+  the adapter never initialises ComfyUI itself.
+* `FallbackAdapter` is used everywhere else (CPU tests, the CLI): model folders come from
+  `add_folder`, memory calls are no-ops, handles are kept in a plain list, and a cancel can be
+  simulated with `request_interrupt`.
+
+Tests install their own implementation with `set_adapter(...)`; `set_adapter(None)` restores
+automatic selection. Node code calls the module-level functions (`full_path`, `progress_bar`,
+...), which forward to `get_adapter()`.
+
+Memory etiquette (see comfyui-notes §2): placement owns the weights. ComfyUI only ever sees a
+weightless `ResidentHandle` sized to the bytes a plan keeps resident; when ComfyUI needs the
+memory it unloads the handle, and the handle calls the pack's `unload_fn`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MODEL_EXTENSIONS = (".safetensors", ".sft")
+# Name shown by ComfyUI's "Requested to load ..." / "Unloading ..." log lines for our handles.
+HANDLE_MODULE_NAME = "NewBieResidentWeights"
+
+
+class ProcessingInterrupted(Exception):
+    """Raised by the fallback adapter's `check_interrupted` after `request_interrupt`.
+
+    Inside ComfyUI the real `comfy.model_management.InterruptProcessingException` is raised
+    instead, so that the executor reports `execution_interrupted`.
+    """
+
+
+class Progress(Protocol):
+    """What `progress_bar` returns: ComfyUI's `ProgressBar` or a stand-in."""
+
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None: ...
+
+
+class Handle(Protocol):
+    """A registered, unloadable stand-in for weights the pack keeps on a device."""
+
+    name: str
+
+    @property
+    def resident(self) -> bool: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Fallback (no ComfyUI)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FallbackHandle:
+    """Handle kept by `FallbackAdapter`; `release()` plays ComfyUI's eviction."""
+
+    name: str
+    size_bytes: int
+    unload_fn: Callable[[], None]
+    device: torch.device
+    registered: bool = True
+    unload_calls: int = 0
+
+    @property
+    def resident(self) -> bool:
+        return self.registered
+
+    def release(self) -> None:
+        """Evict as ComfyUI would: unregister, then call the pack's unload function once."""
+        if not self.registered:
+            return
+        self.registered = False
+        self.unload_calls += 1
+        self.unload_fn()
+
+
+@dataclass
+class RecordingProgress:
+    """Progress bar stand-in that remembers every update (tests read `updates`)."""
+
+    total: int
+    node_id: str | None = None
+    updates: list[tuple[int, int, Any]] = field(default_factory=list)
+
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        if total is not None:
+            self.total = total
+        self.updates.append((min(value, self.total), self.total, preview))
+
+
+class FallbackAdapter:
+    """ComfyUI-free implementation: explicit model folders, no-op memory management."""
+
+    def __init__(self, folders: dict[str, Sequence[os.PathLike | str]] | None = None):
+        self.folders: dict[str, list[Path]] = {k: [Path(p) for p in v] for k, v in (folders or {}).items()}
+        self.handles: list[FallbackHandle] = []
+        self.progress_bars: list[RecordingProgress] = []
+        self.freed: list[tuple[int, torch.device]] = []
+        self._interrupt = False
+
+    # models ---------------------------------------------------------------------------------
+    def add_folder(self, folder_name: str, path: os.PathLike | str) -> None:
+        self.folders.setdefault(folder_name, []).append(Path(path))
+
+    def models_dir_list(self, folder_name: str) -> list[str]:
+        names: set[str] = set()
+        for root in self.folders.get(folder_name, []):
+            if not root.is_dir():
+                continue
+            for path in root.rglob("*"):
+                if path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
+                    names.add(path.relative_to(root).as_posix())
+        return sorted(names)
+
+    def full_path(self, folder_name: str, filename: str) -> str:
+        roots = self.folders.get(folder_name, [])
+        for root in roots:
+            candidate = root / filename
+            if candidate.is_file():
+                return str(candidate)
+        raise _not_found(folder_name, filename, [str(r) for r in roots])
+
+    # devices and memory ---------------------------------------------------------------------
+    def compute_device(self) -> torch.device:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def intermediate_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def free_vram(self, bytes_needed: int, device: torch.device, keep: Sequence[Handle] = ()) -> int:
+        self.freed.append((int(bytes_needed), torch.device(device)))
+        return 0
+
+    def soft_empty_cache(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def register_unloadable(self, name: str, size_bytes: int, unload_fn: Callable[[], None],
+                            device: torch.device | None = None) -> FallbackHandle:
+        handle = FallbackHandle(name, int(size_bytes), unload_fn, torch.device(device or self.compute_device()))
+        self.handles.append(handle)
+        return handle
+
+    def unregister(self, handle: Handle) -> None:
+        if isinstance(handle, FallbackHandle):
+            handle.registered = False
+        self.handles = [h for h in self.handles if h is not handle]
+
+    def is_registered(self, handle: Handle) -> bool:
+        return any(h is handle for h in self.handles) and bool(getattr(handle, "registered", False))
+
+    def unload_all(self) -> None:
+        """What ComfyUI's 'Unload models' does: evict every registered handle."""
+        for handle in list(self.handles):
+            handle.release()
+        self.handles.clear()
+
+    # progress and cancel --------------------------------------------------------------------
+    def progress_bar(self, total: int, node_id: str | None = None) -> RecordingProgress:
+        bar = RecordingProgress(int(total), node_id)
+        self.progress_bars.append(bar)
+        return bar
+
+    def request_interrupt(self) -> None:
+        """Simulate the Cancel button: the next `check_interrupted` raises once."""
+        self._interrupt = True
+
+    def check_interrupted(self) -> None:
+        if self._interrupt:
+            self._interrupt = False
+            raise ProcessingInterrupted("processing interrupted")
+
+    def preview_image_from_latent(self, latent: torch.Tensor) -> Any:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Real ComfyUI
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _handle_class() -> type:
+    """Build the ModelPatcher subclass lazily, so this module imports without ComfyUI.
+
+    Subclassing (instead of duck typing) keeps every ModelPatcher method ComfyUI might call on
+    a loaded model working: they act on an empty module and do nothing. Only the methods that
+    decide sizes and residency are overridden.
+    """
+    from comfy.model_patcher import ModelPatcher
+
+    class ResidentWeights(torch.nn.Module):
+        """Weightless module: ComfyUI moves it around, our weights never go near it."""
+
+    ResidentWeights.__name__ = ResidentWeights.__qualname__ = HANDLE_MODULE_NAME
+
+    class ResidentHandle(ModelPatcher):
+        """ComfyUI-visible stand-in for placement-owned weights of `size` bytes."""
+
+        def __init__(self, name: str, size: int, unload_fn: Callable[[], None],
+                     load_device: torch.device, offload_device: torch.device):
+            super().__init__(ResidentWeights(), load_device, offload_device, size=max(int(size), 1))
+            self.name = name
+            self.unload_fn = unload_fn
+            self.unload_calls = 0
+
+        @property
+        def resident(self) -> bool:
+            return self.model.model_loaded_weight_memory > 0
+
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            # All or nothing: the pack already placed (or is about to place) the weights.
+            if self.resident:
+                return 0
+            self.model.model_loaded_weight_memory = self.size
+            self.model.device = device_to
+            return self.size
+
+        def partially_unload(self, device_to, memory_to_free=0):
+            return 0  # never partial: LoadedModel.model_unload then detaches us fully
+
+        def detach(self, unpatch_all=True):
+            # unpatch_all=False comes from re-loading the same handle and from __del__:
+            # the weights stay where they are in both cases.
+            if unpatch_all and self.resident:
+                self.model.model_loaded_weight_memory = 0
+                self.model.device = self.offload_device
+                self.unload_calls += 1
+                log.info("ComfyUI unloads %s (%.1f MiB)", self.name, self.size / 2**20)
+                self.unload_fn()
+            return self.model
+
+        def __del__(self):
+            pass  # ModelPatcher.__del__ would detach; an unreferenced handle has nothing to free
+
+        def __repr__(self) -> str:
+            return f"ResidentHandle({self.name!r}, {self.size} bytes, resident={self.resident})"
+
+    return ResidentHandle
+
+
+class ComfyAdapter:
+    """Forwards to a running ComfyUI."""
+
+    def models_dir_list(self, folder_name: str) -> list[str]:
+        import folder_paths
+        if folder_name not in folder_paths.folder_names_and_paths:
+            log.warning("ComfyUI has no model folder named %r", folder_name)
+            return []
+        return list(folder_paths.get_filename_list(folder_name))
+
+    def full_path(self, folder_name: str, filename: str) -> str:
+        import folder_paths
+        path = folder_paths.get_full_path(folder_name, filename) if filename else None
+        if path is None:
+            dirs = folder_paths.get_folder_paths(folder_name) if folder_name in folder_paths.folder_names_and_paths else []
+            raise _not_found(folder_name, filename, list(dirs))
+        return path
+
+    def compute_device(self) -> torch.device:
+        import comfy.model_management as mm
+        return mm.get_torch_device()
+
+    def intermediate_device(self) -> torch.device:
+        import comfy.model_management as mm
+        return mm.intermediate_device()
+
+    def free_vram(self, bytes_needed: int, device: torch.device, keep: Sequence[Handle] = ()) -> int:
+        import comfy.model_management as mm
+        keep_loaded = [lm for lm in mm.current_loaded_models if any(lm.model is h for h in keep)]
+        return len(mm.free_memory(int(bytes_needed), torch.device(device), keep_loaded=keep_loaded))
+
+    def soft_empty_cache(self) -> None:
+        import comfy.model_management as mm
+        mm.soft_empty_cache()
+
+    def register_unloadable(self, name: str, size_bytes: int, unload_fn: Callable[[], None],
+                            device: torch.device | None = None) -> Handle:
+        """Register before moving the weights: ComfyUI first evicts others to make room."""
+        import comfy.model_management as mm
+        load_device = torch.device(device) if device is not None else mm.get_torch_device()
+        handle = _handle_class()(name, size_bytes, unload_fn, load_device, mm.unet_offload_device())
+        mm.load_models_gpu([handle], force_full_load=True)
+        return handle
+
+    def unregister(self, handle: Handle) -> None:
+        """Forget a handle without calling its unload function (the pack freed the weights)."""
+        import comfy.model_management as mm
+        for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+            loaded = mm.current_loaded_models[i]
+            if loaded.model is handle:
+                mm.current_loaded_models.pop(i)
+                if loaded.model_finalizer is not None:
+                    loaded.model_finalizer.detach()
+                    loaded.model_finalizer = None
+        if hasattr(handle, "model"):
+            handle.model.model_loaded_weight_memory = 0
+
+    def is_registered(self, handle: Handle) -> bool:
+        import comfy.model_management as mm
+        return any(lm.model is handle for lm in mm.current_loaded_models)
+
+    def unload_all(self) -> None:
+        import comfy.model_management as mm
+        mm.unload_all_models()
+
+    def progress_bar(self, total: int, node_id: str | None = None) -> Progress:
+        import comfy.utils
+        return comfy.utils.ProgressBar(int(total), node_id=node_id)
+
+    def check_interrupted(self) -> None:
+        import comfy.model_management as mm
+        mm.throw_exception_if_processing_interrupted()
+
+    def preview_image_from_latent(self, latent: torch.Tensor) -> Any:
+        """`latent`: [B,16,h,w] in the DiT's normalised space ((z-0.1159)*0.3611).
+
+        Returns what `ProgressBar.update_absolute(preview=...)` expects, or None when
+        previews are off (ComfyUI's default `--preview-method none`).
+        """
+        import latent_preview
+        previewer = latent_preview.get_previewer(latent.device, _flux_latent_format())
+        if previewer is None:
+            return None
+        return previewer.decode_latent_to_preview_image("JPEG", latent[:1])
+
+
+@functools.lru_cache(maxsize=1)
+def _flux_latent_format():
+    import comfy.latent_formats
+    return comfy.latent_formats.Flux()
+
+
+def _not_found(folder_name: str, filename: str, dirs: list[str]) -> FileNotFoundError:
+    where = ", ".join(dirs) if dirs else "(no folder registered under that name)"
+    return FileNotFoundError(
+        f"Model file {filename!r} was not found in the {folder_name!r} model folder(s): {where}. "
+        f"Put the file into models/{folder_name}/ (or a path mapped in extra_model_paths.yaml) "
+        "and press Refresh.")
+
+
+# --------------------------------------------------------------------------------------------
+# Selection and the module-level surface the nodes call
+# --------------------------------------------------------------------------------------------
+
+_override: Any = None
+_comfy: ComfyAdapter | None = None
+_fallback: FallbackAdapter | None = None
+
+
+def comfy_running() -> bool:
+    """True inside a ComfyUI process (its modules are imported before any custom node)."""
+    return "folder_paths" in sys.modules and "comfy.model_management" in sys.modules
+
+
+def set_adapter(adapter: Any) -> Any:
+    """Install `adapter` for every call (tests); None restores automatic choice. Returns the old one."""
+    global _override
+    previous, _override = _override, adapter
+    return previous
+
+
+def get_adapter() -> Any:
+    global _comfy, _fallback
+    if _override is not None:
+        return _override
+    if comfy_running():
+        _comfy = _comfy or ComfyAdapter()
+        return _comfy
+    _fallback = _fallback or FallbackAdapter()
+    return _fallback
+
+
+def models_dir_list(folder_name: str) -> list[str]:
+    """Model files in a ComfyUI model folder (relative paths, sorted) for COMBO options."""
+    return get_adapter().models_dir_list(folder_name)
+
+
+def full_path(folder_name: str, filename: str) -> str:
+    """Absolute path of `filename`; FileNotFoundError naming the folders searched otherwise."""
+    return get_adapter().full_path(folder_name, filename)
+
+
+def compute_device() -> torch.device:
+    return get_adapter().compute_device()
+
+
+def intermediate_device() -> torch.device:
+    """Device for tensors a node returns (IMAGE, LATENT, CONDITIONING): the CPU normally."""
+    return get_adapter().intermediate_device()
+
+
+def free_vram(bytes_needed: int, device: torch.device, keep: Sequence[Handle] = ()) -> int:
+    """Ask ComfyUI to evict its models until `bytes_needed` are free; `keep` handles stay."""
+    return get_adapter().free_vram(bytes_needed, device, keep)
+
+
+def soft_empty_cache() -> None:
+    get_adapter().soft_empty_cache()
+
+
+def register_unloadable(name: str, size_bytes: int, unload_fn: Callable[[], None],
+                        device: torch.device | None = None) -> Handle:
+    """Register a weightless handle ComfyUI may evict; eviction calls `unload_fn()` once."""
+    return get_adapter().register_unloadable(name, size_bytes, unload_fn, device)
+
+
+def unregister(handle: Handle) -> None:
+    get_adapter().unregister(handle)
+
+
+def is_registered(handle: Handle) -> bool:
+    return get_adapter().is_registered(handle)
+
+
+def unload_all() -> None:
+    get_adapter().unload_all()
+
+
+def progress_bar(total: int, node_id: str | None = None) -> Progress:
+    return get_adapter().progress_bar(total, node_id)
+
+
+def check_interrupted() -> None:
+    """Raise if the user pressed Cancel (call once per sampler step)."""
+    get_adapter().check_interrupted()
+
+
+def preview_image_from_latent(latent: torch.Tensor) -> Any:
+    return get_adapter().preview_image_from_latent(latent)

@@ -1,0 +1,310 @@
+"""ComfyUI tier: the pack inside a real ComfyUI checkout (skipped unless COMFYUI_PATH is set).
+
+Run from the repo root with the ComfyUI venv:
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -q tests
+Optional: NEWBIE_TIER_PACK=<dir> runs the tier against another pack with the same contract
+(used to prove the harness); NEWBIE_SCREENSHOT_PNG=<file> keeps the frontend screenshot.
+
+Contract with the pack (what these tests assume):
+* `workflows/*.json` are UI-format workflows that run with the tiny checkpoints
+  (`newbie_core.tiny.build_tiny_checkpoints`) registered as diffusion_models/text_encoders/vae.
+* The sampler node's class name contains "Sampler"; it reports progress through
+  `comfy_adapter.progress_bar` and calls `comfy_adapter.check_interrupted` every step.
+* The pack counts real text-encoder runs in a module attribute (an int, or a dict of ints that
+  is summed) named by ENCODER_COUNTER (default `newbie_core.pipeline.encode:ENCODER_CALLS`,
+  relative to the pack).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_SUPPORT = Path(__file__).with_name("comfyui_support.py")
+if "comfyui_support" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("comfyui_support", _SUPPORT)
+    sys.modules["comfyui_support"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["comfyui_support"])
+cs = sys.modules["comfyui_support"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMFY_ROOT = os.environ.get("COMFYUI_PATH")
+PACK_DIR = Path(os.environ.get("NEWBIE_TIER_PACK", REPO_ROOT)).resolve()
+WORKFLOWS = list(cs.iter_workflows(PACK_DIR / "workflows"))
+ENCODER_COUNTER = os.environ.get("NEWBIE_TIER_ENCODER_COUNTER", "newbie_core.pipeline.encode:ENCODER_CALLS")
+MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae")
+
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFY_ROOT, reason="COMFYUI_PATH not set (ComfyUI tier)")]
+needs_workflows = pytest.mark.skipif(
+    not WORKFLOWS, reason=f"{PACK_DIR / 'workflows'} has no *.json yet: nothing to run in ComfyUI")
+
+
+@pytest.fixture(scope="session")
+def comfy_env(tmp_path_factory):
+    return cs.init_comfy(COMFY_ROOT, tmp_path_factory.mktemp("comfy_out"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(comfy_env, tmp_path_factory) -> Path:
+    from newbie_core.tiny import build_tiny_checkpoints
+    root = tmp_path_factory.mktemp("tiny_models")
+    build_tiny_checkpoints(root)
+    for name in MODEL_FOLDERS:
+        comfy_env.folder_paths.add_model_folder_path(name, str(root / name), is_default=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def adapter(comfy_env):
+    """The repo's adapter module, loaded standalone (it has no relative imports)."""
+    spec = importlib.util.spec_from_file_location("newbie_tier_adapter", REPO_ROOT / "nodes" / "comfy_adapter.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    assert module.comfy_running() and isinstance(module.get_adapter(), module.ComfyAdapter)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_env, tiny_models):
+    if not WORKFLOWS:
+        pytest.skip(f"{PACK_DIR / 'workflows'} has no *.json yet: the pack's nodes are not ready")
+    ok, module, log = cs.load_pack(comfy_env, PACK_DIR)
+    assert ok and module is not None, f"pack failed to import in ComfyUI:\n{log}"
+    return module
+
+
+@pytest.fixture
+def cpu(comfy_env):
+    return comfy_env.mm.get_torch_device()
+
+
+def _prompt(comfy_env, wf_path: Path, input_dir: Path | None = None) -> tuple[dict, dict]:
+    """API prompt of a bundled workflow, shrunk for the tiny checkpoints, with its input images."""
+    workflow = json.loads(wf_path.read_text())
+    mappings = comfy_env.nodes.NODE_CLASS_MAPPINGS
+    prompt = cs.shrink_for_tiny(cs.ui_to_api(workflow, mappings), mappings)
+    cs.write_input_images(prompt, input_dir or comfy_env.folder_paths.get_input_directory())
+    return prompt, workflow
+
+
+def _encoder_runs(pack_module) -> int:
+    mod_name, attr = ENCODER_COUNTER.split(":")
+    module = importlib.import_module(f"{pack_module.__name__}.{mod_name}")
+    assert hasattr(module, attr), f"the pack must count encoder runs in {mod_name}.{attr} (ENCODER_COUNTER)"
+    value = getattr(module, attr)
+    return int(sum(value.values())) if isinstance(value, dict) else int(value)
+
+
+def _handles(comfy_env) -> list:
+    return [lm.model for lm in comfy_env.mm.current_loaded_models
+            if type(lm.model.model).__name__ == "NewBieResidentWeights"]
+
+
+# ------------------------------------------------------------------ adapter inside real ComfyUI
+
+def test_handle_is_evicted_by_comfy_and_calls_unload(comfy_env, adapter, cpu):
+    calls = []
+    handle = adapter.register_unloadable("tiny DiT", 3 << 20, lambda: calls.append("dit"), device=cpu)
+    assert adapter.is_registered(handle) and handle.resident
+    assert comfy_env.mm.loaded_models()[0] is handle
+    assert handle.model_size() == 3 << 20 and handle.loaded_size() == 3 << 20
+    comfy_env.mm.load_models_gpu([handle])          # a re-load must not unload our weights
+    assert calls == [] and adapter.is_registered(handle)
+    comfy_env.mm.unload_all_models()
+    assert calls == ["dit"] and not adapter.is_registered(handle) and not handle.resident
+
+
+def test_free_vram_keeps_requested_handles_and_unregister_is_silent(comfy_env, adapter, cpu):
+    calls = []
+    keep = adapter.register_unloadable("encoder", 1 << 20, lambda: calls.append("keep"), device=cpu)
+    drop = adapter.register_unloadable("vae", 1 << 20, lambda: calls.append("drop"), device=cpu)
+    adapter.free_vram(1 << 62, cpu, keep=[keep])    # more than any machine has: evict all it may
+    assert calls == ["drop"] and adapter.is_registered(keep)
+    adapter.unregister(keep)
+    assert calls == ["drop"] and not adapter.is_registered(keep)
+    assert _handles(comfy_env) == []
+
+
+def test_dropped_handle_leaves_no_entry(comfy_env, adapter, cpu):
+    adapter.register_unloadable("forgotten", 1 << 20, lambda: None, device=cpu)
+    gc.collect()
+    comfy_env.mm.cleanup_models()
+    assert _handles(comfy_env) == []
+
+
+def test_model_paths_through_folder_paths(adapter, tiny_models):
+    assert "NewBie-Image-Exp0.1-bf16.safetensors" in adapter.models_dir_list("diffusion_models")
+    assert adapter.full_path("vae", "ae.safetensors") == str(tiny_models / "vae" / "ae.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"text_encoders.*tiny_models"):
+        adapter.full_path("text_encoders", "missing.safetensors")
+
+
+def test_progress_reaches_hook_and_cancel_raises_comfy_exception(comfy_env, adapter):
+    seen = []
+    previous = comfy_env.comfy_utils.PROGRESS_BAR_HOOK
+    comfy_env.comfy_utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: seen.append((v, t, node_id)))
+    try:
+        adapter.progress_bar(4, "12").update_absolute(2, 4, None)
+    finally:
+        comfy_env.comfy_utils.set_progress_bar_global_hook(previous)
+    assert seen == [(2, 4, "12")]
+    adapter.check_interrupted()                       # no Cancel: nothing happens
+    comfy_env.mm.interrupt_current_processing(True)
+    with pytest.raises(comfy_env.mm.InterruptProcessingException):
+        adapter.check_interrupted()
+    assert not comfy_env.mm.processing_interrupted()  # the flag is consumed
+
+
+def test_latent_preview_uses_flux_format(comfy_env, adapter, monkeypatch):
+    from comfy.cli_args import args, LatentPreviewMethod
+    latent = torch.randn(2, 16, 8, 12)
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.NoPreviews)
+    assert adapter.preview_image_from_latent(latent) is None
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    fmt, image, max_size = adapter.preview_image_from_latent(latent)
+    assert fmt == "JPEG" and image.size == (12, 8) and max_size > 0
+
+
+# ------------------------------------------------------------------ the pack and its workflows
+
+def test_pack_nodes_registered(comfy_env, pack):
+    mappings = pack.NODE_CLASS_MAPPINGS
+    assert mappings, "the pack exports no nodes"
+    for name, cls in mappings.items():
+        assert comfy_env.nodes.NODE_CLASS_MAPPINGS[name] is cls
+        assert cls.RELATIVE_PYTHON_MODULE == f"custom_nodes.{PACK_DIR.name}"
+        json.dumps(cls.INPUT_TYPES())
+
+
+@needs_workflows
+@pytest.mark.parametrize("wf_path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_executes(comfy_env, pack, wf_path):
+    from PIL import Image
+    prompt, workflow = _prompt(comfy_env, wf_path)
+    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    result = cs.run_prompt(comfy_env, executor, prompt, {"extra_pnginfo": {"workflow": workflow}})
+    assert result.success, result.message("execution_error")
+    assert result.message("execution_success") is not None
+    saving = [nid for nid, node in prompt.items() if node["class_type"] in ("SaveImage", "PreviewImage")]
+    assert saving, f"{wf_path.name} has no SaveImage/PreviewImage node"
+    for nid in saving:
+        files = cs.saved_images(comfy_env, {nid: result.outputs.get(nid, {})})
+        assert files, f"node {nid} saved no image"
+        size = cs.expected_size(prompt, nid)
+        for path in files:
+            with Image.open(path) as img:
+                assert size is None or img.size == size, (path, img.size, size)
+
+
+def _sampler_id(prompt: dict, pack) -> str:
+    ids = [nid for nid, n in prompt.items() if n["class_type"] in pack.NODE_CLASS_MAPPINGS and "Sampler" in n["class_type"]]
+    assert ids, "no pack node with 'Sampler' in its class name"
+    return ids[0]
+
+
+@needs_workflows
+def test_cancel_during_sampler_interrupts_and_releases(comfy_env, pack):
+    prompt, _ = _prompt(comfy_env, WORKFLOWS[0])
+    sampler = _sampler_id(prompt, pack)
+    from comfy_execution.utils import get_executing_context
+    hits = []
+
+    def hook(value, total, preview, node_id=None, prompt_id=None):
+        ctx = get_executing_context()
+        if (node_id or (ctx.node_id if ctx else None)) == sampler:
+            hits.append(value)
+            comfy_env.mm.interrupt_current_processing(True)   # what POST /interrupt does
+
+    previous = comfy_env.comfy_utils.PROGRESS_BAR_HOOK
+    comfy_env.comfy_utils.set_progress_bar_global_hook(hook)
+    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    try:
+        result = cs.run_prompt(comfy_env, executor, prompt)
+    finally:
+        comfy_env.comfy_utils.set_progress_bar_global_hook(previous)
+    assert hits, "the sampler never reported progress through comfy_adapter.progress_bar"
+    interrupted = result.message("execution_interrupted")
+    assert interrupted is not None and interrupted["node_id"] == sampler, result.messages
+    assert hits == [hits[0]], "the sampler kept stepping after Cancel (check_interrupted missing)"
+    assert not comfy_env.mm.processing_interrupted()
+    handles = _handles(comfy_env)
+    comfy_env.mm.unload_all_models()
+    assert _handles(comfy_env) == [] and not any(h.resident for h in handles)
+    if torch.cuda.is_available():
+        assert torch.cuda.memory_allocated() < 64 << 20, "weights still on the GPU after unload"
+    again = cs.run_prompt(comfy_env, executor, prompt)
+    assert again.success, again.message("execution_error")
+
+
+@needs_workflows
+def test_conditioning_cache_skips_encoders_on_rerun(comfy_env, pack):
+    prompt, _ = _prompt(comfy_env, WORKFLOWS[0])
+    make = lambda: comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    first_executor = make()
+    before = _encoder_runs(pack)
+    assert cs.run_prompt(comfy_env, first_executor, prompt).success
+    after_first = _encoder_runs(pack)
+    # ComfyUI's own cache: the identical prompt is served entirely from the output cache.
+    rerun = cs.run_prompt(comfy_env, first_executor, prompt)
+    assert rerun.success and rerun.cached == set(prompt)
+    # A fresh executor has no output cache, so every node runs again; the pack's own
+    # conditioning cache must still answer without running the encoders.
+    fresh = cs.run_prompt(comfy_env, make(), prompt)
+    assert fresh.success and fresh.cached == set()
+    assert _encoder_runs(pack) == after_first, "text encoders ran again for an unchanged prompt"
+    assert after_first >= before
+
+
+# ------------------------------------------------------------------ HTTP server and frontend
+
+@pytest.fixture(scope="module")
+def http_server(comfy_env, tiny_models, tmp_path_factory):
+    if not WORKFLOWS:
+        pytest.skip("no bundled workflows yet")
+    base = tmp_path_factory.mktemp("comfy_base")
+    custom = base / "packs"
+    custom.mkdir()
+    (custom / PACK_DIR.name).symlink_to(PACK_DIR, target_is_directory=True)
+    yaml_path = cs.write_server_config(base / "extra_model_paths.yaml", custom,
+                                       {name: tiny_models / name for name in MODEL_FOLDERS})
+    extra = ("--cpu",) if not torch.cuda.is_available() else ()
+    with cs.ComfyServer(COMFY_ROOT, base / "root", yaml_path, extra_args=extra) as server:
+        yield server
+
+
+@needs_workflows
+def test_http_prompt_roundtrip(comfy_env, http_server):
+    prompt, workflow = _prompt(comfy_env, WORKFLOWS[0], http_server.base_dir / "input")
+    assert f"{PACK_DIR.name}" in http_server.log() and "IMPORT FAILED" not in http_server.log()
+    entry = cs.wait_history(http_server.url, cs.post_prompt(http_server.url, prompt, workflow))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert images and all((http_server.base_dir / img["type"] / img["subfolder"] / img["filename"]).is_file()
+                          for img in images)
+
+
+@needs_workflows
+@pytest.mark.skipif(cs.chromium_path() is None or importlib.util.find_spec("playwright") is None,
+                    reason="needs Debian chromium and the playwright package")
+def test_frontend_loads_workflows_without_missing_nodes(comfy_env, http_server, tmp_path):
+    target = os.environ.get("NEWBIE_SCREENSHOT_PNG")
+    for i, wf_path in enumerate(WORKFLOWS):
+        workflow = json.loads(wf_path.read_text())
+        png = Path(target) if (target and i == 0) else tmp_path / f"{wf_path.stem}.png"
+        result = cs.frontend_check(http_server.url, workflow, png)
+        assert result["have_registry"] and result["missing"] == [], result["missing"]
+        assert result["count"] == len(workflow["nodes"])
+        assert png.stat().st_size > 10_000
+        ours = cs.ui_to_api(workflow, comfy_env.nodes.NODE_CLASS_MAPPINGS)
+        theirs = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["prompt"].items()}
+        assert ours == theirs, "converter and frontend disagree on the API prompt"
