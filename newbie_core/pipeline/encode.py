@@ -77,27 +77,12 @@ def plan_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySe
 def run_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,
               report: Report, budget: int | None) -> list[torch.Tensor]:
     """Gemma ``hidden_states[-2]`` per text, trimmed to its valid tokens, on the CPU."""
-    ckpt = handle.gemma
+    def features(encoder: GemmaTextEncoder, tokens) -> list[torch.Tensor]:
+        feats = encoder(tokens.input_ids, tokens.attention_mask)                   # (B, L, H)
+        return [feats[i, : int(n)].float().cpu() for i, n in enumerate(tokens.attention_mask.sum(1))]
 
-    def attempt(budget_now: int | None) -> list[torch.Tensor]:
-        encoder, inputs, plan, tokens = plan_gemma(handle, texts, memory, budget_now)
-        log.info("Gemma plan:\n%s", plan.render())
-        with stage_guard("encode:gemma", device) as guard, \
-                measure_stage(report, "encode:gemma", device, plan.predicted_peak) as rec:
-            guard.on_release(lambda: encoder.to_empty(device="meta"))
-            materialize_non_blocks(encoder, ckpt.source, device, ENCODER_DTYPE, host_prefixes=("model.embed_tokens.",))
-            encoder.rotary_emb.to(device)
-            encoder.compute_device = device
-            with placed_blocks(encoder, ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
-                guard.hold(session)
-                with torch.inference_mode():
-                    feats = encoder(tokens.input_ids, tokens.attention_mask)       # (B, L, H)
-                out = [feats[i, : int(n)].float().cpu() for i, n in enumerate(tokens.attention_mask.sum(1))]
-            rec.bytes_h2d = session.bytes_h2d
-            ENCODER_CALLS["gemma"] += 1
-        return out
-
-    return attempt(None) if budget is None else run_with_oom_retry(attempt, budget, stage="encode:gemma", device=device)
+    return _run_encoder("gemma", lambda b: plan_gemma(handle, texts, memory, b), handle.gemma.source,
+                        "model.embed_tokens.", features, memory, device, report, budget)
 
 
 def plan_jina(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, budget: int | None):
@@ -120,24 +105,32 @@ def plan_jina(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySet
 def run_jina(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,
              report: Report, budget: int | None) -> list[torch.Tensor]:
     """Jina CLIP v2 mean-pooled text embedding per text, on the CPU."""
-    ckpt = handle.jina
+    def pooled(encoder: JinaTextEncoder, tokens) -> list[torch.Tensor]:
+        return [p.float().cpu() for p in encoder.pooled(tokens.input_ids, tokens.attention_mask)]   # (H,) each
+
+    return _run_encoder("jina", lambda b: plan_jina(handle, texts, memory, b), handle.jina.source,
+                        "embeddings.word_embeddings.", pooled, memory, device, report, budget)
+
+
+def _run_encoder(name: str, plan_encoder, source, table_prefix: str, run, memory: MemorySettings,
+                 device: torch.device, report: Report, budget: int | None) -> list[torch.Tensor]:
+    """One encoder stage: plan, place (embedding table in host RAM), run, release; OOM -> retry."""
+    stage = f"encode:{name}"
 
     def attempt(budget_now: int | None) -> list[torch.Tensor]:
-        encoder, inputs, plan, tokens = plan_jina(handle, texts, memory, budget_now)
-        with stage_guard("encode:jina", device) as guard, \
-                measure_stage(report, "encode:jina", device, plan.predicted_peak) as rec:
+        encoder, inputs, plan, tokens = plan_encoder(budget_now)
+        log.info("%s plan:\n%s", stage, plan.render())
+        with stage_guard(stage, device) as guard, measure_stage(report, stage, device, plan.predicted_peak) as rec:
             guard.on_release(lambda: encoder.to_empty(device="meta"))
-            materialize_non_blocks(encoder, ckpt.source, device, ENCODER_DTYPE,
-                                   host_prefixes=("embeddings.word_embeddings.",))
+            materialize_non_blocks(encoder, source, device, ENCODER_DTYPE, host_prefixes=(table_prefix,))
             encoder.rotary_emb.to(device)
             encoder.compute_device = device
-            with placed_blocks(encoder, ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
+            with placed_blocks(encoder, source, inputs, plan, device, memory.ram_budget_bytes) as session:
                 guard.hold(session)
                 with torch.inference_mode():
-                    pooled = encoder.pooled(tokens.input_ids, tokens.attention_mask)   # (B, H)
-                out = [p.float().cpu() for p in pooled]
+                    out = run(encoder, tokens)
             rec.bytes_h2d = session.bytes_h2d
-            ENCODER_CALLS["jina"] += 1
+            ENCODER_CALLS[name] += 1
         return out
 
-    return attempt(None) if budget is None else run_with_oom_retry(attempt, budget, stage="encode:jina", device=device)
+    return attempt(None) if budget is None else run_with_oom_retry(attempt, budget, stage=stage, device=device)
