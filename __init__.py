@@ -1,5 +1,11 @@
 """ComfyUI entry point of the NewBie Low-VRAM pack: node registration and nothing else."""
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:
+    # ComfyUI imports this folder as a package. pytest may also import this file on its own while
+    # collecting a checkout whose folder name is not a valid package name (relative imports then
+    # cannot work, and nothing needs the nodes there).
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
