@@ -1,8 +1,11 @@
 """StreamingRunner: carries out a StagePlan through the model's ``block_runner`` hook.
 
-Every block, resident or streamed, runs as ``functional_call(block, views, args, kwargs)`` with
-its parameters and buffers as views into one packed buffer (layout.py). The block module itself
-is never moved or changed (its own weights may even be on the meta device).
+Every block, resident or streamed, runs with its parameters and buffers bound to views into one
+packed buffer (layout.py): the runner points the block's parameter slots at the views, runs it,
+and puts the original (e.g. meta) tensors back right after, even when the block raises. That is
+what ``torch.func.functional_call`` does, without its per-call bookkeeping: measured on an H200
+at 512² without CFG, the host work per block was the bound, not the GPU. The weights are never
+moved or copied by this.
 
 Ring schedule. The blocks that use the ring (streamed ones, and fp8 ones kept resident) form a
 cycle that repeats every forward. Position ``p`` of that endless sequence is ring block
@@ -29,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .copy_engine import CopyEngine
 from .fp8 import upcast_block
@@ -56,6 +58,7 @@ class StreamingRunner:
         self._next = 0          # next position to compute
         self._issued = -1       # highest position issued
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._bindings: dict[tuple, list[tuple[dict, str, torch.Tensor, torch.Tensor]]] = {}
         self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
                                 if i not in self.ring_pos}
         if self.order and (ring is None or ring.n_slots < 1):
@@ -65,7 +68,7 @@ class StreamingRunner:
     def __call__(self, index: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         views = self._resident_views.get(index)
         if views is not None:
-            return functional_call(block, views, args, kwargs)
+            return self._call(block, ("resident", index), views, args, kwargs)
         k = self.ring_pos.get(index)
         if k is None:
             raise RuntimeError(f"block {index} is neither resident nor streamed in plan {self.plan.stage!r}; "
@@ -76,7 +79,7 @@ class StreamingRunner:
         self.issue_upto(p + self.depth)
         s = p % self.ring.n_slots
         self.engine.main_wait(self.ring.copy_done[s])
-        out = functional_call(block, self._slot_views(s, index), args, kwargs)
+        out = self._call(block, (s, index), self._slot_views(s, index), args, kwargs)
         self.ring.compute_done[s] = self.engine.main_record()
         self._next = p + 1
         self.issue_upto(self._next + self.depth)
@@ -136,6 +139,33 @@ class StreamingRunner:
             views = self._views[key] = self.compute[block].views(self.ring.slots[s])
         return views
 
+    def _call(self, block: nn.Module, key: tuple, views: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """Run ``block`` with its parameter/buffer slots pointing at ``views`` (a few dict stores)."""
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self._bindings[key] = _binding(block, views)
+        for table, leaf, tensor, _ in binding:
+            table[leaf] = tensor
+        try:
+            return block(*args, **kwargs)
+        finally:
+            for table, leaf, _, original in binding:
+                table[leaf] = original
+
     def release(self) -> None:
+        self._bindings.clear()
         self._views.clear()
         self._resident_views.clear()
+
+
+def _binding(block: nn.Module, views: dict[str, torch.Tensor]) -> list[tuple[dict, str, torch.Tensor, torch.Tensor]]:
+    """(owning table, leaf name, view, original tensor) for every named parameter and buffer."""
+    out = []
+    for name, tensor in views.items():
+        owner, _, leaf = name.rpartition(".")
+        module = block.get_submodule(owner) if owner else block
+        table = module._parameters if leaf in module._parameters else module._buffers
+        if leaf not in table:
+            raise KeyError(f"block has no parameter or buffer {name!r}")
+        out.append((table, leaf, tensor, table[leaf]))
+    return out
