@@ -28,12 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_SUPPORT = Path(__file__).with_name("comfyui_support.py")
-if "comfyui_support" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("comfyui_support", _SUPPORT)
-    sys.modules["comfyui_support"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["comfyui_support"])
-cs = sys.modules["comfyui_support"]
+import comfyui_support as cs  # tests/ is on pytest's pythonpath (pyproject)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMFY_ROOT = os.environ.get("COMFYUI_PATH")

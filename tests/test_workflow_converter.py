@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,12 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-_SUPPORT = Path(__file__).with_name("comfyui_support.py")
-if "comfyui_support" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("comfyui_support", _SUPPORT)
-    sys.modules["comfyui_support"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["comfyui_support"])
-cs = sys.modules["comfyui_support"]
+import comfyui_support as cs  # tests/ is on pytest's pythonpath (pyproject)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = list(cs.iter_workflows(REPO_ROOT / "workflows"))

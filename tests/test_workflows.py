@@ -9,7 +9,6 @@ an API prompt with tests/comfyui_support.ui_to_api and runs it node by node (tin
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -29,12 +28,7 @@ MODEL_FILES = {"diffusion_models": "NewBie-Image-Exp0.1-bf16.safetensors",
 EXPECTED = {"newbie_img2img", "newbie_t2i_16gb_1024", "newbie_t2i_8gb_1024x1536", "newbie_two_characters_xml",
             "newbie_with_core_nodes"}
 
-_SUPPORT = Path(__file__).with_name("comfyui_support.py")
-if "comfyui_support" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("comfyui_support", _SUPPORT)
-    sys.modules["comfyui_support"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["comfyui_support"])
-cs = sys.modules["comfyui_support"]
+import comfyui_support as cs  # tests/ is on pytest's pythonpath (pyproject)
 
 
 # ---------------------------------------------------------------------------------- fake core nodes
