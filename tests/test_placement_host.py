@@ -107,6 +107,16 @@ def test_lru_eviction_keeps_the_cache_under_budget(model):
     assert cache.used() == total and a.host_bytes == 0, "the older model was evicted"
 
 
+def test_one_host_copy_per_model_across_storage_layouts(model, checkpoint):
+    cache = HostCache()
+    keys = model.state_dict().keys()
+    bf16 = cache.get(cache_key([checkpoint], keys, "bf16"), layouts(model), source_reader(checkpoint), pin=False)
+    fp8 = cache.get(cache_key([checkpoint], keys, "fp8"), layouts(model, Storage.FP8), source_reader(checkpoint),
+                    pin=False)
+    assert bf16.host_bytes == 0, "the bf16 copy of the same file was released"
+    assert cache.used() == fp8.host_bytes < sum(l.nbytes for l in layouts(model))
+
+
 @pytest.mark.parametrize("mode", [HostMode.STAGING, HostMode.DISK])
 @pytest.mark.parametrize("storage", [Storage.BF16, Storage.FP8])
 def test_staging_and_disk_modes_stream_the_same_bits(model, mode, storage):

@@ -189,6 +189,11 @@ class HostCache:
             self._stores.move_to_end(key)
             return self._stores[key]
         self.misses += 1
+        # One model, one host copy: a copy of the same files in another layout (bf16 vs fp8,
+        # another compute dtype) goes before the new one is built.
+        for other in [k for k in self._stores if key.files and k.files == key.files]:
+            log.info("host cache: replacing %s (%s layout)", other.files[:1], other.storage)
+            self._stores.pop(other).close()
         total = sum(l.nbytes for l in layouts)
         biggest = max(l.nbytes for l in layouts)
         if host_budget is not None:
