@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import TensorSource
+from ..placement.plan import UNBOUNDED
 from ..placement import (HOST_CACHE, BlockSize, StagePlan, StorageChoice, StreamingSession, block_sizes,
                          cache_key, model_layouts, plan_stage, stream_blocks)
 
 log = logging.getLogger(__name__)
 
 # Planning on the CPU: no budget applies, everything is resident.
-UNLIMITED = 1 << 60
+UNLIMITED = UNBOUNDED
 
 
 def block_keys(model, source: TensorSource) -> list[list[str]]:

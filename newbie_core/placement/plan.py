@@ -8,6 +8,10 @@ from enum import Enum
 from .budget import fmt_bytes
 
 
+# Budgets at or above this mean "no limit" (planning for the CPU, where nothing is budgeted).
+UNBOUNDED = 1 << 59
+
+
 class Storage(str, Enum):
     """How a block's weights are stored between uses."""
     BF16 = "bf16"
@@ -86,7 +90,7 @@ class StagePlan:
         fp8 = sum(s is Storage.FP8 for s in self.storage)
         rows = [
             ("stage", self.stage),
-            ("budget (peak reserved)", fmt_bytes(self.budget)),
+            ("budget (peak reserved)", fmt_bytes(self.budget) if self.budget < UNBOUNDED else "none"),
             ("predicted peak", fmt_bytes(self.predicted_peak)),
             ("blocks resident / streamed", f"{n_res} / {n - n_res} of {n}"),
             ("resident range", _ranges(self.resident) or "none"),
