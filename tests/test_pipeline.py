@@ -69,6 +69,25 @@ def test_cache_key_follows_the_encoder_file_mtime(models, tiny_dir):
     assert ENCODER_CALLS["jina"] == calls + 1
 
 
+def test_disk_conditioning_cache_survives_the_process_cache(models, tmp_path, caplog):
+    CONDITIONING_CACHE.clear()
+    memory = MemorySettings(conditioning_cache_dir=str(tmp_path))
+    texts = prepare_texts("a dog on the beach", "lowres")
+    first = encode_texts(models.encoders, texts, memory, CPU, Report(), None)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    CONDITIONING_CACHE.clear()                      # a new process: only the disk copy is left
+    calls = dict(ENCODER_CALLS)
+    again = encode_texts(models.encoders, texts, memory, CPU, Report(), None)
+    assert ENCODER_CALLS == calls
+    assert all(torch.equal(a.cap_feats, b.cap_feats) and torch.equal(a.pooled, b.pooled) for a, b in zip(first, again))
+    CONDITIONING_CACHE.clear()
+    for path in tmp_path.glob("*.safetensors"):
+        path.write_bytes(b"not a safetensors file")
+    encode_texts(models.encoders, texts, memory, CPU, Report(), None)
+    assert ENCODER_CALLS["gemma"] == calls["gemma"] + 1, "a damaged cache file is a miss"
+    assert "ignoring unreadable conditioning cache file" in caplog.text
+
+
 def test_streamed_sampling_is_bitwise_equal_to_resident(models):
     texts = prepare_texts(XML, "lowres")
     pos, neg = encode_texts(models.encoders, texts, MemorySettings(), CPU, Report(), None)

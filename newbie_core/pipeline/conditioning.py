@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,12 @@ class ConditioningCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> Conditioning | None:
+    def get(self, key: str, directory: os.PathLike | str | None = None) -> Conditioning | None:
+        """Memory first, then ``directory`` (or the cache's own) when one is set."""
+        folder = Path(directory) if directory else self.directory
         cond = self._items.get(key)
-        if cond is None and self.directory is not None:
-            cond = self._read_disk(key)
+        if cond is None and folder is not None:
+            cond = self._read_disk(folder, key)
             if cond is not None:
                 self._remember(key, cond)
         if cond is None:
@@ -93,14 +96,15 @@ class ConditioningCache:
         self.hits += 1
         return cond
 
-    def put(self, key: str, cond: Conditioning) -> None:
+    def put(self, key: str, cond: Conditioning, directory: os.PathLike | str | None = None) -> None:
         cond = Conditioning(cond.cap_feats.detach().cpu().contiguous(), cond.pooled.detach().cpu().contiguous())
         self._remember(key, cond)
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f"{key}.tmp"
+        folder = Path(directory) if directory else self.directory
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f"{key}.tmp"
             save_file({"cap_feats": cond.cap_feats, "pooled": cond.pooled}, str(tmp))
-            os.replace(tmp, self.directory / f"{key}.safetensors")
+            os.replace(tmp, folder / f"{key}.safetensors")   # atomic: a reader never sees half a file
 
     def clear(self) -> None:
         self._items.clear()
@@ -111,13 +115,13 @@ class ConditioningCache:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def _read_disk(self, key: str) -> Conditioning | None:
-        path = self.directory / f"{key}.safetensors"
+    def _read_disk(self, folder: Path, key: str) -> Conditioning | None:
+        path = folder / f"{key}.safetensors"
         if not path.is_file():
             return None
         try:
             tensors = load_file(str(path))
-        except (OSError, ValueError) as e:   # a damaged cache file is a miss, not a failure
+        except (OSError, ValueError, KeyError, SafetensorError) as e:   # a damaged cache file is a miss, not a failure
             log.warning("ignoring unreadable conditioning cache file %s: %s", path, e)
             return None
         return Conditioning(tensors["cap_feats"], tensors["pooled"])

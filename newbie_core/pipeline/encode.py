@@ -42,14 +42,15 @@ def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemoryS
     pairs = [(texts.gemma_pos, texts.jina_pos), (texts.gemma_neg, texts.jina_neg)]
     keys = [conditioning_key(g, j, gemma_max=GEMMA_MAX_TOKENS, jina_max=JINA_MAX_TOKENS, dtype=str(ENCODER_DTYPE),
                              encoder_files=list(handle.files)) for g, j in pairs]
-    found = [cache.get(k) for k in keys]
+    folder = memory.conditioning_cache_dir
+    found = [cache.get(k, folder) for k in keys]
     todo = [i for i, c in enumerate(found) if c is None]
     if todo:
         feats = run_gemma(handle, [pairs[i][0] for i in todo], memory, device, report, budget)
         pooled = run_jina(handle, [pairs[i][1] for i in todo], memory, device, report, budget)
         for i, f, p in zip(todo, feats, pooled):
             found[i] = Conditioning(f, p)
-            cache.put(keys[i], found[i])
+            cache.put(keys[i], found[i], folder)
     else:
         log.info("conditioning cache hit: both encoders skipped")
     return found[0], found[1]
