@@ -113,12 +113,11 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
             with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
                 guard.hold(session)
-                result = _sample_loop(model, positive, negative, raw_latent, sampling, device, inputs.compute_dtype,
-                                      callback)
+                latent, steps = _sample_loop(model, positive, negative, raw_latent, sampling, device,
+                                             inputs.compute_dtype, callback)
             rec.bytes_h2d = session.bytes_h2d     # resident loads + streamed copies, complete once closed
             model.to_empty(device="meta")
-        result.plan = plan
-        return result
+        return SampleResult(latent, plan, steps)
 
     if budget is None:
         return attempt(None)
@@ -127,7 +126,8 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
 
 def _sample_loop(model, positive: Conditioning, negative: Conditioning, raw_latent: torch.Tensor,
                  sampling: SamplingSettings, device: torch.device, dtype: torch.dtype,
-                 callback: StepCallback | None) -> SampleResult:
+                 callback: StepCallback | None) -> tuple[torch.Tensor, list[float]]:
+    """The sampler loop; returns the raw latent (CPU, fp32) and the per-step seconds."""
     b = raw_latent.shape[0]
     pair = batch_conditionings([positive] * b + [negative] * b, device, dtype)
     single = batch_conditionings([positive] * b, device, dtype)
@@ -157,7 +157,7 @@ def _sample_loop(model, positive: Conditioning, negative: Conditioning, raw_late
         clock.mark()
         out = sample(sampling.sampler, velocity, x, sigmas, callback=on_step)
     latent = denormalize_latent(out.float()).cpu()
-    return SampleResult(latent=latent, plan=None, step_seconds=clock.intervals())  # type: ignore[arg-type]
+    return latent, clock.intervals()
 
 
 class _StepClock:
