@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,12 @@ def tiny_models(comfy_env, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def adapter(comfy_env):
-    """The repo's adapter module, loaded standalone (it has no relative imports)."""
-    spec = importlib.util.spec_from_file_location("newbie_tier_adapter", REPO_ROOT / "nodes" / "comfy_adapter.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    """The repo's adapter module, loaded without the rest of the pack: a bare package over nodes/
+    (its __init__ is not run), so the adapter's own relative imports resolve."""
+    package = types.ModuleType("newbie_tier_nodes")
+    package.__path__ = [str(REPO_ROOT / "nodes")]
+    sys.modules.setdefault("newbie_tier_nodes", package)
+    module = importlib.import_module("newbie_tier_nodes.comfy_adapter")
     assert module.comfy_running() and isinstance(module.get_adapter(), module.ComfyAdapter)
     return module
 
