@@ -28,7 +28,7 @@ from transformers import JinaEmbeddingsV3Config
 from .checkpoint import CheckpointError, Derived, TensorSource, check_keys
 from .gemma_loading import assign_parameter
 from .jina import JinaTextEncoder, make_jina_text_config
-from .text_encoder_files import SPIECE_KEY, describe_checkpoint, read_json, spiece_bytes
+from .text_encoder_files import describe_checkpoint, read_json, spiece_bytes
 from .tokenizers import JinaTokenizer, jina_tokenizer_from_bytes, tokenizer_from_folder
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ ComfyUI nodes call the same stage functions one node at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
