@@ -173,6 +173,96 @@ def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: f
             "kernel_s": kernels, "h2d_copy_s": h2d, "top": [[round(t, 4), k[:90]] for t, k in top]}
 
 
+FOCUS = [(512, 1.0, None, "bf16"), (512, 1.0, None, "bf16"), (512, 1.0, None, "fp8"), (512, 1.0, 2, "fp8"),
+         (512, 1.0, 4, "bf16"), (1024, 5.0, None, "bf16"), (1024, 5.0, 2, "fp8")]
+CALIBRATION = [(1024, 5.0, None, "bf16"), (1024, 5.0, 4, "bf16"), (1024, 5.0, 2, "bf16"), (1024, 5.0, 2, "fp8"),
+               (1024, 5.0, None, "fp8"), (512, 1.0, None, "bf16"), (512, 1.0, 2, "bf16"), (768, 5.0, 3, "bf16"),
+               (1536, 5.0, 6, "bf16"), (768, 1.0, 2, "fp8")]
+
+
+def compare_to(row: dict, base: dict, bandwidth: float) -> None:
+    """Ratios against the resident row of the same size and cfg, and the roofline."""
+    row["ratio_to_resident"] = row["s_per_step"] / base["s_per_step"]
+    row["whole_ratio_to_resident"] = row["whole_s"] / base["whole_s"]
+    row["roofline_s_per_step"] = max(base["s_per_step"], row["streamed_bytes_per_step"] / bandwidth)
+
+
+def focus_rows(models: dict, device, bandwidth: float) -> None:
+    """The rows that missed their targets, 12 steps each, printed only."""
+    bases: dict[int, dict] = {}
+    for size, cfg, budget, dtype in FOCUS:
+        row = run_row(models[dtype], device, size, cfg, budget, dtype, 12)
+        compare_to(row, bases.setdefault(size, row), bandwidth)
+        print(summary(row), flush=True)
+
+
+def calibration_rows(models: dict, device) -> list[dict]:
+    """Predicted vs measured stage peaks on sizes the constants were not fitted on (3 steps each)."""
+    for dtype in ("bf16", "fp8"):
+        run_row(models[dtype], device, 512, 5.0, None, dtype, 2)
+    out = []
+    for size, cfg, budget, dtype in CALIBRATION:
+        row = run_row(models[dtype], device, size, cfg, budget, dtype, 3)
+        print(summary(row), flush=True)
+        out.append({k: v for k, v in row.items() if not k.startswith("_")})
+    return out
+
+
+def table_rows(models: dict, device, bandwidth: float, size: int, cfg: float, budgets: list, steps: int) -> list[dict]:
+    """One size: resident and budgeted rows in bf16 and fp8, each checked bitwise against resident."""
+    for dtype in ("bf16", "fp8"):       # warm the host cache and this size's kernels
+        run_row(models[dtype], device, size, cfg, None, dtype, 3)
+    rows, resident = [], {}
+    for dtype in ("bf16", "fp8"):
+        for budget in budgets:
+            try:
+                row = run_row(models[dtype], device, size, cfg, budget, dtype, steps)
+            except Exception as e:   # noqa: BLE001 - a failed row is reported, the others still run
+                set_budget(device, None)
+                print(f"ROW FAILED {size} cfg={cfg} {dtype} budget={budget}: {type(e).__name__}: {e}", flush=True)
+                continue
+            if budget is None:
+                resident[dtype] = row
+                row["row"] = "resident" if dtype == "bf16" else "ours"
+            compare_to(row, resident["bf16"], bandwidth)
+            same = resident[dtype]
+            ref = same["_latent"] if row["chunks"] == same["chunks"] else \
+                resident_with_chunks(models[dtype], device, size, cfg, row["chunks"], steps)
+            row["bitwise_equal_to_resident"] = bool(torch.equal(row["_latent"], ref))
+            print(summary(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def drift_vs_bf16(models: dict, device, rows: list[dict], size: int, cfg: float, steps: int) -> tuple[dict, dict]:
+    """Final-latent drift of fp16 compute and fp8 storage against the bf16 resident row."""
+    name = f"{size}x{size}"
+    ref = next(r for r in rows if r["row"] == "resident" and r["size"] == name)["_latent"]
+    fp16 = run_row(models["bf16"], device, size, cfg, None, "bf16", steps, compute="fp16")
+    fp8 = next(r for r in rows if r["dtype"] == "fp8" and r["budget_gb"] is None and r["size"] == name)
+    drift = {}
+    for label, lat in (("fp16", fp16["_latent"]), ("fp8", fp8["_latent"])):
+        diff = (lat - ref).abs()
+        rms = ref.pow(2).mean().sqrt()
+        drift[label] = {"max_abs_rel": float(diff.max() / rms), "mean_abs_rel": float(diff.mean() / rms),
+                        "rel_l2": float((lat - ref).norm() / ref.norm())}
+    fp16.pop("_latent")
+    fp16["row"] = "ours"
+    return drift, fp16
+
+
+def cold_row(models: dict, device, steps: int) -> dict:
+    """Resident 1024² CFG with an empty host cache and the page cache dropped: disk reads count."""
+    HOST_CACHE.clear()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError:
+        pass
+    row = run_row(models["bf16"], device, 1024, 5.0, None, "bf16", steps)
+    row["row"] = "resident (cold, disk reads)"
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, required=True)
@@ -189,94 +279,30 @@ def main() -> None:
     print(f"pinned H2D bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     models = {d: load_models(args.models, d) for d in ("bf16", "fp8")}
     if args.focus:
-        rows = {}
-        for size, cfg, budget, d in [(512, 1.0, None, "bf16"), (512, 1.0, None, "bf16"), (512, 1.0, None, "fp8"),
-                                     (512, 1.0, 2, "fp8"), (512, 1.0, 4, "bf16"), (1024, 5.0, None, "bf16"),
-                                     (1024, 5.0, 2, "fp8")]:
-            row = run_row(models[d], device, size, cfg, budget, d, 12)
-            base = rows.setdefault((size, "resident"), row)
-            row["ratio_to_resident"] = row["s_per_step"] / base["s_per_step"]
-            row["roofline_s_per_step"] = max(base["s_per_step"], row["streamed_bytes_per_step"] / bandwidth)
-            print(summary(row), flush=True)
-        return
+        return focus_rows(models, device, bandwidth)
     if args.calibrate:
-        checks = [(1024, 5.0, None, "bf16"), (1024, 5.0, 4, "bf16"), (1024, 5.0, 2, "bf16"), (1024, 5.0, 2, "fp8"),
-                  (1024, 5.0, None, "fp8"), (512, 1.0, None, "bf16"), (512, 1.0, 2, "bf16"), (768, 5.0, 3, "bf16"),
-                  (1536, 5.0, 6, "bf16"), (768, 1.0, 2, "fp8")]
-        for d in ("bf16", "fp8"):
-            run_row(models[d], device, 512, 5.0, None, d, 2)
-        out = []
-        for size, cfg, budget, d in checks:
-            row = run_row(models[d], device, size, cfg, budget, d, 3)
-            print(summary(row), flush=True)
-            out.append({k: v for k, v in row.items() if not k.startswith("_")})
-        (args.out / "calibration.json").write_text(json.dumps(out, indent=1))
-        return
+        (args.out / "calibration.json").write_text(json.dumps(calibration_rows(models, device), indent=1))
+        return None
     steps = 6 if args.quick else args.steps
-    budgets = [None, 16, 8, 4, 2] if not args.quick else [None, 2]
-    configs = [(1024, 5.0), (512, 1.0)]
-    rows: list[dict] = []
-    for size, cfg in configs:
-        for d in ("bf16", "fp8"):       # warm the host cache and this size's kernels
-            run_row(models[d], device, size, cfg, None, d, 3)
-        resident = {}
-        for dtype in ("bf16", "fp8"):
-            for budget in budgets:
-                try:
-                    row = run_row(models[dtype], device, size, cfg, budget, dtype, steps)
-                except Exception as e:   # noqa: BLE001 - a failed row is reported, the others still run
-                    set_budget(device, None)
-                    print(f"ROW FAILED {size} cfg={cfg} {dtype} budget={budget}: {type(e).__name__}: {e}", flush=True)
-                    continue
-                if budget is None:
-                    resident[dtype] = row
-                    row["row"] = "resident" if dtype == "bf16" else "ours"
-                base = resident["bf16"]
-                same = resident[dtype]
-                row["ratio_to_resident"] = row["s_per_step"] / base["s_per_step"]
-                row["whole_ratio_to_resident"] = row["whole_s"] / base["whole_s"]
-                row["roofline_s_per_step"] = max(base["s_per_step"], row["streamed_bytes_per_step"] / bandwidth)
-                if row["chunks"] == same["chunks"]:
-                    row["bitwise_equal_to_resident"] = bool(torch.equal(row["_latent"], same["_latent"]))
-                else:
-                    ref = resident_with_chunks(models[dtype], device, size, cfg, row["chunks"], steps)
-                    row["bitwise_equal_to_resident"] = bool(torch.equal(row["_latent"], ref))
-                print(summary(row), flush=True)
-                rows.append(row)
-    drift = {}
-    for size, cfg in configs[:1]:
-        ref = next(r for r in rows if r["row"] == "resident" and r["size"] == f"{size}x{size}")["_latent"]
-        fp16 = run_row(models["bf16"], device, size, cfg, None, "bf16", steps, compute="fp16")
-        fp8 = next(r for r in rows if r["dtype"] == "fp8" and r["budget_gb"] is None and r["size"] == f"{size}x{size}")
-        for name, lat in (("fp16", fp16["_latent"]), ("fp8", fp8["_latent"])):
-            diff = (lat - ref).abs()
-            rms = ref.pow(2).mean().sqrt()
-            drift[name] = {"max_abs_rel": float(diff.max() / rms), "mean_abs_rel": float(diff.mean() / rms),
-                           "rel_l2": float((lat - ref).norm() / ref.norm())}
-        fp16.pop("_latent")
-        fp16["row"] = "ours"
-        rows.append(fp16)
+    budgets = [None, 2] if args.quick else [None, 16, 8, 4, 2]
+    rows = table_rows(models, device, bandwidth, 1024, 5.0, budgets, steps)
+    rows += table_rows(models, device, bandwidth, 512, 1.0, budgets, steps)
+    drift, fp16 = drift_vs_bf16(models, device, rows, 1024, 5.0, steps)
+    rows.append(fp16)
     print("drift vs bf16:", json.dumps(drift), flush=True)
-    profiles = [profile_sampling(models["bf16"], device, 1024, 5.0, 2), profile_sampling(models["fp8"], device, 1024, 5.0, 2),
+    profiles = [profile_sampling(models["bf16"], device, 1024, 5.0, 2),
+                profile_sampling(models["fp8"], device, 1024, 5.0, 2),
                 profile_sampling(models["bf16"], device, 512, 1.0, 2)]
     for p in profiles:
         print("profile:", json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
-    # cold run: no host cache, page cache dropped
-    HOST_CACHE.clear()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-    except OSError:
-        pass
-    cold = run_row(models["bf16"], device, 1024, 5.0, None, "bf16", steps)
-    cold["row"] = "resident (cold, disk reads)"
-    rows.append(cold)
+    rows.append(cold_row(models, device, steps))
     stamp = {"machine": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat()}
     clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
     (args.out / "results.json").write_text(json.dumps(clean, indent=1))
     (args.out / "extra.json").write_text(json.dumps({"bandwidth_gbps": bandwidth / 1e9, "drift": drift,
-                                                     "profiles": profiles,
-                                                     "torch": torch.__version__}, indent=1))
+                                                     "profiles": profiles, "torch": torch.__version__}, indent=1))
     print("done", flush=True)
+    return None
 
 
 if __name__ == "__main__":
