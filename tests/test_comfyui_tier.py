@@ -3,7 +3,7 @@
 Run from the repo root with the ComfyUI venv:
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -q tests
 Optional: NEWBIE_TIER_PACK=<dir> runs the tier against another pack with the same contract
-(used to prove the harness); NEWBIE_SCREENSHOT_PNG=<file> keeps the frontend screenshot.
+(used to prove the harness); NEWBIE_SCREENSHOT_DIR=<folder> keeps the frontend screenshots.
 
 Contract with the pack (what these tests assume):
 * `workflows/*.json` are UI-format workflows that run with the tiny checkpoints
@@ -280,7 +280,7 @@ def http_server(comfy_env, tiny_models, tmp_path_factory):
 
 
 @needs_workflows
-def test_http_prompt_roundtrip(comfy_env, http_server):
+def test_http_prompt_roundtrip(comfy_env, pack, http_server):
     prompt, workflow = _prompt(comfy_env, WORKFLOWS[0], http_server.base_dir / "input")
     assert f"{PACK_DIR.name}" in http_server.log() and "IMPORT FAILED" not in http_server.log()
     entry = cs.wait_history(http_server.url, cs.post_prompt(http_server.url, prompt, workflow))
@@ -293,11 +293,12 @@ def test_http_prompt_roundtrip(comfy_env, http_server):
 @needs_workflows
 @pytest.mark.skipif(cs.chromium_path() is None or importlib.util.find_spec("playwright") is None,
                     reason="needs Debian chromium and the playwright package")
-def test_frontend_loads_workflows_without_missing_nodes(comfy_env, http_server, tmp_path):
-    target = os.environ.get("NEWBIE_SCREENSHOT_PNG")
-    for i, wf_path in enumerate(WORKFLOWS):
+def test_frontend_loads_workflows_without_missing_nodes(comfy_env, pack, http_server, tmp_path):
+    folder = Path(os.environ.get("NEWBIE_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for wf_path in WORKFLOWS:
         workflow = json.loads(wf_path.read_text())
-        png = Path(target) if (target and i == 0) else tmp_path / f"{wf_path.stem}.png"
+        png = folder / f"{wf_path.stem}.png"
         result = cs.frontend_check(http_server.url, workflow, png)
         assert result["have_registry"] and result["missing"] == [], result["missing"]
         assert result["count"] == len(workflow["nodes"])
