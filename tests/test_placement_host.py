@@ -22,17 +22,9 @@ toys = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(toys)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return toys.ToyModel()
+# The toy model and the one-thread setting are the streaming tests' fixtures.
+one_thread = toys.one_thread
+model = toys.model
 
 
 @pytest.fixture()

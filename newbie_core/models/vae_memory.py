@@ -142,17 +142,24 @@ def _accumulators(batch: int, h: int, w: int, out_channels: int, out_per_cell: i
     return (batch * out_channels + 1) * pixels * 4
 
 
+def _estimate(peak_fn, config: dict[str, Any], batch: int, latent_h: int, latent_w: int, elem: int,
+              tile_latent: int | None, scores: bool, *, margin: float, acc: int, fixed: int) -> int:
+    """Untiled: one pass. Tiled: one tile's pass (times ``margin``) beside the blended output
+    accumulators ``acc``, or the final division (2 * acc); ``fixed`` stays alive throughout."""
+    if tile_latent is None or tile_latent >= max(latent_h, latent_w):
+        return int(peak_fn(config, batch, latent_h, latent_w, elem, scores) * _overhead())
+    th, tw = min(tile_latent, latent_h), min(tile_latent, latent_w)
+    tile = peak_fn(config, batch, th, tw, elem, scores) * _overhead() * margin
+    return int(max(tile + acc + fixed, 2 * acc + fixed))
+
+
 def estimate_decode_bytes(config: dict[str, Any], batch: int, latent_h: int, latent_w: int,
                           dtype: torch.dtype, tile_latent: int | None = None, *,
                           scores_materialized: bool = False) -> int:
     """Peak activation bytes above the weights for decoding a (batch, 16, latent_h, latent_w) latent."""
-    elem = _bytes(dtype)
-    if tile_latent is None or tile_latent >= max(latent_h, latent_w):
-        return int(_decoder_peak(config, batch, latent_h, latent_w, elem, scores_materialized) * _overhead())
-    th, tw = min(tile_latent, latent_h), min(tile_latent, latent_w)
-    tile = _decoder_peak(config, batch, th, tw, elem, scores_materialized) * _overhead() * TILE_MARGIN
     acc = _accumulators(batch, latent_h, latent_w, config["out_channels"], DOWNSCALE)
-    return int(max(tile + acc, 2 * acc))  # during a tile; then the final division
+    return _estimate(_decoder_peak, config, batch, latent_h, latent_w, _bytes(dtype), tile_latent,
+                     scores_materialized, margin=TILE_MARGIN, acc=acc, fixed=0)
 
 
 def estimate_encode_bytes(config: dict[str, Any], batch: int, latent_h: int, latent_w: int,
@@ -160,13 +167,10 @@ def estimate_encode_bytes(config: dict[str, Any], batch: int, latent_h: int, lat
                           scores_materialized: bool = False) -> int:
     """Peak activation bytes above the weights for encoding an image of 8*latent_h x 8*latent_w."""
     elem = _bytes(dtype)
-    if tile_latent is None or tile_latent >= max(latent_h, latent_w):
-        return int(_encoder_peak(config, batch, latent_h, latent_w, elem, scores_materialized) * _overhead())
-    th, tw = min(tile_latent, latent_h), min(tile_latent, latent_w)
-    tile = _encoder_peak(config, batch, th, tw, elem, scores_materialized) * _overhead()
     acc = _accumulators(batch, latent_h, latent_w, config["latent_channels"], 1)
     image = batch * 3 * latent_h * latent_w * DOWNSCALE * DOWNSCALE * elem  # the whole input stays
-    return int(max(tile + acc + image, 2 * acc + image))
+    return _estimate(_encoder_peak, config, batch, latent_h, latent_w, elem, tile_latent,
+                     scores_materialized, margin=1.0, acc=acc, fixed=image)
 
 
 def choose_tile(budget_bytes: int, latent_h: int, latent_w: int, dtype: torch.dtype,
