@@ -56,6 +56,12 @@ def block_reader(model, source: TensorSource) -> Callable[[int], dict[str, torch
     return read_block
 
 
+def non_block_parameters(model) -> list[tuple[str, nn.Parameter]]:
+    """The parameters outside ``model.block_sequence()``: what stays resident beside the blocks."""
+    block_prefixes = tuple(name + "." for name, _ in model.block_sequence())
+    return [(name, p) for name, p in model.named_parameters() if not name.startswith(block_prefixes)]
+
+
 def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch.device,
                            dtype: torch.dtype, host_prefixes: Sequence[str] = (),
                            optional: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None) -> int:
@@ -64,11 +70,8 @@ def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch
     Parameters under ``host_prefixes`` (e.g. a 1.3 GB embedding table) stay on the CPU, where
     their rows are gathered. Returns the bytes placed on ``device``.
     """
-    block_prefixes = tuple(name + "." for name, _ in model.block_sequence())
     placed = 0
-    for name, param in list(model.named_parameters()):
-        if name.startswith(block_prefixes):
-            continue
+    for name, param in non_block_parameters(model):
         if name in source:
             tensor = source.get(name)
         elif optional is not None:

@@ -21,7 +21,7 @@ from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow
                         noise_latent, normalize_latent, sample)
 from .conditioning import Conditioning, batch_conditionings
 from .handles import DiTHandle
-from .placed import PlacementInputs, placed_blocks, materialize_non_blocks, plan_for
+from .placed import PlacementInputs, materialize_non_blocks, non_block_parameters, placed_blocks, plan_for
 from .settings import MemorySettings, SamplingSettings, StorageDType
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,7 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     dtype = memory.torch_compute_dtype
     model = build_dit(config, "meta", dtype)
     image_tokens = (height // 16) * (width // 16)
-    small = sum(p.numel() for n, p in model.named_parameters()
-                if not n.startswith(tuple(f"{b}." for b, _ in model.block_sequence()))) * dtype.itemsize
+    small = sum(p.numel() for _, p in non_block_parameters(model)) * dtype.itemsize
     inputs = PlacementInputs(
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
