@@ -89,13 +89,13 @@ def streamed_bytes_per_forward(models: Models, plan, compute: str) -> int:
 
 
 def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | None, dtype: str, steps: int,
-            compute: str = "bf16", chunks: tuple[int, int] = (0, 0)) -> dict:
+            compute: str = "bf16", chunks: tuple[int, int] = (0, 0), graphs: bool = True) -> dict:
     CONDITIONING_CACHE.clear()
     torch.cuda.empty_cache()
     set_budget(device, budget_gb)
     reset_host_peak()
     memory = MemorySettings(vram_budget_gb=budget_gb, compute_dtype=compute, attention_chunk=chunks[0],
-                            ffn_chunk=chunks[1], fp8_streaming=dtype == "fp8")
+                            ffn_chunk=chunks[1], fp8_streaming=dtype == "fp8", cuda_graphs=graphs)
     request = GenerationRequest(prompt=PROMPT, width=size, height=size,
                                 sampling=SamplingSettings(steps=steps, cfg=cfg, seed=0), memory=memory)
     torch.cuda.synchronize()
@@ -123,7 +123,8 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
         "host_ram_peak_gb": max((r.host_ram_peak or 0) for r in recs.values()) / GB,
         "streamed_bytes_per_step": streamed_bytes_per_forward(models, plan, compute),
         "resident_blocks": len(plan.resident), "chunks": [plan.attn_chunk, plan.ffn_chunk],
-        "slots": plan.slots, "_latent": result.latent,
+        "slots": plan.slots, "materialized_blocks": len(plan.materialized), "cuda_graphs": graphs,
+        "_latent": result.latent,
     }
 
 
@@ -133,7 +134,8 @@ def summary(row: dict) -> str:
     return (f"{row['size']} cfg={row['cfg']} {row['dtype']} budget={row['budget_gb']}: {row['s_per_step'] * 1e3:.1f} ms/step "
             f"(x{row.get('ratio_to_resident', 1):.3f}, roofline {row.get('roofline_s_per_step', 0) * 1e3:.1f} ms) "
             f"whole {row['whole_s']:.2f} s (x{row.get('whole_ratio_to_resident', 1):.3f}) {row['tflops']:.0f} TFLOP/s "
-            f"resident {row['resident_blocks']} slots {row['slots']} chunks {row['chunks']} "
+            f"resident {row['resident_blocks']} (kept at compute dtype {row.get('materialized_blocks', 0)}) "
+            f"slots {row['slots']} chunks {row['chunks']} graphs {row.get('cuda_graphs', True)} "
             f"bitwise {row.get('bitwise_equal_to_resident')} | measured/predicted GB {stages}")
 
 
@@ -147,7 +149,7 @@ def resident_with_chunks(models: Models, device, size: int, cfg: float, chunks, 
     return run_sampling(models.dit, pos, neg, start, sampling, memory, device, Report(), 100 * GB).latent
 
 
-def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: float, steps: int = 3) -> dict:
+def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: float, steps: int = 4) -> dict:
     """Where a streamed step's time goes: GPU kernel time vs host-to-device copy time."""
     texts = prepare_texts(PROMPT)
     pos, neg = encode_texts(models.encoders, texts, MemorySettings(), device, Report(), None)
@@ -169,12 +171,17 @@ def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: f
     kernels = sum(dev_time(e) for e in events
                   if not e.key.startswith("aten::") and "Memcpy" not in e.key and "Memset" not in e.key)
     top = sorted(((dev_time(e), e.key) for e in events), reverse=True)[:12]
-    return {"size": f"{size}x{size}", "cfg": cfg != 1.0, "budget_gb": budget_gb, "steps": steps, "wall_s": wall,
+    storage = "fp8" if models.dit.storage is StorageDType.FP8 else "bf16"
+    return {"size": f"{size}x{size}", "cfg": cfg != 1.0, "budget_gb": budget_gb, "storage": storage,
+            "steps": steps, "wall_s": wall,
             "kernel_s": kernels, "h2d_copy_s": h2d, "top": [[round(t, 4), k[:90]] for t, k in top]}
 
 
-FOCUS = [(512, 1.0, None, "bf16"), (512, 1.0, None, "bf16"), (512, 1.0, None, "fp8"), (512, 1.0, 2, "fp8"),
-         (512, 1.0, 4, "bf16"), (1024, 5.0, None, "bf16"), (1024, 5.0, 2, "fp8")]
+# (size, cfg, budget GB, storage, CUDA graphs); the first row of a size is its resident base.
+FOCUS = [(512, 1.0, None, "bf16", True), (512, 1.0, None, "bf16", False), (512, 1.0, None, "fp8", True),
+         (512, 1.0, 4, "fp8", True), (512, 1.0, 2, "fp8", True), (512, 1.0, 4, "bf16", True),
+         (512, 1.0, 2, "bf16", True), (1024, 5.0, None, "bf16", True), (1024, 5.0, None, "bf16", False),
+         (1024, 5.0, 2, "fp8", True), (1024, 5.0, 2, "bf16", True)]
 CALIBRATION = [(1024, 5.0, None, "bf16"), (1024, 5.0, 4, "bf16"), (1024, 5.0, 2, "bf16"), (1024, 5.0, 2, "fp8"),
                (1024, 5.0, None, "fp8"), (512, 1.0, None, "bf16"), (512, 1.0, 2, "bf16"), (768, 5.0, 3, "bf16"),
                (1536, 5.0, 6, "bf16"), (768, 1.0, 2, "fp8")]
@@ -189,11 +196,16 @@ def compare_to(row: dict, base: dict, bandwidth: float) -> None:
 
 def focus_rows(models: dict, device, bandwidth: float) -> None:
     """The rows that missed their targets, 12 steps each, printed only."""
+    for dtype in ("bf16", "fp8"):       # warm the host caches
+        run_row(models[dtype], device, 512, 1.0, None, dtype, 2)
     bases: dict[int, dict] = {}
-    for size, cfg, budget, dtype in FOCUS:
-        row = run_row(models[dtype], device, size, cfg, budget, dtype, 12)
+    for size, cfg, budget, dtype, graphs in FOCUS:
+        row = run_row(models[dtype], device, size, cfg, budget, dtype, 12, graphs=graphs)
         compare_to(row, bases.setdefault(size, row), bandwidth)
         print(summary(row), flush=True)
+    for size, cfg, dtype in ((512, 1.0, "fp8"), (1024, 5.0, "fp8")):
+        prof = profile_sampling(models[dtype], device, size, cfg, 2)
+        print("profile:", json.dumps(prof), flush=True)
 
 
 def calibration_rows(models: dict, device) -> list[dict]:
@@ -290,9 +302,8 @@ def main() -> None:
     drift, fp16 = drift_vs_bf16(models, device, rows, 1024, 5.0, steps)
     rows.append(fp16)
     print("drift vs bf16:", json.dumps(drift), flush=True)
-    profiles = [profile_sampling(models["bf16"], device, 1024, 5.0, 2),
-                profile_sampling(models["fp8"], device, 1024, 5.0, 2),
-                profile_sampling(models["bf16"], device, 512, 1.0, 2)]
+    profiles = [profile_sampling(models[d], device, size, cfg, 2)
+                for size, cfg in ((1024, 5.0), (512, 1.0)) for d in ("bf16", "fp8")]
     for p in profiles:
         print("profile:", json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
     rows.append(cold_row(models, device, steps))

@@ -75,6 +75,23 @@ def test_budget_too_small_names_the_minimum():
     assert isinstance(err.value, ValueError)
 
 
+def test_fp8_blocks_stay_at_compute_dtype_while_the_budget_allows():
+    roomy = plan(64 * GiB, storage="fp8")
+    assert roomy.materialized == tuple(range(36)) and roomy.slots == 0 and not roomy.ring_blocks
+    assert "upcast once" in roomy.reason and "36 fp8 kept at compute dtype" in roomy.render()
+    plans = sweep(storage="fp8")
+    counts = [len(p.materialized) for p in plans]
+    assert counts == sorted(counts, reverse=True), "fewer blocks kept at compute dtype as the budget shrinks"
+    partial = [p for p in plans if 0 < len(p.materialized) < 36]
+    assert partial, "some budget keeps part of the blocks at compute dtype"
+    for p in partial:
+        assert len(p.resident) == 36 and p.slots == 2 and not p.streamed
+        assert set(p.ring_blocks) == set(range(36)) - set(p.materialized)
+    # Keeping a block at compute dtype costs its full compute size in the prediction.
+    one = plan_stage("sample", BLOCKS[:1], 64 * GiB, storage="fp8")
+    assert dict(one.breakdown)["1 resident block(s) (fp8, 1 kept at compute dtype)"] == segment_bytes(BLOCK)
+
+
 def test_fp8_halves_streamed_bytes_and_lowers_the_minimum():
     bf16 = plan(6 * GiB)
     fp8 = plan(6 * GiB, storage="fp8")

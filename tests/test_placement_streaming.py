@@ -87,15 +87,17 @@ def inputs(step: int):
             torch.randn(2, D, generator=g).to(torch.bfloat16))
 
 
-def manual_plan(model, resident: tuple[int, ...], slots: int, depth: int, storage: Storage) -> StagePlan:
+def manual_plan(model, resident: tuple[int, ...], slots: int, depth: int, storage: Storage,
+                materialized: tuple[int, ...] = ()) -> StagePlan:
     """A StagePlan with exactly these knobs (the planner's own choices are tested elsewhere)."""
     sizes = block_sizes(model)
     base = plan_stage("toy", sizes, 2**40)
     n = len(sizes)
-    ring = [i for i in range(n) if i not in resident or storage is Storage.FP8]
+    ring = [i for i in range(n) if i not in resident or (storage is Storage.FP8 and i not in materialized)]
     streamed = [i for i in range(n) if i not in resident]
     return dataclasses.replace(
-        base, resident=resident, storage=(storage,) * n, slots=slots if ring else 0, prefetch_depth=depth,
+        base, resident=resident, materialized=materialized, storage=(storage,) * n, slots=slots if ring else 0,
+        prefetch_depth=depth,
         slot_bytes=max((sizes[i].compute_bytes for i in ring), default=0),
         staging_bytes=max((sizes[i].fp8_bytes for i in streamed), default=0) if storage is Storage.FP8 else 0)
 
@@ -160,6 +162,19 @@ def test_ring_wraps_across_forwards_and_counts_bytes(model):
     layouts = model_layouts(model, plan)
     wrap = layouts[0].storage.nbytes + layouts[1].storage.nbytes
     assert session.bytes_h2d == 4 * per_forward + layouts[5].storage.nbytes + wrap
+
+
+@pytest.mark.parametrize("materialized", [(0, 1, 2, 3, 4, 5), (1, 4), (5,)])
+def test_fp8_blocks_upcast_once_equal_per_use_upcasts(model, materialized):
+    """Resident fp8 blocks kept at compute dtype give the bits of every-use upcasts, and leave the ring."""
+    ref = reference(model, Storage.FP8)
+    plan = manual_plan(model, (1, 2, 4, 5) if len(materialized) < 6 else tuple(range(N_BLOCKS)), 2, 1,
+                       Storage.FP8, materialized)
+    assert not set(plan.ring_blocks) & set(materialized)
+    outs, session, _ = run(model, plan)
+    for a, b in zip(ref, outs):
+        assert torch.equal(a, b)
+    assert session.runner is None and not session.resident
 
 
 def test_fp8_streaming_halves_transferred_bytes(model):

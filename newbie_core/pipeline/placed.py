@@ -117,10 +117,12 @@ def plan_for(model, inputs: PlacementInputs, budget: int | None) -> StagePlan:
 
 @contextmanager
 def placed_blocks(model, source: TensorSource, inputs: PlacementInputs, plan: StagePlan,
-                  device: torch.device, host_budget: int | None) -> Iterator[StreamingSession]:
-    """Run ``model``'s blocks as ``plan`` says, their host copies from the process-wide cache."""
+                  device: torch.device, host_budget: int | None, graphs: bool = False) -> Iterator[StreamingSession]:
+    """Run ``model``'s blocks as ``plan`` says, their host copies from the process-wide cache.
+
+    ``graphs``: replay the blocks as CUDA graphs (worth it for stages that run many forwards)."""
     layouts = [l.storage for l in model_layouts(model, plan, inputs.compute_dtype)]
     key = cache_key(inputs.files, source.keys(), f"{plan.storage[0].value}/{inputs.compute_dtype}")
     store = HOST_CACHE.get(key, layouts, block_reader(model, source), host_budget)
-    with stream_blocks(model, plan, store, device, compute_dtype=inputs.compute_dtype) as session:
+    with stream_blocks(model, plan, store, device, compute_dtype=inputs.compute_dtype, graphs=graphs) as session:
         yield session

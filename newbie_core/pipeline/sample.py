@@ -110,7 +110,8 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
                                    optional=lambda name, shape: torch.ones(shape))
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
-            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
+            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes,
+                               graphs=memory.cuda_graphs) as session:
                 guard.hold(session)
                 latent, steps = _sample_loop(model, positive, negative, raw_latent, sampling, device,
                                              inputs.compute_dtype, callback)

@@ -16,7 +16,7 @@ from collections.abc import MutableMapping
 
 import torch
 
-from .fp8_cuda import upcast_into
+from .fp8_cuda import upcast_block_fused
 from .layout import FP8, FP8_MAX, BlockLayout, view
 
 
@@ -71,12 +71,16 @@ def upcast_block(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, 
     """Fill compute-layout ``dst`` from storage-layout ``src`` (both uint8, same device).
 
     Runs on the current stream; see the module docstring for why that must be the copy stream.
+    One fused kernel on CUDA when available (fp8_cuda.py), else the torch path; same bits.
     """
+    if not upcast_block_fused(storage, compute, src, dst):
+        upcast_block_torch(storage, compute, src, dst)
+
+
+def upcast_block_torch(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """The reference upcast: per tensor, an exact e4m3 -> compute cast, then one scale multiply."""
     for s, c in zip(storage.entries, compute.entries):
         out = view(dst, c.offset, c.shape, c.dtype)
-        q = view(src, s.offset, s.shape, s.dtype)
-        if s.scale_offset is not None and upcast_into(q, storage.scale(src, s), out):
-            continue                                         # one fused CUDA pass, same bits
-        out.copy_(q)                                         # e4m3 -> bf16 is exact
+        out.copy_(view(src, s.offset, s.shape, s.dtype))     # e4m3 -> bf16 is exact
         if s.scale_offset is not None:
             out.mul_(storage.scale(src, s))                  # bf16 * bf16 scale, one rounding

@@ -45,6 +45,13 @@ class BlockLayout:
     nbytes: int
     scale_dtype: torch.dtype = torch.bfloat16
 
+    def __post_init__(self) -> None:
+        # Layouts key per-layout caches on the hot path (fp8_cuda's row tables): hash once.
+        object.__setattr__(self, "_hash", hash((self.entries, self.nbytes, self.scale_dtype)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def is_fp8(self) -> bool:
         return any(e.scale_offset is not None for e in self.entries)

@@ -48,7 +48,9 @@ class StagePlan:
     ``resident`` blocks stay on the GPU for the whole stage; every other block is *streamed*
     through a ring of ``slots`` preallocated GPU buffers, ``prefetch_depth`` blocks ahead.
     fp8 blocks (streamed or resident) are upcast into a ring slot before each use, so they
-    also use the ring. ``breakdown`` lists what the predicted peak is made of.
+    also use the ring, except the ``materialized`` ones: resident fp8-stored blocks that the
+    budget lets stay at compute dtype, upcast once when placed (the same bits as every-use
+    upcasts, none of their cost). ``breakdown`` lists what the predicted peak is made of.
     """
     stage: str
     budget: int
@@ -65,6 +67,7 @@ class StagePlan:
     breakdown: tuple[tuple[str, int], ...]
     reason: str
     predicted_step_s: float | None = None
+    materialized: tuple[int, ...] = ()
 
     @property
     def n_blocks(self) -> int:
@@ -77,9 +80,11 @@ class StagePlan:
 
     @property
     def ring_blocks(self) -> tuple[int, ...]:
-        """Blocks that pass through a ring slot: streamed ones and fp8 resident ones, in order."""
-        res = set(self.resident)
-        return tuple(i for i in range(self.n_blocks) if i not in res or self.storage[i] is Storage.FP8)
+        """Blocks that pass through a ring slot: streamed ones and fp8 resident ones (unless
+        materialized), in order."""
+        res, mat = set(self.resident), set(self.materialized)
+        return tuple(i for i in range(self.n_blocks)
+                     if i not in res or (self.storage[i] is Storage.FP8 and i not in mat))
 
     @property
     def ring_bytes(self) -> int:
@@ -94,7 +99,9 @@ class StagePlan:
             ("predicted peak", fmt_bytes(self.predicted_peak)),
             ("blocks resident / streamed", f"{n_res} / {n - n_res} of {n}"),
             ("resident range", _ranges(self.resident) or "none"),
-            ("storage", f"{fp8} fp8, {n - fp8} bf16"),
+            ("storage", f"{fp8} fp8, {n - fp8} bf16"
+                        + (f"; {len(self.materialized)} fp8 kept at compute dtype (upcast once)"
+                           if self.materialized else "")),
             ("ring", f"{self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}, prefetch depth {self.prefetch_depth}"
                      + (f", fp8 staging {fmt_bytes(self.staging_bytes)}" if self.staging_bytes else "")),
             ("chunks (attention / ffn)", f"{self.attn_chunk} / {self.ffn_chunk}"),

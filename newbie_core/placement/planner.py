@@ -17,6 +17,11 @@ Decisions, and why:
   compute per block) residents go first, then the third ring slot, then chunk sizes, since a
   hidden copy costs nothing and a smaller chunk costs every block. When the caller's
   bandwidth and compute figures say copies are *not* hidden, chunks shrink first.
+- **fp8 storage with room to spare.** fp8 is a storage format: a resident fp8 block is upcast
+  into a ring slot before every use. When the budget allows, resident blocks are instead kept at
+  compute dtype, upcast once when placed (*materialized*): same bits, no per-use upcast. The
+  fp8 chain therefore starts with every block materialized and gives them up one by one before
+  any block streams.
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
   for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, and
   streamed fp8 blocks land first in one fp8 staging buffer; the copy stream is serial, so one
@@ -65,7 +70,7 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     ctx = _Ctx(stage, list(blocks), budget, always_resident_bytes, act, chunks, bandwidth,
                block_compute_s, max_slots)
     if choice is StorageChoice.AUTO:
-        first = ctx.evaluate(Storage.BF16, len(blocks), ctx.slots_for(Storage.BF16, len(blocks)), 0)
+        first = ctx.evaluate(Storage.BF16, len(blocks), ctx.slots_for(Storage.BF16, len(blocks)), 0, 0)
         kind = Storage.BF16 if first.predicted_peak <= budget else Storage.FP8
     else:
         kind = Storage(choice.value)
@@ -90,14 +95,15 @@ class _Ctx:
         self.max_slots = max(1, max_slots)
         self.n = len(blocks)
 
-    def ring_blocks(self, kind: Storage, n_resident: int) -> list[int]:
-        if kind is Storage.FP8:
-            return list(range(self.n))
+    def ring_blocks(self, kind: Storage, n_resident: int, n_materialized: int = 0) -> list[int]:
         resident = set(resident_set(self.n, n_resident))
+        if kind is Storage.FP8:
+            kept = set(resident_set(self.n, n_materialized)) if n_resident == self.n else set()
+            return [i for i in range(self.n) if i not in kept]
         return [i for i in range(self.n) if i not in resident]
 
-    def slots_for(self, kind: Storage, n_resident: int) -> int:
-        ring = len(self.ring_blocks(kind, n_resident))
+    def slots_for(self, kind: Storage, n_resident: int, n_materialized: int = 0) -> int:
+        ring = len(self.ring_blocks(kind, n_resident, n_materialized))
         streamed = self.n - n_resident
         if ring == 0:
             return 0
@@ -110,30 +116,37 @@ class _Ctx:
         largest = max(b.storage_bytes(kind) for b in self.blocks)
         return largest / self.bandwidth > self.compute_s
 
-    def chain(self, kind: Storage) -> list[tuple[int, int, int]]:
-        """Every configuration (n_resident, slots, chunk index), best first; see module docstring."""
+    def chain(self, kind: Storage) -> list[tuple[int, int, int, int]]:
+        """Every configuration (n_resident, slots, chunk index, n_materialized), best first; see
+        module docstring."""
         n, last = self.n, len(self.chunks) - 1
         low = lambda r: min(2, len(self.ring_blocks(kind, r)))   # noqa: E731
+        materialized = []
+        if kind is Storage.FP8:      # all resident, n..1 of them kept at compute dtype
+            materialized = [(n, self.slots_for(kind, n, m), 0, m) for m in range(n, 0, -1)]
         if self.transfer_bound(kind):
-            cfgs = [(n, self.slots_for(kind, n), c) for c in range(last + 1)]
-            cfgs += [(r, low(r), last) for r in range(n - 1, -1, -1)]
-            return cfgs
-        cfgs = [(r, self.slots_for(kind, r), 0) for r in range(n, -1, -1)]
-        cfgs += [(0, low(0), c) for c in range(last + 1)]
-        return cfgs
+            cfgs = [(n, self.slots_for(kind, n), c, 0) for c in range(last + 1)]
+            cfgs += [(r, low(r), last, 0) for r in range(n - 1, -1, -1)]
+            return materialized + cfgs
+        cfgs = [(r, self.slots_for(kind, r), 0, 0) for r in range(n, -1, -1)]
+        cfgs += [(0, low(0), c, 0) for c in range(last + 1)]
+        return materialized + cfgs
 
-    def evaluate(self, kind: Storage, n_resident: int, slots: int, chunk: int) -> StagePlan:
+    def evaluate(self, kind: Storage, n_resident: int, slots: int, chunk: int, n_materialized: int) -> StagePlan:
         resident = resident_set(self.n, n_resident)
         streamed = [i for i in range(self.n) if i not in set(resident)]
-        ring = self.ring_blocks(kind, n_resident)
+        ring = self.ring_blocks(kind, n_resident, n_materialized)
+        kept = tuple(i for i in resident if i not in set(ring)) if kind is Storage.FP8 else ()
         slot_bytes = max((self.blocks[i].compute_bytes for i in ring), default=0) if slots else 0
         staging = max((self.blocks[i].fp8_bytes for i in streamed), default=0) if kind is Storage.FP8 else 0
         attn, ffn = self.chunks[chunk]
         act_bytes = self.act(attn, ffn)
         breakdown = (
             ("always-resident modules", self.fixed),
-            (f"{n_resident} resident block(s) ({kind.value})",
-             sum(segment_bytes(self.blocks[i].storage_bytes(kind)) for i in resident)),
+            (f"{n_resident} resident block(s) ({kind.value}"
+             + (f", {len(kept)} kept at compute dtype" if kept else "") + ")",
+             sum(segment_bytes(self.blocks[i].compute_bytes if i in kept else self.blocks[i].storage_bytes(kind))
+                 for i in resident)),
             (f"ring: {slots} slot(s) + staging", segment_bytes(slots * slot_bytes + staging)),
             (f"activations {fmt_bytes(act_bytes)} + allocator overhead", activation_reserved(act_bytes)),
         )
@@ -144,7 +157,7 @@ class _Ctx:
             resident=resident, storage=tuple(kind for _ in self.blocks), slots=slots,
             prefetch_depth=max(0, slots - 1), slot_bytes=slot_bytes, staging_bytes=staging,
             attn_chunk=attn, ffn_chunk=ffn, predicted_peak=peak, breakdown=breakdown,
-            reason=self.reason(kind, n_resident, slots, chunk), predicted_step_s=step)
+            reason=self.reason(kind, n_resident, slots, chunk, len(kept)), predicted_step_s=step, materialized=kept)
 
     def predict_time(self, kind: Storage, streamed: Sequence[int]) -> float | None:
         if not (self.bandwidth and self.compute_s):
@@ -153,7 +166,7 @@ class _Ctx:
                       for i in streamed)
         return self.n * self.compute_s + exposed
 
-    def reason(self, kind: Storage, n_resident: int, slots: int, chunk: int) -> str:
+    def reason(self, kind: Storage, n_resident: int, slots: int, chunk: int, n_materialized: int = 0) -> str:
         parts = []
         if n_resident == self.n:
             parts.append(f"all {self.n} blocks fit resident")
@@ -162,8 +175,11 @@ class _Ctx:
                          f"(their prefetch overlaps the resident tail of the previous forward)")
         else:
             parts.append(f"all {self.n} blocks stream")
-        if kind is Storage.FP8:
-            parts.append("fp8 storage halves transfer and resident bytes; upcast into a bf16 slot per use")
+        if kind is Storage.FP8 and n_materialized == self.n:
+            parts.append("fp8 storage, but every block fits at compute dtype: upcast once when placed")
+        elif kind is Storage.FP8:
+            parts.append("fp8 storage halves transfer and resident bytes; upcast into a bf16 slot per use"
+                         + (f" ({n_materialized} resident blocks upcast once instead)" if n_materialized else ""))
         if self.transfer_bound(kind) and n_resident < self.n:
             parts.append("copies are slower than compute here, so chunks shrank before residents")
         if chunk:
@@ -173,7 +189,7 @@ class _Ctx:
         return "; ".join(parts) + "."
 
     def too_small_message(self, kind: Storage) -> str:
-        low = self.evaluate(kind, 0, min(2, len(self.ring_blocks(kind, 0))), len(self.chunks) - 1)
+        low = self.evaluate(kind, 0, min(2, len(self.ring_blocks(kind, 0))), len(self.chunks) - 1, 0)
         largest = max(range(self.n), key=lambda i: self.blocks[i].compute_bytes)
         what = ", ".join(f"{label} {fmt_bytes(b)}" for label, b in low.breakdown)
         return (f"VRAM budget {fmt_bytes(self.budget)} is too small for stage {self.stage!r}: the minimum is "

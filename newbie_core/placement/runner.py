@@ -35,6 +35,7 @@ from torch import nn
 
 from .copy_engine import CopyEngine
 from .fp8 import upcast_block
+from .graphs import BlockGraphs, module_structure
 from .host_store import HostBlockStore
 from .layout import BlockLayout
 from .plan import StagePlan
@@ -48,7 +49,7 @@ class StreamingRunner:
 
     def __init__(self, plan: StagePlan, compute: Sequence[BlockLayout], storage: Sequence[BlockLayout],
                  store: HostBlockStore | None, engine: CopyEngine, ring: SlotRing | None,
-                 resident: dict[int, torch.Tensor]):
+                 resident: dict[int, torch.Tensor], graphs: BlockGraphs | None = None):
         self.plan, self.compute, self.storage = plan, list(compute), list(storage)
         self.store, self.engine, self.ring, self.resident = store, engine, ring, resident
         self.order = plan.ring_blocks
@@ -61,6 +62,9 @@ class StreamingRunner:
         self._bindings: dict[tuple, list[tuple[dict, str, torch.Tensor, torch.Tensor]]] = {}
         self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
                                 if i not in self.ring_pos}
+        self.graphs = graphs
+        self._structure: dict[int, int] = {}     # block index -> id of its code structure
+        self._structures: dict[object, int] = {}
         if self.order and (ring is None or ring.n_slots < 1):
             raise ValueError("the plan streams blocks but no ring was given.")
 
@@ -68,7 +72,7 @@ class StreamingRunner:
     def __call__(self, index: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         views = self._resident_views.get(index)
         if views is not None:
-            return self._call(block, ("resident", index), views, args, kwargs)
+            return self._call(index, block, ("resident", index), views, args, kwargs)
         k = self.ring_pos.get(index)
         if k is None:
             raise RuntimeError(f"block {index} is neither resident nor streamed in plan {self.plan.stage!r}; "
@@ -79,7 +83,7 @@ class StreamingRunner:
         self.issue_upto(p + self.depth)
         s = p % self.ring.n_slots
         self.engine.main_wait(self.ring.copy_done[s])
-        out = self._call(block, (s, index), self._slot_views(s, index), args, kwargs)
+        out = self._call(index, block, (s, index), self._slot_views(s, index), args, kwargs)
         self.ring.compute_done[s] = self.engine.main_record()
         self._next = p + 1
         self.issue_upto(self._next + self.depth)
@@ -102,7 +106,7 @@ class StreamingRunner:
         compute, storage = self.compute[block], self.storage[block]
         slot = self.ring.slots[s][: compute.nbytes]
         self.engine.side_wait(self.ring.compute_done[s])          # (1) nobody reads the slot any more
-        if block in self.resident:                                # fp8 kept resident: upcast only
+        if block in self.resident:                                # fp8 resident: upcast only
             src = self.resident[block]
             self.engine.launch(lambda: upcast_block(storage, compute, src, slot), writes=[slot])
         else:
@@ -139,7 +143,25 @@ class StreamingRunner:
             views = self._views[key] = self.compute[block].views(self.ring.slots[s])
         return views
 
-    def _call(self, block: nn.Module, key: tuple, views: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    def _call(self, index: int, block: nn.Module, key: tuple, views: dict[str, torch.Tensor],
+              args: tuple, kwargs: dict) -> Any:
+        """Run the block, as a graph replay when graphs are on (see graphs.py)."""
+        if self.graphs is None or kwargs:
+            return self._bound_call(block, key, views, args, kwargs)
+        # A resident block's weights have their own addresses; a ring slot serves every block of
+        # the same structure, so its graphs are keyed by slot and structure, not by block.
+        graph_key = key if key[0] == "resident" else ("slot", key[0], self._structure_id(index, block))
+        return self.graphs.run(graph_key, lambda *a: self._bound_call(block, key, views, a, {}), args)
+
+    def _structure_id(self, index: int, block: nn.Module) -> int:
+        sid = self._structure.get(index)
+        if sid is None:
+            struct = (module_structure(block), self.compute[index])
+            sid = self._structure[index] = self._structures.setdefault(struct, len(self._structures))
+        return sid
+
+    def _bound_call(self, block: nn.Module, key: tuple, views: dict[str, torch.Tensor], args: tuple,
+                    kwargs: dict) -> Any:
         """Run ``block`` with its parameter/buffer slots pointing at ``views`` (a few dict stores)."""
         binding = self._bindings.get(key)
         if binding is None:
@@ -153,6 +175,8 @@ class StreamingRunner:
                 table[leaf] = original
 
     def release(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
         self._bindings.clear()
         self._views.clear()
         self._resident_views.clear()

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import fp8_cuda
 from .copy_engine import CopyEngine, make_engine
+from .fp8 import upcast_block
+from .graphs import BlockGraphs, CudaGraphBackend, GraphBackend
 from .host_store import HostBlockStore
 from .layout import BlockLayout, block_tensors, compute_layout, default_keep_high_precision, fp8_layout
 from .plan import BlockSize, StagePlan, Storage
@@ -72,8 +75,10 @@ class StreamingSession:
 
     def __init__(self, model, plan: StagePlan, store: HostBlockStore | None, device: torch.device | str,
                  engine: CopyEngine | None = None, compute_dtype: torch.dtype = torch.bfloat16,
-                 keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision):
+                 keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision,
+                 graphs: GraphBackend | bool = False):
         self.model, self.plan, self.store = model, plan, store
+        self.graphs = graphs
         self.device = torch.device(device)
         self.engine = engine if engine is not None else make_engine(self.device)
         self.layouts = model_layouts(model, plan, compute_dtype, keep_high_precision)
@@ -105,20 +110,43 @@ class StreamingSession:
 
     def _allocate(self) -> None:
         plan = self.plan
+        fp8_pairs = [(l.storage, l.compute) for l in self.layouts if l.storage.is_fp8]
+        if fp8_pairs:
+            fp8_cuda.prepare(fp8_pairs, self.device)
         if plan.slots:   # the ring first: one segment at the bottom, before any activation
             self.ring = SlotRing(plan.slots, plan.slot_bytes, plan.staging_bytes, self.device)
         if plan.resident and self.store is None:
             raise ValueError("the plan keeps blocks resident but no host store was given to load them from.")
+        materialized = set(plan.materialized)
+        staging = None
+        if materialized:   # fp8 bytes land here, then are upcast into the block's own buffer
+            staging = torch.empty(max(self.layouts[i].storage.nbytes for i in materialized),
+                                  dtype=torch.uint8, device=self.device)
         for i in plan.resident:
-            storage = self.layouts[i].storage
-            buf = torch.empty(storage.nbytes, dtype=torch.uint8, device=self.device)
-            self.engine.copy(buf, self.store.acquire(i, self.engine))
+            layouts = self.layouts[i]
+            size = layouts.compute.nbytes if i in materialized else layouts.storage.nbytes
+            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            host = self.store.acquire(i, self.engine)
+            if i in materialized:
+                src = staging[: layouts.storage.nbytes]
+                self.engine.copy(src, host, side_only=True)
+                self.engine.launch(lambda l=layouts, s=src, b=buf: upcast_block(l.storage, l.compute, s, b),
+                                   writes=[buf])
+            else:
+                self.engine.copy(buf, host)
             self.store.release(i, self.engine.side_record())
-            self.bytes_h2d += storage.nbytes
+            self.bytes_h2d += layouts.storage.nbytes
             self.resident[i] = buf
         self.engine.drain()   # resident weights are in place before any compute reads them
+        del staging           # freed on the main stream, after the drain
         self.runner = StreamingRunner(plan, [l.compute for l in self.layouts], [l.storage for l in self.layouts],
-                                      self.store, self.engine, self.ring, self.resident)
+                                      self.store, self.engine, self.ring, self.resident, self._block_graphs())
+
+    def _block_graphs(self) -> BlockGraphs | None:
+        """``graphs=True`` means CUDA graphs on a CUDA device (off elsewhere); a backend is used as given."""
+        if self.graphs is True:
+            return BlockGraphs(CudaGraphBackend(self.device)) if self.device.type == "cuda" else None
+        return BlockGraphs(self.graphs) if self.graphs else None
 
     def __exit__(self, *exc) -> None:
         self.close()
