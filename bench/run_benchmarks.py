@@ -200,7 +200,12 @@ def focus_rows(models: dict, device, bandwidth: float) -> None:
         run_row(models[dtype], device, 512, 1.0, None, dtype, 2)
     bases: dict[int, dict] = {}
     for size, cfg, budget, dtype, graphs in FOCUS:
-        row = run_row(models[dtype], device, size, cfg, budget, dtype, 12, graphs=graphs)
+        try:
+            row = run_row(models[dtype], device, size, cfg, budget, dtype, 12, graphs=graphs)
+        except Exception as e:   # noqa: BLE001 - a failed row is reported, the others still run
+            set_budget(device, None)
+            print(f"ROW FAILED {size} {dtype} budget={budget}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
         compare_to(row, bases.setdefault(size, row), bandwidth)
         print(summary(row), flush=True)
     for size, cfg, dtype in ((512, 1.0, "fp8"), (1024, 5.0, "fp8")):

@@ -12,10 +12,11 @@ and that buffer is returned. A model that passes each block's output straight in
 block (``x = runner(i, block, x, ...)``) therefore pays no copies at all between blocks; the
 contract is that a returned tensor is only valid until the next call with the same signature.
 
-The first call of every signature runs eagerly (it warms up cuBLAS/cuDNN for those shapes), the
-next call of each key captures, every later one replays. All graphs share one memory pool: they
-run one after another on the compute stream and nothing they allocate outlives a call, so one
-block's worth of activations is reserved, as in eager mode. Weight waits and ``compute_done``
+The whole first forward runs eagerly (it warms up cuBLAS/cuDNN for every shape); from the second
+forward on, the first call of each key captures and every later one replays. All graphs share
+one memory pool: they run one after another on the compute stream and nothing they allocate
+outlives a call, so the pool holds one block's worth of activations. The eager forward's cached
+activations are handed back before the first capture, so they are not reserved twice. Weight waits and ``compute_done``
 events stay outside the graphs, recorded by the runner around each replay.
 
 :class:`ReplayBackend` is the CPU stand-in used by the tests: "capture" runs the call once on the
@@ -41,30 +42,46 @@ class GraphBackend(Protocol):
     def release(self) -> None: ...
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _clear_cublas_workspaces() -> None:
+    """cuBLAS caches a workspace per stream. One first allocated during a capture would sit in
+    the graph pool for good (32 MiB per stage, never given back); cleared around each capture,
+    it is scratch memory of the pool like any other (what torch's inductor does too)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
 class CudaGraphBackend:
     """Captures on a private stream into one shared pool; replays on the current stream."""
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = _CAPTURE_STREAMS.setdefault(self.device, torch.cuda.Stream(self.device))
         self.pool = torch.cuda.graph_pool_handle()
         self._emptied = False
 
     def capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
         if not self._emptied:
-            # The eager warm-up left its activations in the ordinary cache; the graph pool cannot
-            # reuse them, so hand them back once instead of reserving activations twice.
+            # The eager warm-up forward left its activations in the ordinary cache; the graph
+            # pool cannot reuse them, so hand them back once instead of reserving them twice.
             torch.cuda.empty_cache()
             self._emptied = True
         graph = torch.cuda.CUDAGraph()
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self.pool)
-            try:
-                fn()
-            finally:
-                graph.capture_end()
+        _clear_cublas_workspaces()
+        try:
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(pool=self.pool)
+                try:
+                    fn()
+                finally:
+                    graph.capture_end()
+        finally:
+            _clear_cublas_workspaces()
         main.wait_stream(self.stream)
         return graph
 
@@ -73,6 +90,7 @@ class CudaGraphBackend:
 
     def release(self) -> None:
         self.pool = None
+        _clear_cublas_workspaces()
 
 
 class ReplayBackend:
@@ -149,6 +167,11 @@ class BlockGraphs:
         self._static: dict[Hashable, _Static] = {}
         self._graphs: dict[tuple[Hashable, Hashable], Any] = {}
         self.enabled = True
+        self.forwards = 0
+
+    def new_forward(self) -> None:
+        """The runner calls this when the model starts a forward (block 0 again)."""
+        self.forwards += 1
 
     def run(self, key: Hashable, call: Callable[..., torch.Tensor], args: Sequence[Any]) -> torch.Tensor:
         """``call(*args)`` runs the block eagerly with its weights bound (used for warm-up and capture)."""
@@ -156,13 +179,13 @@ class BlockGraphs:
         if sig is None:
             return call(*args)
         static = self._static.get(sig)
-        if static is None:                      # first call of this signature: eager warm-up
+        graph = self._graphs.get((key, sig))
+        if static is None or (graph is None and self.forwards < 2):    # eager warm-up
             out = call(*args)
-            if isinstance(out, torch.Tensor) and _same_kind(out, args[0]):
+            if static is None and isinstance(out, torch.Tensor) and _same_kind(out, args[0]):
                 self._static[sig] = _Static(args)
             return out
         static.load(args)
-        graph = self._graphs.get((key, sig))
         if graph is None:
             graph = self._capture(key, sig, call, static)
             if graph is None:

@@ -63,6 +63,9 @@ class StreamingRunner:
         self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
                                 if i not in self.ring_pos}
         self.graphs = graphs
+        if graphs is not None:
+            graphs.new_forward()
+        self._last_index = -1
         self._structure: dict[int, int] = {}     # block index -> id of its code structure
         self._structures: dict[object, int] = {}
         if self.order and (ring is None or ring.n_slots < 1):
@@ -70,6 +73,9 @@ class StreamingRunner:
 
     # -- hook -----------------------------------------------------------------------------
     def __call__(self, index: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.graphs is not None and index <= self._last_index:
+            self.graphs.new_forward()
+        self._last_index = index
         views = self._resident_views.get(index)
         if views is not None:
             return self._call(index, block, ("resident", index), views, args, kwargs)
