@@ -5,9 +5,9 @@ already stored in fp8 keep their bytes with scale 1. The scale is rounded to bf1
 quantising, so the upcast ``bf16(q) * scale`` is one bf16 multiply (computed in fp32, rounded
 once) and equals :func:`dequantize` exactly, on CPU and CUDA alike.
 
-The upcast runs as ordinary kernels on whatever stream is current: the mover calls it on the
-copy stream, right after the H2D copy into the staging slot, so stream order alone puts it
-after the copy and before the ``copy_done`` event the compute stream waits on.
+The upcast runs on the compute stream, right before the block: after the compute stream has
+waited for the H2D copy into the slot's staging buffer (runner.py). Kept off the copy stream,
+it never holds back the next H2D copy, so the copy engine streams without gaps.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import MutableMapping
 
 import torch
 
-from .fp8_cuda import upcast_block_fused
 from .layout import FP8, FP8_MAX, BlockLayout, view
 
 
@@ -68,13 +67,9 @@ def pack_block(tensors: MutableMapping[str, torch.Tensor], storage: BlockLayout,
 
 
 def upcast_block(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Fill compute-layout ``dst`` from storage-layout ``src`` (both uint8, same device).
-
-    Runs on the current stream; see the module docstring for why that must be the copy stream.
-    One fused kernel on CUDA when available (fp8_cuda.py), else the torch path; same bits.
-    """
-    if not upcast_block_fused(storage, compute, src, dst):
-        upcast_block_torch(storage, compute, src, dst)
+    """Fill compute-layout ``dst`` from storage-layout ``src`` (both uint8, same device), on the
+    current stream (the torch path; fp8_cuda.FusedUpcast is the one-launch CUDA path)."""
+    upcast_block_torch(storage, compute, src, dst)
 
 
 def upcast_block_torch(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> None:

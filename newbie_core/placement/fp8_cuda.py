@@ -3,20 +3,23 @@
 Why one launch per block: the torch path (``copy_`` then ``mul_`` per tensor) makes two passes
 and ~25 launches per block, and its e4m3 -> bf16 cast is slow: measured on an H200 it took about
 2 ms per 87 M-parameter block, and at 512² the Python launch cost alone was the bound. Here a
-table of (source offset, destination offset, count, scale offset) rows, one row per 4096
-elements of every tensor of the block, drives one kernel over the whole block: fp8 rows are
+table with one row per ``ROW`` elements of every tensor of the block (source offset,
+destination offset, count, scale offset) drives one kernel over the whole block: fp8 rows are
 multiplied by their scale in fp32 and rounded once to the compute dtype (the arithmetic of
-:func:`newbie_core.placement.fp8.dequantize`, so the same bits); rows stored at the compute dtype
-are copied. The tables are built once per layout and device.
+:func:`newbie_core.placement.fp8.dequantize`, so the same bits); rows stored at the compute
+dtype are copied. The source is read through typed views (fp8 bytes, compute-dtype elements,
+bf16 scales) so every offset is an element offset and the loads vectorise.
 
-:func:`prepare` checks the kernel against the torch path once per process and stands it down
-(with a warning) if the results ever differ; CPU-only installs have no Triton and use the torch
-path.
+:class:`FusedUpcast` builds the tables of one stage's layouts (on the compute stream, before
+the stage's activations) and owns them: they go when the stage ends. The kernel is checked
+against the torch path once per process and stands down (with a warning) if they ever differ;
+CPU-only installs have no Triton and use the torch path.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 
@@ -30,92 +33,100 @@ try:
 except ImportError:      # CPU-only installs: the torch path is used
     triton = None
 
-ROW = 4096               # elements per table row (and per Triton program)
+ROW = 8192               # elements per table row (and per Triton program)
+NUM_WARPS = 8
 _STATE = {"checked": False, "ok": triton is not None}
-_TABLES: dict[tuple[BlockLayout, BlockLayout, torch.device], torch.Tensor | None] = {}
 
 if triton is not None:
     @triton.jit
-    def _block_upcast_kernel(src_ptr, dst_ptr, table_ptr, ROW: tl.constexpr):
+    def _block_upcast_kernel(src8_ptr, src16_ptr, scale_ptr, dst_ptr, table_ptr, ROW: tl.constexpr):
         row = table_ptr + tl.program_id(0) * 4
-        src_off = tl.multiple_of(tl.load(row), 256)          # bytes
-        dst_off = tl.multiple_of(tl.load(row + 1), 128)      # elements of the compute dtype
+        src_off = tl.multiple_of(tl.load(row), 128)          # elements of the row's source view
+        dst_off = tl.multiple_of(tl.load(row + 1), 128)
         n = tl.load(row + 2)
-        scale_off = tl.load(row + 3)                         # bytes; -1: stored at compute dtype
-        offs = tl.max_contiguous(tl.arange(0, ROW), ROW)
+        scale_idx = tl.load(row + 3)                         # bf16 element index; -1: a plain copy
+        offs = tl.max_contiguous(tl.multiple_of(tl.arange(0, ROW), ROW), ROW)
         keep = offs < n
         out = dst_ptr + dst_off + offs
-        if scale_off >= 0:
-            q = tl.load((src_ptr + src_off).to(tl.pointer_type(tl.float8e4nv)) + offs, mask=keep)
-            scale = tl.load((src_ptr + scale_off).to(tl.pointer_type(tl.bfloat16))).to(tl.float32)
+        if scale_idx >= 0:
+            q = tl.load(src8_ptr + src_off + offs, mask=keep)
+            scale = tl.load(scale_ptr + scale_idx).to(tl.float32)
             tl.store(out, (q.to(tl.float32) * scale).to(dst_ptr.dtype.element_ty), mask=keep)
         else:
-            x = tl.load((src_ptr + src_off).to(tl.pointer_type(dst_ptr.dtype.element_ty)) + offs, mask=keep)
-            tl.store(out, x, mask=keep)
+            tl.store(out, tl.load(src16_ptr + src_off + offs, mask=keep), mask=keep)
 
 
-def _table(storage: BlockLayout, compute: BlockLayout, device: torch.device) -> torch.Tensor | None:
-    """The row table, or None when the block has tensors this kernel does not handle."""
-    key = (storage, compute, device)
-    if key in _TABLES:
-        return _TABLES[key]
+def build_table(storage: BlockLayout, compute: BlockLayout, device: torch.device,
+                row: int = ROW) -> torch.Tensor | None:
+    """The row table of one (storage, compute) layout pair, or None when the block holds
+    tensors this kernel does not handle (other dtypes); those blocks use the torch path."""
     dtypes = {c.dtype for c in compute.entries}
-    table = None
-    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.bfloat16, torch.float16) \
-            and storage.scale_dtype == torch.bfloat16:
-        dtype = next(iter(dtypes))
-        rows = []
-        for s, c in zip(storage.entries, compute.entries):
-            scaled = s.scale_offset is not None
-            if not (scaled and s.dtype == FP8) and s.dtype != dtype:
-                rows = None
-                break
-            n = c.nbytes // dtype.itemsize
-            for start in range(0, n, ROW):
-                src = s.offset + start * s.dtype.itemsize
-                rows.append((src, c.offset // dtype.itemsize + start, min(ROW, n - start),
-                             s.scale_offset if scaled else -1))
-        if rows:
-            table = torch.tensor(rows, dtype=torch.int64).to(device)
-    _TABLES[key] = table
-    return table
+    if len(dtypes) != 1 or storage.scale_dtype != torch.bfloat16:
+        return None
+    dtype = dtypes.pop()
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    size = dtype.itemsize
+    rows = []
+    for s, c in zip(storage.entries, compute.entries):
+        scaled = s.scale_offset is not None and s.dtype == FP8
+        if not scaled and s.dtype != dtype:
+            return None
+        n = c.nbytes // size
+        base = s.offset if scaled else s.offset // size
+        for start in range(0, n, row):
+            rows.append((base + start, c.offset // size + start, min(row, n - start),
+                         s.scale_offset // 2 if scaled else -1))
+    return torch.tensor(rows, dtype=torch.int64).to(device) if rows else None
 
 
-def _launch(table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    _block_upcast_kernel[(table.shape[0],)](src, dst, table, ROW=ROW)
+def launch(table: torch.Tensor, storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor,
+           row: int = ROW, num_warps: int = NUM_WARPS) -> None:
+    dtype = compute.entries[0].dtype
+    src = src[: storage.nbytes]
+    _block_upcast_kernel[(table.shape[0],)](src.view(FP8), src.view(dtype), src.view(torch.bfloat16),
+                                            dst[: compute.nbytes].view(dtype), table, ROW=row,
+                                            num_warps=num_warps)
 
 
-def upcast_block_fused(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> bool:
-    """Fill compute-layout ``dst`` from storage-layout ``src`` (uint8) in one kernel.
+class FusedUpcast:
+    """Upcasts one stage's fp8 blocks: the fused kernel where it applies, else the torch path."""
 
-    Returns False when the fast path is off (no Triton, CPU tensors, :func:`self_check` not run
-    or failed, a block with tensors of other dtypes); the caller then uses the torch path.
-    Allocates nothing (it runs on the copy stream).
-    """
-    if not (_STATE["ok"] and _STATE["checked"] and src.is_cuda):
+    def __init__(self, pairs: Iterable[tuple[BlockLayout, BlockLayout]], device: torch.device | str):
+        self._tables: dict[tuple[BlockLayout, BlockLayout], torch.Tensor] = {}
+        device = torch.device(device)
+        if device.type != "cuda" or not _kernel_ok(device):
+            return
+        for storage, compute in pairs:
+            if (storage, compute) not in self._tables:
+                table = build_table(storage, compute, device)
+                if table is not None:
+                    self._tables[(storage, compute)] = table
+
+    def __call__(self, storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Fill compute-layout ``dst`` from storage-layout ``src`` (both uint8) on the current stream."""
+        table = self._tables.get((storage, compute))
+        if table is not None:
+            launch(table, storage, compute, src, dst)
+        else:
+            from .fp8 import upcast_block_torch
+            upcast_block_torch(storage, compute, src, dst)
+
+    def release(self) -> None:
+        self._tables.clear()
+
+
+def _kernel_ok(device: torch.device) -> bool:
+    if not _STATE["ok"]:
         return False
-    table = _TABLES.get((storage, compute, src.device))
-    if table is None:
-        return False
-    _launch(table, src, dst[: compute.nbytes].view(compute.entries[0].dtype))
-    return True
-
-
-def prepare(layouts: list[tuple[BlockLayout, BlockLayout]], device: torch.device) -> None:
-    """Check the kernel once per process and build the tables of these (storage, compute)
-    layouts; call on the compute stream before a stage allocates its activations."""
-    if not (_STATE["ok"] and torch.device(device).type == "cuda"):
-        return
     if not _STATE["checked"]:
         _STATE["checked"] = True
         try:
-            _self_check(torch.device(device))
+            _self_check(device)
         except Exception as e:   # noqa: BLE001 - any failure means: use the torch path
             _STATE["ok"] = False
             log.warning("fp8 Triton upcast disabled (%s); using the slower torch upcast", e)
-            return
-    for storage, compute in layouts:
-        _table(storage, compute, torch.device(device))
+    return _STATE["ok"]
 
 
 def _self_check(device: torch.device) -> None:
@@ -124,19 +135,19 @@ def _self_check(device: torch.device) -> None:
     from .layout import compute_layout, fp8_layout
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
-        tensors = {"w1.weight": (3, 5000), "norm.weight": (4100,), "w2.weight": (77, 13)}
-        compute = compute_layout([(n, shape, dtype) for n, shape in tensors.items()])
+        shapes = {"w1.weight": (3, 5000), "norm.weight": (9000,), "w2.weight": (77, 13)}
+        compute = compute_layout([(n, shape, dtype) for n, shape in shapes.items()])
         storage = fp8_layout(compute)
-        values = {n: (torch.randn(shape, generator=g) * 3).to(dtype) for n, shape in tensors.items()}
+        values = {n: (torch.randn(shape, generator=g) * 3).to(dtype) for n, shape in shapes.items()}
         src = torch.zeros(storage.nbytes, dtype=torch.uint8)
         pack_block(values, storage, src)
         src = src.to(device)
         reference = torch.zeros(compute.nbytes, dtype=torch.uint8, device=device)
         upcast_block_torch(storage, compute, src, reference)
-        table = _table(storage, compute, device)
+        table = build_table(storage, compute, device)
         if table is None:
             raise RuntimeError("no row table for the check block")
         out = torch.zeros_like(reference)
-        _launch(table, src, out[: compute.nbytes].view(dtype))
+        launch(table, storage, compute, src, out)
         if not torch.equal(out, reference):
             raise RuntimeError(f"result differs from the torch upcast ({dtype})")

@@ -88,7 +88,8 @@ class StagePlan:
 
     @property
     def ring_bytes(self) -> int:
-        return self.slots * self.slot_bytes + self.staging_bytes
+        """Every slot, each with its fp8 staging buffer (``staging_bytes`` is per slot)."""
+        return self.slots * (self.slot_bytes + self.staging_bytes)
 
     def render(self) -> str:
         n_res, n = len(self.resident), self.n_blocks
@@ -103,7 +104,7 @@ class StagePlan:
                         + (f"; {len(self.materialized)} fp8 kept at compute dtype (upcast once)"
                            if self.materialized else "")),
             ("ring", f"{self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}, prefetch depth {self.prefetch_depth}"
-                     + (f", fp8 staging {fmt_bytes(self.staging_bytes)}" if self.staging_bytes else "")),
+                     + (f", fp8 staging {fmt_bytes(self.staging_bytes)} per slot" if self.staging_bytes else "")),
             ("chunks (attention / ffn)", f"{self.attn_chunk} / {self.ffn_chunk}"),
         ]
         if self.predicted_step_s is not None:

@@ -23,9 +23,10 @@ Decisions, and why:
   fp8 chain therefore starts with every block materialized and gives them up one by one before
   any block streams.
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
-  for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, and
-  streamed fp8 blocks land first in one fp8 staging buffer; the copy stream is serial, so one
-  staging buffer is enough.
+  for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on the
+  compute stream; streamed fp8 blocks land first in the slot's own fp8 staging buffer, so the
+  copy stream never waits for an upcast (a shared staging buffer serialised copy and upcast:
+  measured at 512² under 2 GB, 61.5 ms per step against a 48.5 ms copy roofline).
 
 The predicted peak is analytic (see budget.py for the allocator model), never a measurement.
 """
@@ -147,7 +148,8 @@ class _Ctx:
              + (f", {len(kept)} kept at compute dtype" if kept else "") + ")",
              sum(segment_bytes(self.blocks[i].compute_bytes if i in kept else self.blocks[i].storage_bytes(kind))
                  for i in resident)),
-            (f"ring: {slots} slot(s) + staging", segment_bytes(slots * slot_bytes + staging)),
+            (f"ring: {slots} slot(s)" + (" with fp8 staging" if staging else ""),
+             segment_bytes(slots * (slot_bytes + staging))),
             (f"activations {fmt_bytes(act_bytes)} + allocator overhead", activation_reserved(act_bytes)),
         )
         peak = sum(b for _, b in breakdown)

@@ -14,14 +14,19 @@ import torch
 
 
 class SlotRing:
+    """``slots`` compute-layout buffers, each with its own fp8 staging buffer when
+    ``staging_bytes`` > 0 (the H2D copy lands there; the compute stream upcasts it into the slot)."""
+
     def __init__(self, slots: int, slot_bytes: int, staging_bytes: int, device: torch.device | str):
         if slots < 1 or slot_bytes <= 0:
             raise ValueError(f"a ring needs at least one slot of positive size, got {slots} x {slot_bytes} bytes.")
         self.n_slots = slots
         self.slot_bytes = slot_bytes
-        self.buffer = torch.empty(slots * slot_bytes + staging_bytes, dtype=torch.uint8, device=device)
+        self.buffer = torch.empty(slots * (slot_bytes + staging_bytes), dtype=torch.uint8, device=device)
         self.slots = [self.buffer[i * slot_bytes:(i + 1) * slot_bytes] for i in range(slots)]
-        self.staging = self.buffer[slots * slot_bytes:] if staging_bytes else None
+        base = slots * slot_bytes
+        self.staging = [self.buffer[base + i * staging_bytes:base + (i + 1) * staging_bytes]
+                        for i in range(slots)] if staging_bytes else []
         self.copy_done: list[object] = [None] * slots      # side event: slot holds its next block
         self.compute_done: list[object] = [None] * slots   # main event: compute finished reading it
 
@@ -31,5 +36,5 @@ class SlotRing:
 
     def release(self) -> None:
         """Drop every reference (the caller drained the side stream first)."""
-        self.slots, self.staging, self.buffer = [], None, None
+        self.slots, self.staging, self.buffer = [], [], None
         self.copy_done, self.compute_done = [], []

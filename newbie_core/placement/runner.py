@@ -10,18 +10,20 @@ moved or copied by this.
 Ring schedule. The blocks that use the ring (streamed ones, and fp8 ones kept resident) form a
 cycle that repeats every forward. Position ``p`` of that endless sequence is ring block
 ``p % R`` of forward ``p // R`` and uses slot ``p % S``. Before computing position ``p`` the
-runner makes sure positions up to ``p + depth`` were issued. Issuing position ``q``:
+runner makes sure positions up to ``p + depth`` were issued. Issuing position ``q`` (streamed
+blocks only; resident fp8 blocks have nothing to copy):
 
-1. side stream waits ``compute_done[q % S]`` (position ``q - S`` finished reading the slot;
-   ``depth <= S - 1`` guarantees that compute was already enqueued);
-2. side stream copies the block into the slot (fp8: into the staging buffer, then upcasts
-   into the slot, both on the side stream, so stream order puts the upcast after the copy);
+1. side stream waits ``compute_done[q % S]`` (position ``q - S`` finished with the slot and
+   its staging buffer; ``depth <= S - 1`` guarantees that compute was already enqueued);
+2. side stream copies the block into the slot (fp8: into the slot's staging buffer);
 3. side stream records ``copy_done[q % S]``.
 
-Computing position ``p``: main stream waits ``copy_done[p % S]``, runs the block, records
-``compute_done[p % S]``, then issues up to ``p + 1 + depth``. Because positions run on across
-forwards, the last blocks of one forward prefetch the first blocks of the next. The hot path
-never blocks the host: no ``.item()``, no synchronize, only events.
+Computing position ``p``: main stream waits ``copy_done[p % S]``; an fp8 block is upcast into
+the slot right there, on the main stream (from the staging buffer, or from its resident fp8
+buffer); then the block runs and the main stream records ``compute_done[p % S]``, and the
+runner issues up to ``p + 1 + depth``. Because positions run on across forwards, the last
+blocks of one forward prefetch the first blocks of the next. The hot path never blocks the
+host: no ``.item()``, no synchronize, only events.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import nn
 
 from .copy_engine import CopyEngine
 from .fp8 import upcast_block
+from .fp8_cuda import FusedUpcast
 from .graphs import BlockGraphs, module_structure
 from .host_store import HostBlockStore
 from .layout import BlockLayout
@@ -49,7 +52,8 @@ class StreamingRunner:
 
     def __init__(self, plan: StagePlan, compute: Sequence[BlockLayout], storage: Sequence[BlockLayout],
                  store: HostBlockStore | None, engine: CopyEngine, ring: SlotRing | None,
-                 resident: dict[int, torch.Tensor], graphs: BlockGraphs | None = None):
+                 resident: dict[int, torch.Tensor], graphs: BlockGraphs | None = None,
+                 upcast: FusedUpcast | None = None):
         self.plan, self.compute, self.storage = plan, list(compute), list(storage)
         self.store, self.engine, self.ring, self.resident = store, engine, ring, resident
         self.order = plan.ring_blocks
@@ -62,6 +66,8 @@ class StreamingRunner:
         self._bindings: dict[tuple, list[tuple[dict, str, torch.Tensor, torch.Tensor]]] = {}
         self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
                                 if i not in self.ring_pos}
+        self.upcast = upcast or upcast_block
+        self._fp8 = [layout.is_fp8 for layout in self.storage]
         self.graphs = graphs
         if graphs is not None:
             graphs.new_forward()
@@ -89,6 +95,9 @@ class StreamingRunner:
         self.issue_upto(p + self.depth)
         s = p % self.ring.n_slots
         self.engine.main_wait(self.ring.copy_done[s])
+        if self._fp8[index]:                    # upcast on the compute stream, into the slot
+            src = self.resident[index] if index in self.resident else self.ring.staging[s]
+            self.upcast(self.storage[index], self.compute[index], src, self.ring.slots[s])
         out = self._call(index, block, (s, index), self._slot_views(s, index), args, kwargs)
         self.ring.compute_done[s] = self.engine.main_record()
         self._next = p + 1
@@ -109,22 +118,16 @@ class StreamingRunner:
     def _issue(self, q: int) -> None:
         block = self.order[q % len(self.order)]
         s = q % self.ring.n_slots
-        compute, storage = self.compute[block], self.storage[block]
-        slot = self.ring.slots[s][: compute.nbytes]
-        self.engine.side_wait(self.ring.compute_done[s])          # (1) nobody reads the slot any more
-        if block in self.resident:                                # fp8 resident: upcast only
-            src = self.resident[block]
-            self.engine.launch(lambda: upcast_block(storage, compute, src, slot), writes=[slot])
-        else:
-            host = self.store.acquire(block, self.engine)
-            if storage.is_fp8:                                   # (2) H2D into staging, then upcast
-                staging = self.ring.staging[: storage.nbytes]
-                self.engine.copy(staging, host, side_only=True)
-                self.engine.launch(lambda: upcast_block(storage, compute, staging, slot), writes=[slot])
-            else:
-                self.engine.copy(slot, host)
-            self.store.release(block, self.engine.side_record())
-            self.bytes_h2d += storage.nbytes
+        if block in self.resident:              # resident fp8: upcast at compute time, no copy
+            self.ring.copy_done[s] = None
+            return
+        storage = self.storage[block]
+        self.engine.side_wait(self.ring.compute_done[s])          # (1) slot and staging are free
+        dst = self.ring.staging[s] if self._fp8[block] else self.ring.slots[s]
+        host = self.store.acquire(block, self.engine)
+        self.engine.copy(dst[: storage.nbytes], host)             # (2)
+        self.store.release(block, self.engine.side_record())
+        self.bytes_h2d += storage.nbytes
         self.ring.copy_done[s] = self.engine.side_record()        # (3)
 
     def _resync(self, k: int) -> None:
@@ -183,6 +186,8 @@ class StreamingRunner:
     def release(self) -> None:
         if self.graphs is not None:
             self.graphs.release()
+        if isinstance(self.upcast, FusedUpcast):
+            self.upcast.release()
         self._bindings.clear()
         self._views.clear()
         self._resident_views.clear()

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import fp8_cuda
 from .copy_engine import CopyEngine, make_engine
-from .fp8 import upcast_block
+from .fp8_cuda import FusedUpcast
 from .graphs import BlockGraphs, CudaGraphBackend, GraphBackend
 from .host_store import HostBlockStore
 from .layout import BlockLayout, block_tensors, compute_layout, default_keep_high_precision, fp8_layout
@@ -83,6 +82,7 @@ class StreamingSession:
         self.engine = engine if engine is not None else make_engine(self.device)
         self.layouts = model_layouts(model, plan, compute_dtype, keep_high_precision)
         self.runner: StreamingRunner | None = None
+        self.upcast: FusedUpcast | None = None
         self.ring: SlotRing | None = None
         self.resident: dict[int, torch.Tensor] = {}
         self._prev = None
@@ -110,9 +110,7 @@ class StreamingSession:
 
     def _allocate(self) -> None:
         plan = self.plan
-        fp8_pairs = [(l.storage, l.compute) for l in self.layouts if l.storage.is_fp8]
-        if fp8_pairs:
-            fp8_cuda.prepare(fp8_pairs, self.device)
+        self.upcast = FusedUpcast([(l.storage, l.compute) for l in self.layouts if l.storage.is_fp8], self.device)
         if plan.slots:   # the ring first: one segment at the bottom, before any activation
             self.ring = SlotRing(plan.slots, plan.slot_bytes, plan.staging_bytes, self.device)
         if plan.resident and self.store is None:
@@ -127,11 +125,12 @@ class StreamingSession:
             size = layouts.compute.nbytes if i in materialized else layouts.storage.nbytes
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             host = self.store.acquire(i, self.engine)
-            if i in materialized:
+            if i in materialized:   # copy, then upcast on the main stream; the next copy waits for it
                 src = staging[: layouts.storage.nbytes]
-                self.engine.copy(src, host, side_only=True)
-                self.engine.launch(lambda l=layouts, s=src, b=buf: upcast_block(l.storage, l.compute, s, b),
-                                   writes=[buf])
+                self.engine.copy(src, host)
+                self.engine.main_wait(self.engine.side_record())
+                self.upcast(layouts.storage, layouts.compute, src, buf)
+                self.engine.side_wait(self.engine.main_record())
             else:
                 self.engine.copy(buf, host)
             self.store.release(i, self.engine.side_record())
@@ -140,7 +139,8 @@ class StreamingSession:
         self.engine.drain()   # resident weights are in place before any compute reads them
         del staging           # freed on the main stream, after the drain
         self.runner = StreamingRunner(plan, [l.compute for l in self.layouts], [l.storage for l in self.layouts],
-                                      self.store, self.engine, self.ring, self.resident, self._block_graphs())
+                                      self.store, self.engine, self.ring, self.resident, self._block_graphs(),
+                                      self.upcast)
 
     def _block_graphs(self) -> BlockGraphs | None:
         """``graphs=True`` means CUDA graphs on a CUDA device (off elsewhere); a backend is used as given."""
@@ -172,6 +172,8 @@ class StreamingSession:
         if self.ring is not None:
             self.ring.release()
         self.runner, self.ring, self.resident = None, None, {}
+        if self.upcast is not None:
+            self.upcast.release()
 
 
 def stream_blocks(model, plan: StagePlan, store: HostBlockStore | None, device: torch.device | str,
