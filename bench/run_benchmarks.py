@@ -29,7 +29,7 @@ from newbie_core.models.dit import build_dit, flops_per_forward  # noqa: E402
 from newbie_core.pipeline import (CONDITIONING_CACHE, GenerationRequest, MemorySettings, Models,  # noqa: E402
                                   SamplingSettings, StorageDType, generate, load_dit_handle,
                                   load_text_encoder_handle, load_vae_handle)
-from newbie_core.pipeline.sample import run_sampling  # noqa: E402
+from newbie_core.pipeline.sample import run_sampling, use_graphs  # noqa: E402
 from newbie_core.pipeline.encode import encode_texts  # noqa: E402
 from newbie_core.placement import HOST_CACHE, Report, block_sizes  # noqa: E402
 from newbie_core.prompt import prepare_texts  # noqa: E402
@@ -89,7 +89,7 @@ def streamed_bytes_per_forward(models: Models, plan, compute: str) -> int:
 
 
 def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | None, dtype: str, steps: int,
-            compute: str = "bf16", chunks: tuple[int, int] = (0, 0), graphs: bool = True) -> dict:
+            compute: str = "bf16", chunks: tuple[int, int] = (0, 0), graphs: bool | None = None) -> dict:
     CONDITIONING_CACHE.clear()
     torch.cuda.empty_cache()
     set_budget(device, budget_gb)
@@ -123,7 +123,8 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
         "host_ram_peak_gb": max((r.host_ram_peak or 0) for r in recs.values()) / GB,
         "streamed_bytes_per_step": streamed_bytes_per_forward(models, plan, compute),
         "resident_blocks": len(plan.resident), "chunks": [plan.attn_chunk, plan.ffn_chunk],
-        "slots": plan.slots, "materialized_blocks": len(plan.materialized), "cuda_graphs": graphs,
+        "slots": plan.slots, "materialized_blocks": len(plan.materialized),
+        "cuda_graphs": use_graphs(memory, batch, cap + (size // 16) ** 2, device),
         "_latent": result.latent,
     }
 
@@ -136,7 +137,8 @@ def summary(row: dict) -> str:
             f"whole {row['whole_s']:.2f} s (x{row.get('whole_ratio_to_resident', 1):.3f}) {row['tflops']:.0f} TFLOP/s "
             f"resident {row['resident_blocks']} (kept at compute dtype {row.get('materialized_blocks', 0)}) "
             f"slots {row['slots']} chunks {row['chunks']} graphs {row.get('cuda_graphs', True)} "
-            f"bitwise {row.get('bitwise_equal_to_resident')} | measured/predicted GB {stages}")
+            f"bitwise {row.get('bitwise_equal_to_resident')} | measured/predicted GB {stages} | stage s "
+            + " ".join(f"{k}={v:.2f}" for k, v in row["stage_seconds"].items()))
 
 
 def resident_with_chunks(models: Models, device, size: int, cfg: float, chunks, steps: int) -> torch.Tensor:
@@ -178,10 +180,10 @@ def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: f
 
 
 # (size, cfg, budget GB, storage, CUDA graphs); the first row of a size is its resident base.
-FOCUS = [(512, 1.0, None, "bf16", True), (512, 1.0, None, "bf16", False), (512, 1.0, None, "fp8", True),
-         (512, 1.0, 4, "fp8", True), (512, 1.0, 2, "fp8", True), (512, 1.0, 4, "bf16", True),
-         (512, 1.0, 2, "bf16", True), (1024, 5.0, None, "bf16", True), (1024, 5.0, None, "bf16", False),
-         (1024, 5.0, 2, "fp8", True), (1024, 5.0, 2, "bf16", True)]
+FOCUS = [(512, 1.0, None, "bf16", None), (512, 1.0, None, "bf16", False), (512, 1.0, None, "fp8", None),
+         (512, 1.0, 4, "fp8", None), (512, 1.0, 2, "fp8", None), (512, 1.0, 4, "bf16", None),
+         (512, 1.0, 2, "bf16", None), (1024, 5.0, None, "bf16", None), (1024, 5.0, None, "bf16", True),
+         (1024, 5.0, 2, "fp8", None), (1024, 5.0, 2, "bf16", None)]
 CALIBRATION = [(1024, 5.0, None, "bf16"), (1024, 5.0, 4, "bf16"), (1024, 5.0, 2, "bf16"), (1024, 5.0, 2, "fp8"),
                (1024, 5.0, None, "fp8"), (512, 1.0, None, "bf16"), (512, 1.0, 2, "bf16"), (768, 5.0, 3, "bf16"),
                (1536, 5.0, 6, "bf16"), (768, 1.0, 2, "fp8")]

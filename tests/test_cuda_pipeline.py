@@ -80,7 +80,7 @@ def test_real_oom_recovers_through_the_half_budget_retry(full_dit, conds, caplog
 def test_graphs_equal_eager_and_fp8_streams_equal_fp8_resident(full_dit, conds):
     """CUDA graphs replay the eager kernels bit for bit; fp8 streamed == fp8 kept at compute dtype."""
     eager = _sample(full_dit, conds, 100 * GB, MemorySettings(cuda_graphs=False), steps=3)
-    graphed = _sample(full_dit, conds, 100 * GB, steps=3)
+    graphed = _sample(full_dit, conds, 100 * GB, MemorySettings(cuda_graphs=True), steps=3)
     assert torch.equal(eager.latent, graphed.latent)
     fp8 = MemorySettings(fp8_streaming=True)
     roomy = _sample(full_dit, conds, 100 * GB, fp8, steps=3)
@@ -96,20 +96,20 @@ def test_graphs_equal_eager_and_fp8_streams_equal_fp8_resident(full_dit, conds):
 def test_fused_fp8_upcast_matches_the_torch_path_on_a_full_block(full_dit):
     from newbie_core.models.dit import build_dit
     from newbie_core.placement import fp8_cuda
-    from newbie_core.placement.fp8 import pack_block, upcast_block, upcast_block_torch
+    from newbie_core.placement.fp8 import pack_block, upcast_block_torch
     from newbie_core.placement.session import block_layouts
     model = build_dit(full_dit.ckpt.config, "meta", torch.bfloat16)
     name, block = model.block_sequence()[5]
     layouts = block_layouts(block, "fp8")
-    fp8_cuda.prepare([(layouts.storage, layouts.compute)], DEV)
+    fused = fp8_cuda.FusedUpcast([(layouts.storage, layouts.compute)], DEV)
     assert fp8_cuda._STATE["ok"], "the fused kernel failed its self-check"
     source = full_dit.ckpt.source
     tensors = {k[len(name) + 1:]: source.get(k) for k in source.keys() if k.startswith(name + ".")}
     packed = torch.zeros(layouts.storage.nbytes, dtype=torch.uint8)
     pack_block(tensors, layouts.storage, packed)
     packed = packed.to(DEV)
-    fused = torch.zeros(layouts.compute.nbytes, dtype=torch.uint8, device=DEV)
-    reference = torch.zeros_like(fused)
-    upcast_block(layouts.storage, layouts.compute, packed, fused)
+    out = torch.zeros(layouts.compute.nbytes, dtype=torch.uint8, device=DEV)
+    reference = torch.zeros_like(out)
+    fused(layouts.storage, layouts.compute, packed, out)
     upcast_block_torch(layouts.storage, layouts.compute, packed, reference)
-    assert torch.equal(fused, reference)
+    assert torch.equal(out, reference)

@@ -250,27 +250,23 @@ def test_without_compute_done_wait_the_race_is_caught(model, monkeypatch):
         run(model, manual_plan(model, (), 2, 1, Storage.BF16), steps=2)
 
 
-def test_fp8_upcast_before_the_copy_wait_reads_nan(model, monkeypatch):
-    """The upcast runs on the compute stream after waiting for the staging copy; run it before
-    that wait (as if it were ordered wrongly) and it reads the poisoned staging buffer."""
-    from newbie_core.placement import runner as runner_mod
-    real_call = runner_mod.StreamingRunner.__call__
+def test_fp8_upcast_without_its_copy_event_reads_nan(model, monkeypatch):
+    """The upcast stream must wait for the staging copy; drop that wait and it upcasts NaN."""
+    real = FakeCopyStream.upcast
 
-    def upcast_first(self, index, block, *args, **kwargs):
-        if self._fp8[index] and index not in self.resident:
-            s = self._next % self.ring.n_slots
-            self.issue_upto(self._next + self.depth)
-            upcast = self.upcast
-            upcast(self.storage[index], self.compute[index], self.ring.staging[s], self.ring.slots[s])
-            self.upcast = lambda *a: None          # the later, correctly ordered upcast is skipped
-            try:
-                return real_call(self, index, block, *args, **kwargs)
-            finally:
-                self.upcast = upcast
-        return real_call(self, index, block, *args, **kwargs)
-    monkeypatch.setattr(runner_mod.StreamingRunner, "__call__", upcast_first)
+    def forgetful(self, fn, after, writes=()):
+        return real(self, fn, None if after is not None and after.stream == "side" else after, writes)
+    monkeypatch.setattr(FakeCopyStream, "upcast", forgetful)
     outs, _, _ = run(model, manual_plan(model, (), 2, 1, Storage.FP8), steps=1)
     assert torch.isnan(outs[0]).any()
+
+
+def test_resident_fp8_upcast_without_the_slot_wait_is_a_race(model, monkeypatch):
+    """A resident fp8 block's upcast overwrites its slot: it must wait for the compute that read it."""
+    real = FakeCopyStream.upcast
+    monkeypatch.setattr(FakeCopyStream, "upcast", lambda self, fn, after, writes=(): real(self, fn, None, writes))
+    with pytest.raises(StreamRaceError):
+        run(model, manual_plan(model, tuple(range(N_BLOCKS)), 2, 1, Storage.FP8), steps=2)
 
 
 # -- clean failure and accounting --------------------------------------------------------------

@@ -67,6 +67,22 @@ GRAPH_FIXED_BYTES = 32 * 2**20
 GRAPH_SEQUENCE_FACTOR = 7
 
 
+# Above this many tokens per forward (batch x (caption + image)) a block keeps the GPU busier
+# than it takes to launch, and graphs stop paying for their captures. Measured on an H200:
+# 512² without CFG (1.3 k tokens) runs 40.5 ms per step with graphs, 70.2 ms without;
+# 1024² with CFG (8.8 k tokens) gains 1.3 % per step but its 40 captures cost about 0.4 s.
+GRAPH_TOKEN_LIMIT = 6144
+
+
+def use_graphs(memory: MemorySettings, batch: int, tokens: int, device: torch.device) -> bool:
+    """Whether the sampler replays blocks as CUDA graphs (``MemorySettings.cuda_graphs``)."""
+    if device.type != "cuda":
+        return False
+    if memory.cuda_graphs is not None:
+        return memory.cuda_graphs
+    return batch * tokens <= GRAPH_TOKEN_LIMIT
+
+
 def dit_activation_estimate(config: DiTConfig, batch: int, cap_tokens: int, image_tokens: int,
                             dtype: torch.dtype, device: torch.device,
                             graphs: bool = False) -> Callable[[int | None, int | None], int]:
@@ -97,7 +113,7 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device,
-                                                 memory.cuda_graphs),
+                                                 use_graphs(memory, batch, cap_tokens + image_tokens, device)),
         chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens))
     return model, inputs, plan_for(model, inputs, budget)
 
@@ -115,6 +131,7 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
 
     def attempt(budget_now: int | None) -> SampleResult:
         model, inputs, plan = plan_sampling(handle, memory, batch, cap_tokens, width, height, device, budget_now)
+        graphs = use_graphs(memory, batch, cap_tokens + (height // 16) * (width // 16), device)
         log.info("sampling plan:\n%s", plan.render())
         with stage_guard("sample", device) as guard, measure_stage(report, "sample", device, plan.predicted_peak) as rec:
             guard.on_release(lambda: model.to_empty(device="meta"))
@@ -122,7 +139,7 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
                                    optional=lambda name, shape: torch.ones(shape))
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
             with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes,
-                               graphs=memory.cuda_graphs) as session:
+                               graphs=graphs) as session:
                 guard.hold(session)
                 latent, steps = _sample_loop(model, positive, negative, raw_latent, sampling, device,
                                              inputs.compute_dtype, callback)

@@ -27,8 +27,9 @@ class MemorySettings:
     ``vram_budget_gb=None`` means auto: what the device has free, minus a margin.
     ``attention_chunk`` / ``ffn_chunk``: 0 lets the planner choose, -1 turns chunking off,
     a positive number forces that many query rows / tokens per chunk.
-    ``cuda_graphs``: the sampler replays DiT blocks as CUDA graphs (same kernels, one launch per
-    block); turn off to debug or if a driver misbehaves.
+    ``cuda_graphs``: the sampler replays DiT blocks as CUDA graphs (same kernels and bits, one
+    launch per block). None = auto: on where launches, not the GPU, bound a step (see
+    ``sample.use_graphs``); False to debug or if a driver misbehaves.
     """
     vram_budget_gb: float | None = None
     ram_budget_gb: float | None = None
@@ -39,7 +40,7 @@ class MemorySettings:
     vae_tile_px: int = 0            # 0 = choose from the budget, -1 = never tile
     vae_overlap_px: int = 64
     conditioning_cache_dir: str | None = None
-    cuda_graphs: bool = True
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:

@@ -1,12 +1,17 @@
 """The copy stream: where weights travel, ordered against compute with events only.
 
-Two streams matter. The *main* stream is whatever stream is current when the model runs: all
+Three streams matter. The *main* stream is whatever stream is current when the model runs: all
 compute, and every allocation the placement core makes (ring, resident buffers). The *side*
-stream carries host->device copies and the fp8 upcast. They are ordered only by events:
+(copy) stream carries host->device copies; the *upcast* stream turns fp8 blocks into compute
+layout. The upcast has its own stream so that the copy engine never waits for an upcast: at
+512² an upcast on the copy stream stretched every block's transfer (measured on an H200).
+They are ordered only by events:
 
 - ``main_wait(copy_done)`` before compute reads a slot the side stream filled;
 - ``side_wait(compute_done)`` before the side stream overwrites a slot compute has read;
-- ``host_wait(copy_done)`` before the CPU overwrites a pinned staging buffer a copy reads.
+- ``host_wait(copy_done)`` before the CPU overwrites a pinned staging buffer a copy reads;
+- ``upcast(fn, after)`` waits ``after`` (the staging copy's event, or the compute event that
+  frees the slot) on the upcast stream, runs ``fn`` there and returns the event compute waits on.
 
 No tensor is ever allocated on the side stream: the side stream only writes into buffers the
 main stream allocated, so the caching allocator never sees a cross-stream free and
@@ -32,7 +37,7 @@ import torch
 
 class CopyEngine(Protocol):
     def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None: ...
-    def launch(self, fn: Callable[[], None], writes: Sequence[torch.Tensor] = ()) -> None: ...
+    def upcast(self, fn: Callable[[], None], after: Any, writes: Sequence[torch.Tensor] = ()) -> Any: ...
     def side_record(self) -> Any: ...
     def side_wait(self, event: Any) -> None: ...
     def main_record(self) -> Any: ...
@@ -47,6 +52,7 @@ class CudaCopyEngine:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
+        self.upcast_stream = torch.cuda.Stream(self.device)
 
     def _main(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self.device)
@@ -55,9 +61,15 @@ class CudaCopyEngine:
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
 
-    def launch(self, fn: Callable[[], None], writes: Sequence[torch.Tensor] = ()) -> None:
-        with torch.cuda.stream(self.stream):
+    def upcast(self, fn: Callable[[], None], after: torch.cuda.Event | None,
+               writes: Sequence[torch.Tensor] = ()) -> torch.cuda.Event:
+        if after is not None:
+            self.upcast_stream.wait_event(after)
+        with torch.cuda.stream(self.upcast_stream):
             fn()   # must allocate nothing: see the module docstring
+        event = torch.cuda.Event()
+        event.record(self.upcast_stream)
+        return event
 
     def side_record(self) -> torch.cuda.Event:
         event = torch.cuda.Event()
@@ -83,6 +95,7 @@ class CudaCopyEngine:
 
     def drain(self) -> None:
         self.main_wait(self.side_record())
+        self._main().wait_stream(self.upcast_stream)
 
 
 class ImmediateCopyEngine:
@@ -91,7 +104,7 @@ class ImmediateCopyEngine:
     def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None:
         dst.copy_(src)
 
-    def launch(self, fn: Callable[[], None], writes: Sequence[torch.Tensor] = ()) -> None:
+    def upcast(self, fn: Callable[[], None], after: None, writes: Sequence[torch.Tensor] = ()) -> None:
         fn()
 
     def side_record(self) -> None:
@@ -152,7 +165,8 @@ class FakeCopyStream:
         self.bytes_copied = 0
 
     # -- side stream ----------------------------------------------------------------------
-    def _enqueue_write(self, writes: Sequence[torch.Tensor], op: Callable[[], None], side_only: bool = False) -> None:
+    def _enqueue_write(self, writes: Sequence[torch.Tensor], op: Callable[[], None], side_only: bool = False,
+                       at_once: bool = False) -> None:
         for t in writes:
             start, end = _span(t)
             for c_start, c_end, seq in self._consumed:
@@ -168,7 +182,10 @@ class FakeCopyStream:
         def landed() -> None:
             op()
             self._landed_writes.extend((s, e, seq) for s, e in spans)
-        self._queue.append((seq, landed))
+        if at_once:
+            landed()
+        else:
+            self._queue.append((seq, landed))
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None:
         """``side_only``: the destination is read only by later side work (fp8 staging)."""
@@ -176,8 +193,16 @@ class FakeCopyStream:
         self.bytes_copied += src.numel() * src.element_size()
         self._enqueue_write([dst], lambda: dst.copy_(src), side_only)   # src is read when it lands
 
-    def launch(self, fn: Callable[[], None], writes: Sequence[torch.Tensor] = ()) -> None:
-        self._enqueue_write(list(writes), fn)
+    def upcast(self, fn: Callable[[], None], after: FakeEvent | None,
+               writes: Sequence[torch.Tensor] = ()) -> FakeEvent:
+        """The upcast stream. After a side event (the staging copy) it lands with the side queue;
+        with nothing to wait for on the side it runs at once, on whatever its source holds now
+        (so an upcast that forgot its copy event reads the NaN-poisoned staging buffer). A
+        main-stream ``after`` counts as a side wait: it frees the slot compute was reading."""
+        if after is not None and after.stream == "main":
+            self.side_wait(after)
+        self._enqueue_write(list(writes), fn, at_once=after is None or after.stream == "main")
+        return self.side_record()
 
     def side_record(self) -> FakeEvent:
         return FakeEvent("side", self._side_seq)

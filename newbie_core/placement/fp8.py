@@ -5,9 +5,9 @@ already stored in fp8 keep their bytes with scale 1. The scale is rounded to bf1
 quantising, so the upcast ``bf16(q) * scale`` is one bf16 multiply (computed in fp32, rounded
 once) and equals :func:`dequantize` exactly, on CPU and CUDA alike.
 
-The upcast runs on the compute stream, right before the block: after the compute stream has
-waited for the H2D copy into the slot's staging buffer (runner.py). Kept off the copy stream,
-it never holds back the next H2D copy, so the copy engine streams without gaps.
+The upcast runs on its own stream (copy_engine.py), after the H2D copy into the slot's staging
+buffer and before the event the compute stream waits on (runner.py). Kept off the copy stream,
+it never holds back the next H2D copy, and off the compute stream it overlaps the blocks.
 """
 
 from __future__ import annotations

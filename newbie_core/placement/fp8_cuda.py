@@ -33,8 +33,8 @@ try:
 except ImportError:      # CPU-only installs: the torch path is used
     triton = None
 
-ROW = 8192               # elements per table row (and per Triton program)
-NUM_WARPS = 8
+ROW = 4096               # elements per table row (and per Triton program)
+NUM_WARPS = 4
 _STATE = {"checked": False, "ok": triton is not None}
 
 if triton is not None:

@@ -23,10 +23,10 @@ Decisions, and why:
   fp8 chain therefore starts with every block materialized and gives them up one by one before
   any block streams.
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
-  for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on the
-  compute stream; streamed fp8 blocks land first in the slot's own fp8 staging buffer, so the
-  copy stream never waits for an upcast (a shared staging buffer serialised copy and upcast:
-  measured at 512² under 2 GB, 61.5 ms per step against a 48.5 ms copy roofline).
+  for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on a
+  stream of their own; streamed fp8 blocks land first in the slot's own fp8 staging buffer, so
+  the copy stream never waits for an upcast (one shared staging buffer serialised copy and
+  upcast: measured at 512² under 2 GB, 61.5 ms per step against a 48.5 ms copy roofline).
 
 The predicted peak is analytic (see budget.py for the allocator model), never a measurement.
 """

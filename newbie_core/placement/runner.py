@@ -10,20 +10,19 @@ moved or copied by this.
 Ring schedule. The blocks that use the ring (streamed ones, and fp8 ones kept resident) form a
 cycle that repeats every forward. Position ``p`` of that endless sequence is ring block
 ``p % R`` of forward ``p // R`` and uses slot ``p % S``. Before computing position ``p`` the
-runner makes sure positions up to ``p + depth`` were issued. Issuing position ``q`` (streamed
-blocks only; resident fp8 blocks have nothing to copy):
+runner makes sure positions up to ``p + depth`` were issued. Issuing position ``q``:
 
-1. side stream waits ``compute_done[q % S]`` (position ``q - S`` finished with the slot and
-   its staging buffer; ``depth <= S - 1`` guarantees that compute was already enqueued);
-2. side stream copies the block into the slot (fp8: into the slot's staging buffer);
-3. side stream records ``copy_done[q % S]``.
+1. the copy stream waits ``compute_done[q % S]`` (position ``q - S`` finished with the slot
+   and its staging buffer; ``depth <= S - 1`` guarantees that compute was already enqueued);
+2. it copies the block into the slot (bf16) or into the slot's fp8 staging buffer; an fp8
+   block is then upcast into the slot on the upcast stream, after that copy (a resident fp8
+   block has nothing to copy: its upcast waits ``compute_done[q % S]`` itself);
+3. the event of the last of those becomes ``copy_done[q % S]``.
 
-Computing position ``p``: main stream waits ``copy_done[p % S]``; an fp8 block is upcast into
-the slot right there, on the main stream (from the staging buffer, or from its resident fp8
-buffer); then the block runs and the main stream records ``compute_done[p % S]``, and the
-runner issues up to ``p + 1 + depth``. Because positions run on across forwards, the last
-blocks of one forward prefetch the first blocks of the next. The hot path never blocks the
-host: no ``.item()``, no synchronize, only events.
+Computing position ``p``: main stream waits ``copy_done[p % S]``, runs the block, records
+``compute_done[p % S]``, then issues up to ``p + 1 + depth``. Because positions run on across
+forwards, the last blocks of one forward prefetch the first blocks of the next. The hot path
+never blocks the host: no ``.item()``, no synchronize, only events.
 """
 
 from __future__ import annotations
@@ -95,9 +94,6 @@ class StreamingRunner:
         self.issue_upto(p + self.depth)
         s = p % self.ring.n_slots
         self.engine.main_wait(self.ring.copy_done[s])
-        if self._fp8[index]:                    # upcast on the compute stream, into the slot
-            src = self.resident[index] if index in self.resident else self.ring.staging[s]
-            self.upcast(self.storage[index], self.compute[index], src, self.ring.slots[s])
         out = self._call(index, block, (s, index), self._slot_views(s, index), args, kwargs)
         self.ring.compute_done[s] = self.engine.main_record()
         self._next = p + 1
@@ -118,17 +114,25 @@ class StreamingRunner:
     def _issue(self, q: int) -> None:
         block = self.order[q % len(self.order)]
         s = q % self.ring.n_slots
-        if block in self.resident:              # resident fp8: upcast at compute time, no copy
-            self.ring.copy_done[s] = None
+        storage, compute, slot = self.storage[block], self.compute[block], self.ring.slots[s]
+        if block in self.resident:              # resident fp8: upcast only, once the slot is free
+            src = self.resident[block]
+            self.ring.copy_done[s] = self.engine.upcast(
+                lambda: self.upcast(storage, compute, src, slot), self.ring.compute_done[s], writes=[slot])
             return
-        storage = self.storage[block]
         self.engine.side_wait(self.ring.compute_done[s])          # (1) slot and staging are free
-        dst = self.ring.staging[s] if self._fp8[block] else self.ring.slots[s]
         host = self.store.acquire(block, self.engine)
-        self.engine.copy(dst[: storage.nbytes], host)             # (2)
-        self.store.release(block, self.engine.side_record())
+        if self._fp8[block]:                                      # (2) H2D into staging, upcast stream
+            staging = self.ring.staging[s][: storage.nbytes]
+            self.engine.copy(staging, host, side_only=True)
+            self.store.release(block, copied := self.engine.side_record())
+            self.ring.copy_done[s] = self.engine.upcast(                                   # (3)
+                lambda: self.upcast(storage, compute, staging, slot), copied, writes=[slot])
+        else:
+            self.engine.copy(slot[: storage.nbytes], host)
+            self.store.release(block, self.engine.side_record())
+            self.ring.copy_done[s] = self.engine.side_record()    # (3)
         self.bytes_h2d += storage.nbytes
-        self.ring.copy_done[s] = self.engine.side_record()        # (3)
 
     def _resync(self, k: int) -> None:
         """A forward was cut short (an exception) or started again: restart the cycle at ring
