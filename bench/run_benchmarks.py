@@ -304,8 +304,15 @@ def main() -> None:
         return None
     steps = 6 if args.quick else args.steps
     budgets = [None, 2] if args.quick else [None, 16, 8, 4, 2]
+    stamp = {"machine": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat()}
+
+    def save(rows: list[dict]) -> None:     # after every group, so a cut-short run keeps its rows
+        clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
+        (args.out / "results.json").write_text(json.dumps(clean, indent=1))
     rows = table_rows(models, device, bandwidth, 1024, 5.0, budgets, steps)
+    save(rows)
     rows += table_rows(models, device, bandwidth, 512, 1.0, budgets, steps)
+    save(rows)
     drift, fp16 = drift_vs_bf16(models, device, rows, 1024, 5.0, steps)
     rows.append(fp16)
     print("drift vs bf16:", json.dumps(drift), flush=True)
@@ -313,12 +320,10 @@ def main() -> None:
                 for size, cfg in ((1024, 5.0), (512, 1.0)) for d in ("bf16", "fp8")]
     for p in profiles:
         print("profile:", json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
+    extra = {"bandwidth_gbps": bandwidth / 1e9, "drift": drift, "profiles": profiles, "torch": torch.__version__}
+    (args.out / "extra.json").write_text(json.dumps(extra, indent=1))
     rows.append(cold_row(models, device, steps))
-    stamp = {"machine": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat()}
-    clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
-    (args.out / "results.json").write_text(json.dumps(clean, indent=1))
-    (args.out / "extra.json").write_text(json.dumps({"bandwidth_gbps": bandwidth / 1e9, "drift": drift,
-                                                     "profiles": profiles, "torch": torch.__version__}, indent=1))
+    save(rows)
     print("done", flush=True)
     return None
 
