@@ -94,8 +94,14 @@ class CudaCopyEngine:
             event.synchronize()
 
     def drain(self) -> None:
-        self.main_wait(self.side_record())
-        self._main().wait_stream(self.upcast_stream)
+        """A full barrier: main waits for both side streams, and later side work waits for
+        everything before it (e.g. the upcast stream reading a resident buffer the copy stream
+        just filled: a missing edge measured as a non-bitwise fp8 run on the H200)."""
+        main = self._main()
+        main.wait_stream(self.stream)
+        main.wait_stream(self.upcast_stream)
+        self.stream.wait_stream(main)
+        self.upcast_stream.wait_stream(main)
 
 
 class ImmediateCopyEngine:
