@@ -231,10 +231,11 @@ def table_rows(models: dict, device, bandwidth: float, size: int, cfg: float, bu
                bf16_budgets: list | None = None) -> list[dict]:
     """One size: resident and budgeted rows in bf16 and fp8, each checked bitwise against resident.
     ``bf16_budgets`` (default ``budgets``) must start with None: the resident row is the base."""
-    for dtype in ("bf16", "fp8"):       # warm the host cache and this size's kernels
-        run_row(models[dtype], device, size, cfg, None, dtype, 3)
     rows, resident = [], {}
     for dtype in ("bf16", "fp8"):
+        # Warm this dtype's host cache and kernels right before its rows: the host cache keeps one
+        # copy per model file, so the other dtype's rows have replaced it.
+        run_row(models[dtype], device, size, cfg, None, dtype, 3)
         for budget in (bf16_budgets if bf16_budgets is not None and dtype == "bf16" else budgets):
             try:
                 row = run_row(models[dtype], device, size, cfg, budget, dtype, steps)
