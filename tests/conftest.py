@@ -39,3 +39,13 @@ def tiny_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     build_tiny_checkpoints(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dir):
+    """Handles to the tiny checkpoints (DiT, Gemma + Jina, VAE); nothing is loaded until used."""
+    from newbie_core.pipeline import Models, load_dit_handle, load_text_encoder_handle, load_vae_handle
+    from newbie_core.tiny import build_tiny_checkpoints
+    paths = build_tiny_checkpoints(tiny_dir)
+    return Models(load_dit_handle(paths.dit), load_text_encoder_handle(paths.gemma, paths.jina),
+                  load_vae_handle(paths.vae))

@@ -9,8 +9,7 @@ import torch
 
 from newbie_core.models.checkpoint import CheckpointError
 from newbie_core.pipeline import (CONDITIONING_CACHE, ENCODER_CALLS, GenerationRequest, MemorySettings, Models,
-                                  SamplingSettings, StorageDType, describe_plan, generate, load_dit_handle,
-                                  load_text_encoder_handle, load_vae_handle)
+                                  SamplingSettings, StorageDType, describe_plan, generate, load_dit_handle)
 from newbie_core.pipeline.sample import run_sampling
 from newbie_core.pipeline.encode import encode_texts
 from newbie_core.placement import Report
@@ -21,11 +20,8 @@ XML = "<character_1>\n<n>miku</n>\n<gender>1girl</gender>\n</character_1>\n<gene
 
 
 @pytest.fixture(scope="module")
-def models(tiny_dir) -> Models:
-    from newbie_core.tiny import build_tiny_checkpoints
-    paths = build_tiny_checkpoints(tiny_dir)
-    return Models(load_dit_handle(paths.dit), load_text_encoder_handle(paths.gemma, paths.jina),
-                  load_vae_handle(paths.vae))
+def models(tiny_models) -> Models:
+    return tiny_models
 
 
 def _request(**kw) -> GenerationRequest:

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from newbie_core.pipeline import MemorySettings, Models, SamplingSettings, load_dit_handle, load_text_encoder_handle, load_vae_handle
+from newbie_core.pipeline import MemorySettings, Models, SamplingSettings
 from newbie_core.pipeline.encode import encode_texts
 from newbie_core.pipeline.sample import run_sampling
 from newbie_core.placement import Report
@@ -20,15 +20,12 @@ from newbie_core.placement.session import StreamingSession
 from newbie_core.prompt import prepare_texts
 
 CPU = torch.device("cpu")
-XML = "<character_1>\n<n>miku</n>\n<gender>1girl</gender>\n</character_1>\n<general_tags>\n<count>1girl, solo</count>\n</general_tags>"
+XML = "<character_1>\n<n>kagamine_rin</n>\n<gender>1girl</gender>\n</character_1>"
 
 
 @pytest.fixture(scope="module")
-def models(tiny_dir) -> Models:
-    from newbie_core.tiny import build_tiny_checkpoints
-    paths = build_tiny_checkpoints(tiny_dir)
-    return Models(load_dit_handle(paths.dit), load_text_encoder_handle(paths.gemma, paths.jina),
-                  load_vae_handle(paths.vae))
+def models(tiny_models) -> Models:
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
