@@ -147,3 +147,40 @@ def test_returned_buffer_is_reused_and_fresh_inputs_are_copied():
     w = graphs.run("a", block, (torch.ones(4), c2))
     assert torch.equal(w, torch.full((4,), 3.0))
     assert graphs.run("b", block, (torch.ones(4), c2)) is w, "another key shares the static buffers"
+
+
+def test_graphs_auto_follows_tokens_per_forward_and_settings_override():
+    from newbie_core.pipeline.sample import GRAPH_TOKEN_LIMIT, use_graphs
+    cuda = torch.device("cuda")
+    assert not use_graphs(MemorySettings(cuda_graphs=True), 1, 100, CPU), "never on the CPU"
+    assert use_graphs(MemorySettings(), 1, 1024 + 300, cuda)                 # 512² without CFG
+    assert not use_graphs(MemorySettings(), 2, 4096 + 300, cuda)             # 1024² with CFG
+    assert use_graphs(MemorySettings(), 1, GRAPH_TOKEN_LIMIT, cuda)
+    assert use_graphs(MemorySettings(cuda_graphs=True), 2, 4396, cuda)
+    assert not use_graphs(MemorySettings(cuda_graphs=False), 1, 100, cuda)
+
+
+def test_graph_memory_is_in_the_sampling_estimate_only_with_graphs():
+    from newbie_core.models.dit import DiTConfig
+    from newbie_core.pipeline.sample import GRAPH_FIXED_BYTES, GRAPH_SEQUENCE_FACTOR, dit_activation_estimate
+    cfg = DiTConfig.newbie_exp01()
+    cuda = torch.device("cuda")
+    args = (cfg, 1, 300, 1024, torch.bfloat16, cuda)
+    eager, graphed = dit_activation_estimate(*args)(None, None), dit_activation_estimate(*args, True)(None, None)
+    assert graphed - eager == GRAPH_FIXED_BYTES + GRAPH_SEQUENCE_FACTOR * 1 * (300 + 1024) * cfg.dim * 2
+    on_cpu = (cfg, 1, 300, 1024, torch.bfloat16, CPU)
+    assert dit_activation_estimate(*on_cpu, True)(None, None) == dit_activation_estimate(*on_cpu)(None, None)
+
+
+def test_fused_upcast_uses_the_torch_path_off_cuda():
+    from newbie_core.placement.fp8 import pack_block, upcast_block_torch
+    from newbie_core.placement.fp8_cuda import FusedUpcast
+    from newbie_core.placement.layout import compute_layout, fp8_layout
+    compute = compute_layout([("w.weight", (8, 300), torch.bfloat16), ("norm.weight", (300,), torch.bfloat16)])
+    storage = fp8_layout(compute)
+    src = torch.zeros(storage.nbytes, dtype=torch.uint8)
+    pack_block({"w.weight": torch.randn(8, 300), "norm.weight": torch.randn(300)}, storage, src)
+    fused, ref = torch.zeros(compute.nbytes, dtype=torch.uint8), torch.zeros(compute.nbytes, dtype=torch.uint8)
+    FusedUpcast([(storage, compute)], CPU)(storage, compute, src, fused)
+    upcast_block_torch(storage, compute, src, ref)
+    assert torch.equal(fused, ref) and fused.any()
