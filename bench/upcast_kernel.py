@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from newbie_core.models.dit import DiTConfig, build_dit  # noqa: E402
 from newbie_core.placement import fp8_cuda  # noqa: E402
-from newbie_core.placement.fp8 import pack_block, upcast_block_torch  # noqa: E402
+from newbie_core.placement.fp8 import pack_block, upcast_block  # noqa: E402
 from newbie_core.placement.session import block_layouts  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     ref = torch.zeros(compute.nbytes, dtype=torch.uint8, device=dev)
     out = torch.zeros_like(ref)
     moved = storage.nbytes + compute.nbytes
-    t = timed(lambda: upcast_block_torch(storage, compute, src, ref))
+    t = timed(lambda: upcast_block(storage, compute, src, ref))
     print(f"torch path: {t * 1e3:.3f} ms/block, {moved / t / 1e9:.0f} GB/s", flush=True)
     for row in (4096, 8192, 16384):
         table = fp8_cuda.build_table(storage, compute, dev, row)

@@ -97,7 +97,7 @@ def test_graphs_equal_eager_and_fp8_streams_equal_fp8_resident(full_dit, conds):
 def test_fused_fp8_upcast_matches_the_torch_path_on_a_full_block(full_dit):
     from newbie_core.models.dit import build_dit
     from newbie_core.placement import fp8_cuda
-    from newbie_core.placement.fp8 import pack_block, upcast_block_torch
+    from newbie_core.placement.fp8 import pack_block, upcast_block
     from newbie_core.placement.session import block_layouts
     model = build_dit(full_dit.ckpt.config, "meta", torch.bfloat16)
     name, block = model.block_sequence()[5]
@@ -112,5 +112,5 @@ def test_fused_fp8_upcast_matches_the_torch_path_on_a_full_block(full_dit):
     out = torch.zeros(layouts.compute.nbytes, dtype=torch.uint8, device=DEV)
     reference = torch.zeros_like(out)
     fused(layouts.storage, layouts.compute, packed, out)
-    upcast_block_torch(layouts.storage, layouts.compute, packed, reference)
+    upcast_block(layouts.storage, layouts.compute, packed, reference)
     assert torch.equal(out, reference)

@@ -173,7 +173,7 @@ def test_graph_memory_is_in_the_sampling_estimate_only_with_graphs():
 
 
 def test_fused_upcast_uses_the_torch_path_off_cuda():
-    from newbie_core.placement.fp8 import pack_block, upcast_block_torch
+    from newbie_core.placement.fp8 import pack_block, upcast_block
     from newbie_core.placement.fp8_cuda import FusedUpcast
     from newbie_core.placement.layout import compute_layout, fp8_layout
     compute = compute_layout([("w.weight", (8, 300), torch.bfloat16), ("norm.weight", (300,), torch.bfloat16)])
@@ -182,5 +182,5 @@ def test_fused_upcast_uses_the_torch_path_off_cuda():
     pack_block({"w.weight": torch.randn(8, 300), "norm.weight": torch.randn(300)}, storage, src)
     fused, ref = torch.zeros(compute.nbytes, dtype=torch.uint8), torch.zeros(compute.nbytes, dtype=torch.uint8)
     FusedUpcast([(storage, compute)], CPU)(storage, compute, src, fused)
-    upcast_block_torch(storage, compute, src, ref)
+    upcast_block(storage, compute, src, ref)
     assert torch.equal(fused, ref) and fused.any()

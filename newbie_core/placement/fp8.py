@@ -67,13 +67,9 @@ def pack_block(tensors: MutableMapping[str, torch.Tensor], storage: BlockLayout,
 
 
 def upcast_block(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Fill compute-layout ``dst`` from storage-layout ``src`` (both uint8, same device), on the
-    current stream (the torch path; fp8_cuda.FusedUpcast is the one-launch CUDA path)."""
-    upcast_block_torch(storage, compute, src, dst)
-
-
-def upcast_block_torch(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """The reference upcast: per tensor, an exact e4m3 -> compute cast, then one scale multiply."""
+    """Fill compute-layout ``dst`` from storage-layout ``src`` (both uint8, same device) on the
+    current stream: per tensor, an exact e4m3 -> compute cast, then one scale multiply. The
+    reference path; fp8_cuda.FusedUpcast is the one-launch CUDA path with the same bits."""
     for s, c in zip(storage.entries, compute.entries):
         out = view(dst, c.offset, c.shape, c.dtype)
         out.copy_(view(src, s.offset, s.shape, s.dtype))     # e4m3 -> bf16 is exact

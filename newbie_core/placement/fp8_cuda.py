@@ -24,7 +24,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .layout import FP8, BlockLayout
+from .fp8 import pack_block, upcast_block
+from .layout import FP8, BlockLayout, compute_layout, fp8_layout
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ class FusedUpcast:
         if table is not None:
             launch(table, storage, compute, src, dst)
         else:
-            from .fp8 import upcast_block_torch
-            upcast_block_torch(storage, compute, src, dst)
+            upcast_block(storage, compute, src, dst)
 
     def release(self) -> None:
         self._tables.clear()
@@ -137,8 +137,6 @@ def _kernel_ok(device: torch.device) -> bool:
 
 def _self_check(device: torch.device) -> None:
     """The fused kernel against the torch path on a small block with every kind of row."""
-    from .fp8 import pack_block, upcast_block_torch
-    from .layout import compute_layout, fp8_layout
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
         shapes = {"w1.weight": (3, 5000), "norm.weight": (9000,), "w2.weight": (77, 13)}
@@ -149,7 +147,7 @@ def _self_check(device: torch.device) -> None:
         pack_block(values, storage, src)
         src = src.to(device)
         reference = torch.zeros(compute.nbytes, dtype=torch.uint8, device=device)
-        upcast_block_torch(storage, compute, src, reference)
+        upcast_block(storage, compute, src, reference)
         table = build_table(storage, compute, device)
         if table is None:
             raise RuntimeError("no row table for the check block")

@@ -59,7 +59,9 @@ class CudaGraphBackend:
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
-        self.stream = _CAPTURE_STREAMS.setdefault(self.device, torch.cuda.Stream(self.device))
+        if self.device not in _CAPTURE_STREAMS:
+            _CAPTURE_STREAMS[self.device] = torch.cuda.Stream(self.device)
+        self.stream = _CAPTURE_STREAMS[self.device]
         self.pool = torch.cuda.graph_pool_handle()
         self._emptied = False
 
@@ -207,10 +209,6 @@ class BlockGraphs:
             return None
         self._graphs[(key, sig)] = graph
         return graph
-
-    @property
-    def n_graphs(self) -> int:
-        return len(self._graphs)
 
     def release(self) -> None:
         self._graphs.clear()

@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from .copy_engine import CopyEngine
-from .fp8 import upcast_block
 from .fp8_cuda import FusedUpcast
 from .graphs import BlockGraphs, module_structure
 from .host_store import HostBlockStore
@@ -51,8 +50,7 @@ class StreamingRunner:
 
     def __init__(self, plan: StagePlan, compute: Sequence[BlockLayout], storage: Sequence[BlockLayout],
                  store: HostBlockStore | None, engine: CopyEngine, ring: SlotRing | None,
-                 resident: dict[int, torch.Tensor], graphs: BlockGraphs | None = None,
-                 upcast: FusedUpcast | None = None):
+                 resident: dict[int, torch.Tensor], upcast: FusedUpcast, graphs: BlockGraphs | None = None):
         self.plan, self.compute, self.storage = plan, list(compute), list(storage)
         self.store, self.engine, self.ring, self.resident = store, engine, ring, resident
         self.order = plan.ring_blocks
@@ -65,7 +63,7 @@ class StreamingRunner:
         self._bindings: dict[tuple, list[tuple[dict, str, torch.Tensor, torch.Tensor]]] = {}
         self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
                                 if i not in self.ring_pos}
-        self.upcast = upcast or upcast_block
+        self.upcast = upcast                     # owned (and released) by the session
         self._fp8 = [layout.is_fp8 for layout in self.storage]
         self.graphs = graphs
         if graphs is not None:
@@ -190,8 +188,6 @@ class StreamingRunner:
     def release(self) -> None:
         if self.graphs is not None:
             self.graphs.release()
-        if isinstance(self.upcast, FusedUpcast):
-            self.upcast.release()
         self._bindings.clear()
         self._views.clear()
         self._resident_views.clear()

@@ -64,8 +64,8 @@ def block_sizes(model, compute_dtype: torch.dtype = torch.bfloat16,
     """The planner's input: packed bytes per block at compute dtype and in fp8 storage."""
     out = []
     for name, block in model.block_sequence():
-        compute = compute_layout(block_tensors(block, compute_dtype))
-        out.append(BlockSize(name, compute.nbytes, fp8_layout(compute, keep_high_precision).nbytes))
+        layouts = block_layouts(block, Storage.FP8, compute_dtype, keep_high_precision)
+        out.append(BlockSize(name, layouts.compute.nbytes, layouts.storage.nbytes))
     return out
 
 
@@ -139,8 +139,8 @@ class StreamingSession:
         self.engine.drain()   # resident weights are in place before any compute reads them
         del staging           # freed on the main stream, after the drain
         self.runner = StreamingRunner(plan, [l.compute for l in self.layouts], [l.storage for l in self.layouts],
-                                      self.store, self.engine, self.ring, self.resident, self._block_graphs(),
-                                      self.upcast)
+                                      self.store, self.engine, self.ring, self.resident, self.upcast,
+                                      self._block_graphs())
 
     def _block_graphs(self) -> BlockGraphs | None:
         """``graphs=True`` means CUDA graphs on a CUDA device (off elsewhere); a backend is used as given."""
