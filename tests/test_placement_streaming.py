@@ -306,6 +306,18 @@ def test_oom_retry_halves_the_budget_once(caplog):
     assert seen == [150, 75] and "retrying once" in caplog.text
 
 
+def test_without_a_budget_there_is_no_retry():
+    seen = []
+
+    def attempt(budget):
+        seen.append(budget)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_with_oom_retry(attempt, None, stage="sample", device="cpu")
+    assert seen == [None]
+
+
 def test_second_oom_is_a_clear_error():
     def attempt(budget):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

@@ -134,4 +134,4 @@ def _run_encoder(name: str, plan_encoder, source, table_prefix: str, run, memory
             ENCODER_CALLS[name] += 1
         return out
 
-    return attempt(None) if budget is None else run_with_oom_retry(attempt, budget, stage=stage, device=device)
+    return run_with_oom_retry(attempt, budget, stage=stage, device=device)

@@ -104,6 +104,7 @@ class PlacementInputs:
     always_resident_bytes: int
     activation_bytes: Callable[[int | None, int | None], int]
     chunk_candidates: tuple[tuple[int | None, int | None], ...] = ((None, None),)
+    graphs: bool = False          # blocks replay as CUDA graphs (the estimate counts their pool)
 
 
 def plan_for(model, inputs: PlacementInputs, budget: int | None) -> StagePlan:
@@ -117,12 +118,11 @@ def plan_for(model, inputs: PlacementInputs, budget: int | None) -> StagePlan:
 
 @contextmanager
 def placed_blocks(model, source: TensorSource, inputs: PlacementInputs, plan: StagePlan,
-                  device: torch.device, host_budget: int | None, graphs: bool = False) -> Iterator[StreamingSession]:
-    """Run ``model``'s blocks as ``plan`` says, their host copies from the process-wide cache.
-
-    ``graphs``: replay the blocks as CUDA graphs (worth it for stages that run many forwards)."""
+                  device: torch.device, host_budget: int | None) -> Iterator[StreamingSession]:
+    """Run ``model``'s blocks as ``plan`` says, their host copies from the process-wide cache."""
     layouts = [l.storage for l in model_layouts(model, plan, inputs.compute_dtype)]
     key = cache_key(inputs.files, source.keys(), f"{plan.storage[0].value}/{inputs.compute_dtype}")
     store = HOST_CACHE.get(key, layouts, block_reader(model, source), host_budget)
-    with stream_blocks(model, plan, store, device, compute_dtype=inputs.compute_dtype, graphs=graphs) as session:
+    with stream_blocks(model, plan, store, device, compute_dtype=inputs.compute_dtype,
+                       graphs=inputs.graphs) as session:
         yield session

@@ -109,12 +109,12 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     model = build_dit(config, "meta", dtype)
     image_tokens = (height // 16) * (width // 16)
     small = sum(p.numel() for _, p in non_block_parameters(model)) * dtype.itemsize
+    graphs = use_graphs(memory, batch, cap_tokens + image_tokens, device)
     inputs = PlacementInputs(
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
-        activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device,
-                                                 use_graphs(memory, batch, cap_tokens + image_tokens, device)),
-        chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens))
+        activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs),
+        chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens), graphs=graphs)
     return model, inputs, plan_for(model, inputs, budget)
 
 
@@ -131,15 +131,13 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
 
     def attempt(budget_now: int | None) -> SampleResult:
         model, inputs, plan = plan_sampling(handle, memory, batch, cap_tokens, width, height, device, budget_now)
-        graphs = use_graphs(memory, batch, cap_tokens + (height // 16) * (width // 16), device)
         log.info("sampling plan:\n%s", plan.render())
         with stage_guard("sample", device) as guard, measure_stage(report, "sample", device, plan.predicted_peak) as rec:
             guard.on_release(lambda: model.to_empty(device="meta"))
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
                                    optional=lambda name, shape: torch.ones(shape))
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
-            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes,
-                               graphs=graphs) as session:
+            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
                 guard.hold(session)
                 latent, steps = _sample_loop(model, positive, negative, raw_latent, sampling, device,
                                              inputs.compute_dtype, callback)
@@ -147,8 +145,6 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
             model.to_empty(device="meta")
         return SampleResult(latent, plan, steps)
 
-    if budget is None:
-        return attempt(None)
     return run_with_oom_retry(attempt, budget, stage="sample", device=device)
 
 

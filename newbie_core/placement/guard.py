@@ -85,14 +85,17 @@ def stage_guard(name: str, device: torch.device | str) -> Iterator[StageGuard]:
         raise
 
 
-def run_with_oom_retry(fn_for_budget: Callable[[int], T], budget: int, *, stage: str = "stage",
+def run_with_oom_retry(fn_for_budget: Callable[[int | None], T], budget: int | None, *, stage: str = "stage",
                        device: torch.device | str = "cuda",
                        predicted_peak: Callable[[int], int | None] | None = None) -> T:
     """Run ``fn_for_budget(budget)``; on CUDA OOM free, warn, retry once with ``budget // 2``.
 
     ``fn_for_budget`` must plan for the budget it is given (plan_stage inside), so the retry
     really uses less memory. ``predicted_peak(budget)`` only improves the error message.
+    ``budget=None`` (nothing budgeted, e.g. the CPU) runs once: there is no budget to halve.
     """
+    if budget is None:
+        return fn_for_budget(None)
     try:
         return fn_for_budget(budget)
     except torch.cuda.OutOfMemoryError as first:
