@@ -310,15 +310,14 @@ def main() -> None:
     steps = 6 if args.quick else args.steps
     budgets = [None, 2] if args.quick else [None, 16, 8, 4, 2]
     stamp = {"machine": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat()}
-    if args.fp8_1024:
-        rows = table_rows(models, device, bandwidth, 1024, 5.0, budgets, steps, bf16_budgets=[None])
-        clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
-        (args.out / "results_fp8_1024.json").write_text(json.dumps(clean, indent=1))
-        return None
 
-    def save(rows: list[dict]) -> None:     # after every group, so a cut-short run keeps its rows
+    def save(rows: list[dict], name: str = "results.json") -> None:   # after every group: a cut-short run keeps its rows
         clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
-        (args.out / "results.json").write_text(json.dumps(clean, indent=1))
+        (args.out / name).write_text(json.dumps(clean, indent=1))
+    if args.fp8_1024:
+        save(table_rows(models, device, bandwidth, 1024, 5.0, budgets, steps, bf16_budgets=[None]),
+             "results_fp8_1024.json")
+        return None
     rows = table_rows(models, device, bandwidth, 1024, 5.0, budgets, steps)
     save(rows)
     rows += table_rows(models, device, bandwidth, 512, 1.0, budgets, steps)
