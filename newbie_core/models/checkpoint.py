@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,15 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tupl
             check.wrong_shape.append((key, tuple(shape), tuple(found[key])))
     check.unexpected = [k for k in found if k not in expected]
     return check
+
+
+def assign_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace the (meta) parameter ``name`` by ``tensor`` without copying it."""
+    *parents, leaf = name.split(".")
+    module = root
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
 def strip_prefix(keys: Iterable[str], prefixes: Iterable[str]) -> dict[str, str]:

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 
-from .checkpoint import CheckpointError, TensorSource, check_keys
+from .checkpoint import CheckpointError, TensorSource, assign_parameter, check_keys
 from .gemma import GemmaTextEncoder, make_gemma3_text_config
 from .text_encoder_files import SPIECE_KEY, describe_checkpoint, folder_shards, read_json, spiece_bytes
 from .tokenizers import GemmaTokenizer, gemma_tokenizer_from_bytes, tokenizer_from_folder
@@ -153,15 +152,6 @@ def open_gemma(path: os.PathLike | str) -> GemmaCheckpoint:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} pieces but the embedding "
                               f"table only {config.vocab_size} rows.")
     return GemmaCheckpoint(source=source, config=config, tokenizer=tokenizer, path=path)
-
-
-def assign_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Replace the (meta) parameter ``name`` by ``tensor`` without copying it."""
-    *parents, leaf = name.split(".")
-    module = root
-    for part in parents:
-        module = getattr(module, part)
-    setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
 def build_gemma_encoder(ckpt: GemmaCheckpoint, device: torch.device | str = "cpu",

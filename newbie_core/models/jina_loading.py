@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 from transformers import JinaEmbeddingsV3Config
 
-from .checkpoint import CheckpointError, Derived, TensorSource, check_keys
-from .gemma_loading import assign_parameter
+from .checkpoint import CheckpointError, Derived, TensorSource, assign_parameter, check_keys
 from .jina import JinaTextEncoder, make_jina_text_config
 from .text_encoder_files import describe_checkpoint, read_json, spiece_bytes
 from .tokenizers import JinaTokenizer, jina_tokenizer_from_bytes, tokenizer_from_folder

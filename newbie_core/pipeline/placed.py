@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.checkpoint import TensorSource
+from ..models.checkpoint import TensorSource, assign_parameter
 from ..placement.plan import UNBOUNDED
 from ..placement import (HOST_CACHE, BlockSize, StagePlan, StorageChoice, StreamingSession, block_sizes,
                          cache_key, model_layouts, plan_stage, stream_blocks)
@@ -80,18 +80,10 @@ def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch
             raise KeyError(name)
         where = torch.device("cpu") if name.startswith(tuple(host_prefixes)) else device
         value = tensor.to(device=where, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        _assign(model, name, value)
+        assign_parameter(model, name, value)
         if where == device:
             placed += value.numel() * value.element_size()
     return placed
-
-
-def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    *parents, leaf = name.split(".")
-    module = root
-    for part in parents:
-        module = getattr(module, part)
-    setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
 @dataclass(frozen=True)
