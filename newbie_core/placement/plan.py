@@ -60,7 +60,7 @@ class StagePlan:
     slots: int
     prefetch_depth: int
     slot_bytes: int
-    staging_bytes: int
+    staging_bytes: int            # per slot: each slot has its own fp8 staging buffer
     attn_chunk: int | None
     ffn_chunk: int | None
     predicted_peak: int
@@ -85,11 +85,6 @@ class StagePlan:
         res, mat = set(self.resident), set(self.materialized)
         return tuple(i for i in range(self.n_blocks)
                      if i not in res or (self.storage[i] is Storage.FP8 and i not in mat))
-
-    @property
-    def ring_bytes(self) -> int:
-        """Every slot, each with its fp8 staging buffer (``staging_bytes`` is per slot)."""
-        return self.slots * (self.slot_bytes + self.staging_bytes)
 
     def render(self) -> str:
         n_res, n = len(self.resident), self.n_blocks
