@@ -184,3 +184,20 @@ def test_fused_upcast_uses_the_torch_path_off_cuda():
     FusedUpcast([(storage, compute)], CPU)(storage, compute, src, fused)
     upcast_block(storage, compute, src, ref)
     assert torch.equal(fused, ref) and fused.any()
+
+
+def test_upcast_rows_are_padded_to_16_and_stay_inside_each_entry_padding():
+    from newbie_core.placement.budget import ALIGN, align_up
+    from newbie_core.placement.fp8_cuda import build_table
+    from newbie_core.placement.layout import compute_layout, fp8_layout
+    compute = compute_layout([("a.weight", (3, 4099), torch.bfloat16), ("norm.weight", (37,), torch.bfloat16),
+                              ("b.weight", (5, 7), torch.bfloat16)])
+    storage = fp8_layout(compute)
+    table = build_table(storage, compute, CPU, row=4096)
+    for src, dst, n, scale in table.tolist():
+        assert n % 16 == 0
+        c = next(e for e in compute.entries if e.offset // 2 <= dst < (e.offset + e.nbytes) // 2)
+        s = next(e for e in storage.entries if e.name == c.name)
+        assert (dst + n) * 2 <= align_up(c.offset + c.nbytes, ALIGN), "writes stay in the entry's padding"
+        width = 1 if scale >= 0 else 2
+        assert (src + n) * width <= align_up(s.offset + s.nbytes, ALIGN), "reads stay in the entry's padding"
