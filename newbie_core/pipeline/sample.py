@@ -29,8 +29,28 @@ log = logging.getLogger(__name__)
 # (callback) step index, total steps, current x (normalised), denoised estimate (normalised)
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
-ATTN_CHUNKS = (4096, 2048, 1024, 512)
-FFN_CHUNKS = (8192, 4096, 2048, 1024)
+# The smallest chunks the planner may go down to (query rows; flattened tokens).
+ATTN_CHUNK_FLOOR = 512
+FFN_CHUNK_FLOOR = 1024
+CHUNK_ALIGN = 128
+
+
+def even_chunks(total: int, floor: int, align: int = CHUNK_ALIGN) -> list[int]:
+    """Chunk sizes that split ``total`` rows into 2, 3, 4, 6, 8, ... nearly equal parts, largest
+    first, down to the first one at or below ``floor``. Equal parts, not fixed powers of two: a
+    fixed 8192-token FFN chunk over 2 x 4396 tokens (1024² with CFG) leaves a 600-token tail, a
+    whole extra pass over the FFN weights for 7 % of the tokens, with GEMMs too small to fill
+    the GPU; two 4480-token halves need less memory than the 8192 chunk."""
+    out: list[int] = []
+    parts = 2
+    while True:
+        size = -(-total // parts)
+        size = -(-size // align) * align
+        if size < total and size not in out:
+            out.append(size)
+        if size <= floor or parts >= total:
+            return out
+        parts = parts + 1 if parts < 4 else parts * 3 // 2 if parts % 4 == 0 else parts * 4 // 3
 
 
 @dataclass
@@ -42,14 +62,14 @@ class SampleResult:
 
 def chunk_candidates(memory: MemorySettings, batch: int, tokens: int) -> tuple[tuple[int | None, int | None], ...]:
     """The (attention query chunk, FFN token chunk) pairs the planner may pick from."""
-    def options(setting: int, choices: tuple[int, ...], limit: int) -> list[int | None]:
+    def options(setting: int, total: int, floor: int) -> list[int | None]:
         if setting < 0:
             return [None]
         if setting > 0:
             return [setting]
-        return [None] + [c for c in choices if c < limit]
-    attn = options(memory.attention_chunk, ATTN_CHUNKS, tokens)
-    ffn = options(memory.ffn_chunk, FFN_CHUNKS, batch * tokens)
+        return [None] + even_chunks(total, floor)
+    attn = options(memory.attention_chunk, tokens, ATTN_CHUNK_FLOOR)
+    ffn = options(memory.ffn_chunk, batch * tokens, FFN_CHUNK_FLOOR)
     return tuple((a, f) for a in attn for f in ffn)
 
 
