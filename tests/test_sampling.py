@@ -260,3 +260,27 @@ def test_unknown_sampler_and_bad_sigmas():
         sample("ddim", lambda x, s: x, torch.zeros(1), flow_sigmas(2))
     with pytest.raises(ValueError, match="decrease"):
         sample("euler", lambda x, s: x, torch.zeros(1), torch.tensor([0.5, 0.8, 0.0]))
+
+
+@pytest.mark.parametrize("total", [8792, 4396, 1324, 33000, 300, 80])
+def test_chunk_candidates_split_the_tokens_into_equal_parts(total):
+    import math
+
+    from newbie_core.pipeline.sample import CHUNK_ALIGN, even_chunks
+    sizes = even_chunks(total, floor=1024)
+    assert sizes == sorted(set(sizes), reverse=True) and all(s < total for s in sizes)
+    for size in sizes:
+        parts = math.ceil(total / size)
+        tail = total - (parts - 1) * size
+        assert size % CHUNK_ALIGN == 0 and tail > size - parts * CHUNK_ALIGN, "no small tail pass"
+    if total > 2 * 1024:
+        assert sizes[-1] <= 1024 < sizes[-2], "stops at the first size at or below the floor"
+    assert even_chunks(8792, floor=1024)[0] == 4480
+
+
+def test_chunk_settings_override_the_candidates():
+    from newbie_core.pipeline import MemorySettings
+    from newbie_core.pipeline.sample import chunk_candidates
+    auto = chunk_candidates(MemorySettings(), batch=2, tokens=4396)
+    assert (None, None) in auto and (2304, 4480) in auto and len(auto) > 10
+    assert chunk_candidates(MemorySettings(attention_chunk=-1, ffn_chunk=3000), 2, 4396) == ((None, 3000),)
