@@ -85,14 +85,8 @@ def test_fp8_blocks_stay_at_compute_dtype_while_the_budget_allows():
     partial = [p for p in plans if 0 < len(p.materialized) < 36]
     assert partial, "some budget keeps part of the blocks at compute dtype"
     for p in partial:
-        # Copies hide behind compute (no figures given): no block is resident in fp8, where it
-        # would pay an upcast every use; the rest streams in fp8 through slots with staging.
-        assert p.materialized == p.resident and p.streamed and p.slots >= 2 and p.staging_bytes
-        assert set(p.ring_blocks) == set(p.streamed)
-    # With copies slower than compute, blocks stay resident in fp8 (upcast per use) before any streams.
-    exposed = sweep(storage="fp8", bandwidth=5e9, block_compute_s=1e-3)
-    fp8_resident = [p for p in exposed if len(p.resident) == 36 and len(p.materialized) < 36]
-    assert fp8_resident and all(set(p.ring_blocks) == set(range(36)) - set(p.materialized) for p in fp8_resident)
+        assert len(p.resident) == 36 and p.slots == 2 and not p.streamed
+        assert set(p.ring_blocks) == set(range(36)) - set(p.materialized)
     # Keeping a block at compute dtype costs its full compute size in the prediction.
     one = plan_stage("sample", BLOCKS[:1], 64 * GiB, storage="fp8")
     assert dict(one.breakdown)["1 resident block(s) (fp8, 1 kept at compute dtype)"] == segment_bytes(BLOCK)
@@ -103,8 +97,7 @@ def test_fp8_halves_streamed_bytes_and_lowers_the_minimum():
     fp8 = plan(6 * GiB, storage="fp8")
     assert all(s is Storage.FP8 for s in fp8.storage)
     assert fp8.staging_bytes == BLOCK // 2 + 4 * MiB
-    streamed_bytes = lambda p, size: len(p.streamed) * size     # noqa: E731
-    assert 0 < streamed_bytes(fp8, BLOCK // 2) < streamed_bytes(bf16, BLOCK)
+    assert len(fp8.resident) > len(bf16.resident)
     with pytest.raises(BudgetTooSmallError) as err:
         plan(100 * MiB, storage="fp8")
     need = int(re.search(r"minimum is .*?\(([\d,]+) bytes\)", str(err.value)).group(1).replace(",", ""))

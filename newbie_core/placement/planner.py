@@ -17,15 +17,11 @@ Decisions, and why:
   compute per block) residents go first, then the third ring slot, then chunk sizes, since a
   hidden copy costs nothing and a smaller chunk costs every block. When the caller's
   bandwidth and compute figures say copies are *not* hidden, chunks shrink first.
-- **fp8 storage: resident blocks at compute dtype, streamed blocks in fp8.** fp8 is a storage
-  format: a block is upcast to compute dtype before use. A resident block is upcast once when
-  placed (*materialized*: same bits, no per-use cost); only streamed blocks pay an upcast per
-  use. So the fp8 chain gives up resident (materialized) blocks one by one into the fp8 stream.
-  Keeping blocks resident in fp8 instead (half the bytes, an upcast every use) trades one extra
-  upcast per forward for one fewer streamed block: a loss while copies hide behind compute
-  (measured on an H200 at 512² without CFG, 4 GB: 31 fp8-resident blocks took 48.7 ms per step,
-  1.28x the 38 ms compute, because 40 upcasts per step queue behind the GEMMs). That trade is
-  only offered when the caller's bandwidth and compute figures say copies are exposed.
+- **fp8 storage with room to spare.** fp8 is a storage format: a resident fp8 block is upcast
+  into a ring slot before every use. When the budget allows, resident blocks are instead kept at
+  compute dtype, upcast once when placed (*materialized*): same bits, no per-use upcast. The
+  fp8 chain therefore starts with every block materialized and gives them up one by one before
+  any block streams.
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
   for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on a
   stream of their own; streamed fp8 blocks land first in the slot's own fp8 staging buffer, so
@@ -100,21 +96,10 @@ class _Ctx:
         self.max_slots = max(1, max_slots)
         self.n = len(blocks)
 
-    def kept(self, kind: Storage, n_resident: int, n_materialized: int) -> set[int]:
-        """The resident fp8 blocks kept at compute dtype: all of them (``n_materialized ==
-        n_resident``) or, with every block resident, ``n_materialized`` spread evenly."""
-        if kind is not Storage.FP8 or not n_materialized:
-            return set()
-        if n_materialized == n_resident:
-            return set(resident_set(self.n, n_resident))
-        if n_resident != self.n:
-            raise ValueError("a partial materialized set needs every block resident")
-        return set(resident_set(self.n, n_materialized))
-
     def ring_blocks(self, kind: Storage, n_resident: int, n_materialized: int = 0) -> list[int]:
         resident = set(resident_set(self.n, n_resident))
         if kind is Storage.FP8:
-            kept = self.kept(kind, n_resident, n_materialized)
+            kept = set(resident_set(self.n, n_materialized)) if n_resident == self.n else set()
             return [i for i in range(self.n) if i not in kept]
         return [i for i in range(self.n) if i not in resident]
 
@@ -136,24 +121,23 @@ class _Ctx:
         """Every configuration (n_resident, slots, chunk index, n_materialized), best first; see
         module docstring."""
         n, last = self.n, len(self.chunks) - 1
-        low = lambda r, m=0: min(2, len(self.ring_blocks(kind, r, m)))   # noqa: E731
+        low = lambda r: min(2, len(self.ring_blocks(kind, r)))   # noqa: E731
+        materialized = []
+        if kind is Storage.FP8:      # all resident, n..1 of them kept at compute dtype
+            materialized = [(n, self.slots_for(kind, n, m), 0, m) for m in range(n, 0, -1)]
         if self.transfer_bound(kind):
-            materialized = []
-            if kind is Storage.FP8:   # all resident, n..1 of them at compute dtype, then fp8 resident ones go
-                materialized = [(n, self.slots_for(kind, n, m), 0, m) for m in range(n, 0, -1)]
             cfgs = [(n, self.slots_for(kind, n), c, 0) for c in range(last + 1)]
             cfgs += [(r, low(r), last, 0) for r in range(n - 1, -1, -1)]
             return materialized + cfgs
-        m = (lambda r: r) if kind is Storage.FP8 else (lambda r: 0)      # noqa: E731
-        cfgs = [(r, self.slots_for(kind, r, m(r)), 0, m(r)) for r in range(n, -1, -1)]
+        cfgs = [(r, self.slots_for(kind, r), 0, 0) for r in range(n, -1, -1)]
         cfgs += [(0, low(0), c, 0) for c in range(last + 1)]
-        return cfgs
+        return materialized + cfgs
 
     def evaluate(self, kind: Storage, n_resident: int, slots: int, chunk: int, n_materialized: int) -> StagePlan:
         resident = resident_set(self.n, n_resident)
         streamed = [i for i in range(self.n) if i not in set(resident)]
         ring = self.ring_blocks(kind, n_resident, n_materialized)
-        kept = tuple(sorted(self.kept(kind, n_resident, n_materialized)))
+        kept = tuple(i for i in resident if i not in set(ring)) if kind is Storage.FP8 else ()
         slot_bytes = max((self.blocks[i].compute_bytes for i in ring), default=0) if slots else 0
         staging = max((self.blocks[i].fp8_bytes for i in streamed), default=0) if kind is Storage.FP8 else 0
         attn, ffn = self.chunks[chunk]
@@ -189,15 +173,12 @@ class _Ctx:
         if n_resident == self.n:
             parts.append(f"all {self.n} blocks fit resident")
         elif n_resident:
-            parts.append(f"{n_resident} blocks stay resident, spread evenly so that each of the other "
-                         f"{self.n - n_resident} streams while resident blocks compute")
+            parts.append(f"the last {n_resident} blocks stay resident, the first {self.n - n_resident} stream "
+                         f"(their prefetch overlaps the resident tail of the previous forward)")
         else:
             parts.append(f"all {self.n} blocks stream")
         if kind is Storage.FP8 and n_materialized == self.n:
             parts.append("fp8 storage, but every block fits at compute dtype: upcast once when placed")
-        elif kind is Storage.FP8 and n_materialized and n_materialized == n_resident:
-            parts.append("fp8 storage: resident blocks are kept at compute dtype (upcast once when placed), "
-                         "streamed blocks copy in fp8 (half the bytes) and are upcast per use")
         elif kind is Storage.FP8:
             parts.append("fp8 storage halves transfer and resident bytes; upcast into a bf16 slot per use"
                          + (f" ({n_materialized} resident blocks upcast once instead)" if n_materialized else ""))
