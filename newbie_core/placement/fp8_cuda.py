@@ -7,7 +7,10 @@ table with one row per ``ROW`` elements of every tensor of the block (source off
 destination offset, count, scale offset) drives one kernel over the whole block: fp8 rows are
 multiplied by their scale in fp32 and rounded once to the compute dtype (the arithmetic of
 :func:`newbie_core.placement.fp8.dequantize`, so the same bits); rows stored at the compute
-dtype are copied. The source is read through typed views (bytes, compute-dtype elements, bf16
+dtype are copied. Row lengths are padded to 16 elements (entries are 256-byte aligned, so the
+extra elements fall in padding) so that the masked accesses vectorise: measured on an H200, an
+87 M-parameter block went from 0.285 ms with unpadded rows (1-byte loads) to 0.080 ms, about
+3.3 TB/s of the fp8 read plus bf16 write. The source is read through typed views (bytes, compute-dtype elements, bf16
 scales) so every offset is an element offset. fp8 NaN bytes (never produced by quantize(),
 which clamps) would come out as finite values here; the torch path keeps them NaN.
 

@@ -22,6 +22,11 @@ Decisions, and why:
   compute dtype, upcast once when placed (*materialized*): same bits, no per-use upcast. The
   fp8 chain therefore starts with every block materialized and gives them up one by one before
   any block streams.
+  Below that, blocks stay resident *in fp8* (upcast per use) rather than resident at compute
+  dtype with more of the rest streaming: an upcast costs 0.08 ms per 87 M-parameter block (the
+  fused kernel, bench/upcast_kernel.py), a streamed block 1.7 ms of copy at 55 GB/s. Measured
+  on an H200 at 512² without CFG under 2 GB: 5 blocks at compute dtype + 35 streamed ran
+  64.4 ms per step, against 9 resident fp8 + 31 streamed (see BENCHMARKS.md).
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
   for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on a
   stream of their own; streamed fp8 blocks land first in the slot's own fp8 staging buffer, so
@@ -173,8 +178,8 @@ class _Ctx:
         if n_resident == self.n:
             parts.append(f"all {self.n} blocks fit resident")
         elif n_resident:
-            parts.append(f"the last {n_resident} blocks stay resident, the first {self.n - n_resident} stream "
-                         f"(their prefetch overlaps the resident tail of the previous forward)")
+            parts.append(f"{n_resident} blocks stay resident, spread evenly so that each of the other "
+                         f"{self.n - n_resident} streams while resident blocks compute")
         else:
             parts.append(f"all {self.n} blocks stream")
         if kind is Storage.FP8 and n_materialized == self.n:
