@@ -18,6 +18,7 @@ whole forward (RoPE cos/sin for three sequences, caption + image streams while p
   ffn phase        = 3*B*S*D*e              residual, h, normed h
                    + 3*f*F*e                w1 out, w3 out, silu(w1) (product reuses one)
                    + f*D*e                  w2 chunk output
+                   + B*S*D*e  (if f < B*S)  the output the chunks are written into
   packing          = B*(Lc + N + S)*D*e     caption, image and joint streams together
   persistent       = 2*B*(Lc + N + S)*(d/2)*4   cos/sin
 """
@@ -58,7 +59,8 @@ def estimate_activation_bytes(config: DiTConfig, batch: int, cap_tokens: int, im
         workspace = b * h * s * 4
     attention = (2 * b * s * d_model * e + b * s * (h + 2 * hkv) * hd * e + b * s * h * hd * 4
                  + 3 * b * s * h * hd * e + b * s * d_model * e + workspace)
-    ffn = 3 * b * s * d_model * e + 3 * f * f_dim * e + f * d_model * e
+    chunked_out = b * s * d_model * e if f < b * s else 0
+    ffn = 3 * b * s * d_model * e + 3 * f * f_dim * e + f * d_model * e + chunked_out
     packing = b * (cap_tokens + image_tokens + s) * d_model * e
     persistent = 2 * b * (cap_tokens + image_tokens + s) * (hd // 2) * 4
     return int(max(attention, ffn, packing) + persistent)
