@@ -78,7 +78,6 @@ def main() -> None:
         "python bench/full_size.py /tmp/full          # full-size random-weight checkpoints, real layouts",
         "python bench/run_benchmarks.py --models /tmp/full --out $OUT",
         "python bench/run_benchmarks.py --models /tmp/full --out $OUT --calibrate",
-        "python bench/run_benchmarks.py --models /tmp/full --out $OUT --fp8-1024",
         "python bench/upcast_kernel.py",
         "```",
         "",
