@@ -125,7 +125,7 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
         "resident_blocks": len(plan.resident), "chunks": [plan.attn_chunk, plan.ffn_chunk],
         "slots": plan.slots, "materialized_blocks": len(plan.materialized),
         "cuda_graphs": use_graphs(memory, batch, cap + (size // 16) ** 2, device),
-        "_latent": result.latent,
+        "_latent": result.latent, "_step_seconds": list(result.step_seconds),
     }
 
 
@@ -216,6 +216,25 @@ def focus_rows(models: dict, device, bandwidth: float) -> None:
         print("profile:", json.dumps(prof), flush=True)
 
 
+def upload_rows(models: dict, device, steps: int = 6) -> list[dict]:
+    """What the sampling stage spends outside its steps (mostly uploading resident weights):
+    stage seconds minus the sum of the step times, and the first step's excess over the rest."""
+    out = []
+    for size, cfg, dtype, budget in ((1024, 5.0, "bf16", None), (512, 1.0, "bf16", None),
+                                     (1024, 5.0, "fp8", None), (1024, 5.0, "bf16", 4)):
+        run_row(models[dtype], device, size, cfg, budget, dtype, 2)          # warm caches and kernels
+        for _ in range(2):
+            row = run_row(models[dtype], device, size, cfg, budget, dtype, steps)
+            first = row["_step_seconds"][0]
+            rec = {"size": row["size"], "cfg": row["cfg"], "dtype": dtype, "budget_gb": budget,
+                   "resident_blocks": row["resident_blocks"], "sample_stage_s": row["stage_seconds"]["sample"],
+                   "outside_steps_s": row["stage_seconds"]["sample"] - sum(row["_step_seconds"]),
+                   "first_step_excess_s": first - row["s_per_step"], "s_per_step": row["s_per_step"]}
+            print("upload:", json.dumps(rec), flush=True)
+            out.append(rec)
+    return out
+
+
 def calibration_rows(models: dict, device) -> list[dict]:
     """Predicted vs measured stage peaks on sizes the constants were not fitted on (3 steps each)."""
     for dtype in ("bf16", "fp8"):
@@ -299,6 +318,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--calibrate", action="store_true", help="only check predicted vs measured stage peaks")
     parser.add_argument("--focus", action="store_true", help="only the rows that missed their targets, 12 steps")
+    parser.add_argument("--upload", action="store_true",
+                        help="only the sampling stage's time outside its steps (weight uploads), into upload.json")
     parser.add_argument("--fp8-1024", action="store_true",
                         help="only the 1024² CFG fp8 rows and their resident base, into results_fp8_1024.json")
     args = parser.parse_args()
@@ -310,6 +331,9 @@ def main() -> None:
     models = {d: load_models(args.models, d) for d in ("bf16", "fp8")}
     if args.focus:
         return focus_rows(models, device, bandwidth)
+    if args.upload:
+        (args.out / "upload.json").write_text(json.dumps(upload_rows(models, device), indent=1))
+        return None
     if args.calibrate:
         (args.out / "calibration.json").write_text(json.dumps(calibration_rows(models, device), indent=1))
         return None

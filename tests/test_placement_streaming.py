@@ -152,6 +152,28 @@ def test_resident_run_matches_plain_module_forward(model):
         assert torch.equal(a, b)
 
 
+def test_resident_uploads_overlap_the_first_forward(model):
+    """bf16 resident blocks: the session does not wait for their copies up front; each block's
+    first use waits for its own copy (the hostile fake lands a copy only when it is waited on)."""
+    everything = tuple(range(N_BLOCKS))
+    plan = manual_plan(model, everything, 2, 1, Storage.BF16)
+    engine = FakeCopyStream()
+    store = HostBlockStore([l.storage for l in model_layouts(model, plan)], CountingReader(model), HostMode.PINNED,
+                           pin=False)
+    with stream_blocks(model, plan, store, "cpu", engine=engine):
+        assert engine.pending == N_BLOCKS, "every upload is still in flight when compute may start"
+        out = model(*inputs(0))
+        assert engine.pending == 0
+    assert torch.equal(out, reference(model, Storage.BF16)[0])
+    # fp8 storage passes through upcasts on other streams: those copies are waited for up front.
+    fp8 = manual_plan(model, everything, 2, 1, Storage.FP8, materialized=everything)
+    engine = FakeCopyStream()
+    store = HostBlockStore([l.storage for l in model_layouts(model, fp8)], CountingReader(model), HostMode.PINNED,
+                           pin=False)
+    with stream_blocks(model, fp8, store, "cpu", engine=engine):
+        assert engine.pending == 0
+
+
 def test_ring_wraps_across_forwards_and_counts_bytes(model):
     plan = manual_plan(model, (5,), 2, 1, Storage.BF16)
     _, session, reader = run(model, plan, steps=4)

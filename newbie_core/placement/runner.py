@@ -50,7 +50,8 @@ class StreamingRunner:
 
     def __init__(self, plan: StagePlan, compute: Sequence[BlockLayout], storage: Sequence[BlockLayout],
                  store: HostBlockStore | None, engine: CopyEngine, ring: SlotRing | None,
-                 resident: dict[int, torch.Tensor], upcast: FusedUpcast, graphs: BlockGraphs | None = None):
+                 resident: dict[int, torch.Tensor], upcast: FusedUpcast, graphs: BlockGraphs | None = None,
+                 ready: dict[int, Any] | None = None):
         self.plan, self.compute, self.storage = plan, list(compute), list(storage)
         self.store, self.engine, self.ring, self.resident = store, engine, ring, resident
         self.order = plan.ring_blocks
@@ -64,6 +65,7 @@ class StreamingRunner:
         self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
                                 if i not in self.ring_pos}
         self.upcast = upcast                     # owned (and released) by the session
+        self._ready = dict(ready or {})          # resident block -> its copy event, until first use
         self._fp8 = [layout.is_fp8 for layout in self.storage]
         self.graphs = graphs
         if graphs is not None:
@@ -81,6 +83,8 @@ class StreamingRunner:
         self._last_index = index
         views = self._resident_views.get(index)
         if views is not None:
+            if self._ready:                      # first use: the block's upload may still be in flight
+                self.engine.main_wait(self._ready.pop(index, None))
             return self._call(index, block, ("resident", index), views, args, kwargs)
         k = self.ring_pos.get(index)
         if k is None:

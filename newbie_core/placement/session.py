@@ -116,6 +116,12 @@ class StreamingSession:
         if plan.resident and self.store is None:
             raise ValueError("the plan keeps blocks resident but no host store was given to load them from.")
         materialized = set(plan.materialized)
+        # Blocks resident at compute dtype are plain copies: compute waits for each one just before
+        # its first use (the runner's ``ready`` events), so uploading the weights overlaps the first
+        # forward. Blocks stored in fp8 pass through upcasts on other streams: those stages wait
+        # for every copy up front (drain below).
+        lazy = not any(self.layouts[i].storage.is_fp8 for i in plan.resident)
+        ready: dict[int, object] = {}
         staging = None
         if materialized:   # fp8 bytes land here, then are upcast into the block's own buffer
             staging = torch.empty(max(self.layouts[i].storage.nbytes for i in materialized),
@@ -133,14 +139,18 @@ class StreamingSession:
                 self.engine.side_wait(self.engine.main_record())
             else:
                 self.engine.copy(buf, host)
-            self.store.release(i, self.engine.side_record())
+            copied = self.engine.side_record()
+            self.store.release(i, copied)
+            if lazy:
+                ready[i] = copied
             self.bytes_h2d += layouts.storage.nbytes
             self.resident[i] = buf
-        self.engine.drain()   # resident weights are in place before any compute reads them
-        del staging           # freed on the main stream, after the drain
+        if not lazy:
+            self.engine.drain()   # resident weights are in place before any compute reads them
+        del staging               # freed on the main stream, after the upcasts that read it
         self.runner = StreamingRunner(plan, [l.compute for l in self.layouts], [l.storage for l in self.layouts],
                                       self.store, self.engine, self.ring, self.resident, self.upcast,
-                                      self._block_graphs())
+                                      self._block_graphs(), ready)
 
     def _block_graphs(self) -> BlockGraphs | None:
         """``graphs=True`` means CUDA graphs on a CUDA device (off elsewhere); a backend is used as given."""
