@@ -174,6 +174,30 @@ def test_resident_uploads_overlap_the_first_forward(model):
         assert engine.pending == 0
 
 
+def test_copies_into_new_buffers_wait_for_earlier_main_stream_work(model):
+    """The session's buffers may reuse memory that earlier main-stream work still touches: its
+    first side-stream copy must come after a wait on a main event recorded when it started."""
+    calls = []
+
+    class Recording(FakeCopyStream):
+        def main_record(self):
+            event = super().main_record()
+            calls.append(("main_record", event))
+            return event
+
+        def side_wait(self, event):
+            calls.append(("side_wait", event))
+            super().side_wait(event)
+
+        def copy(self, dst, src, side_only=False):
+            calls.append(("copy", None))
+            super().copy(dst, src, side_only)
+
+    run(model, manual_plan(model, (1, 3, 5), 2, 1, Storage.BF16), steps=1, engine=Recording())
+    first_copy = calls.index(("copy", None))
+    assert calls[0][0] == "main_record" and ("side_wait", calls[0][1]) in calls[:first_copy]
+
+
 def test_ring_wraps_across_forwards_and_counts_bytes(model):
     plan = manual_plan(model, (5,), 2, 1, Storage.BF16)
     _, session, reader = run(model, plan, steps=4)

@@ -110,6 +110,9 @@ class StreamingSession:
 
     def _allocate(self) -> None:
         plan = self.plan
+        # The buffers below may reuse memory that main-stream work queued before this session still
+        # touches: side-stream copies into them start only after that work.
+        self.engine.side_wait(self.engine.main_record())
         self.upcast = FusedUpcast([(l.storage, l.compute) for l in self.layouts if l.storage.is_fp8], self.device)
         if plan.slots:   # the ring first: one segment at the bottom, before any activation
             self.ring = SlotRing(plan.slots, plan.slot_bytes, plan.staging_bytes, self.device)
