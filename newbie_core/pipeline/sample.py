@@ -36,8 +36,8 @@ CHUNK_ALIGN = 128
 
 
 def even_chunks(total: int, floor: int, align: int = CHUNK_ALIGN) -> list[int]:
-    """Chunk sizes that split ``total`` rows into 2, 3, 4, 6, 8, ... nearly equal parts, largest
-    first, down to the first one at or below ``floor``. Equal parts, not fixed powers of two: a
+    """Chunk sizes that split ``total`` rows into 2, 3, 4, 6, 8, 12, 18, 24, 36, ... nearly equal
+    parts, largest first, down to the first one at or below ``floor``. Equal parts, not fixed powers of two: a
     fixed 8192-token FFN chunk over 2 x 4396 tokens (1024² with CFG) leaves a 600-token tail, a
     whole extra pass over the FFN weights for 7 % of the tokens, with GEMMs too small to fill
     the GPU; two 4480-token halves need less memory than the 8192 chunk."""
@@ -50,6 +50,7 @@ def even_chunks(total: int, floor: int, align: int = CHUNK_ALIGN) -> list[int]:
             out.append(size)
         if size <= floor or parts >= total:
             return out
+        # 2, 3, 4, then x1.5 from a multiple of 4, else x4/3: 6, 8, 12, 18, 24, 36, 54, 72, ...
         parts = parts + 1 if parts < 4 else parts * 3 // 2 if parts % 4 == 0 else parts * 4 // 3
 
 

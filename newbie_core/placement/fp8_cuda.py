@@ -10,8 +10,8 @@ multiplied by their scale in fp32 and rounded once to the compute dtype (the ari
 dtype are copied. Row lengths are padded to 16 elements (entries are 256-byte aligned, so the
 extra elements fall in padding) so that the masked accesses vectorise: measured on an H200, an
 87 M-parameter block went from 0.285 ms with unpadded rows (1-byte loads) to 0.080 ms, about
-3.3 TB/s of the fp8 read plus bf16 write. The source is read through typed views (bytes, compute-dtype elements, bf16
-scales) so every offset is an element offset. fp8 NaN bytes (never produced by quantize(),
+3.3 TB/s of the fp8 read plus bf16 write. The source is read through typed views (bytes,
+compute-dtype elements, bf16 scales) so every offset is an element offset. fp8 NaN bytes (never produced by quantize(),
 which clamps) would come out as finite values here; the torch path keeps them NaN.
 
 :class:`FusedUpcast` builds the tables of one stage's layouts (on the compute stream, before
