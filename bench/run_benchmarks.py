@@ -129,6 +129,18 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
     }
 
 
+def try_row(models: Models, device, size: int, cfg: float, budget_gb: float | None, dtype: str, steps: int,
+            **kwargs) -> dict | None:
+    """:func:`run_row`, or None after printing why it failed: a failed row is reported and the
+    others still run (the budget cap is lifted again)."""
+    try:
+        return run_row(models, device, size, cfg, budget_gb, dtype, steps, **kwargs)
+    except Exception as e:   # noqa: BLE001 - any failure of one row
+        set_budget(device, None)
+        print(f"ROW FAILED {size} cfg={cfg} {dtype} budget={budget_gb}: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
 def summary(row: dict) -> str:
     stages = " ".join(f"{k}={row['stage_peaks_gb'][k]:.2f}/{row['predicted_peaks_gb'][k]:.2f}"
                       for k in row["stage_peaks_gb"])
@@ -203,11 +215,8 @@ def focus_rows(models: dict, device, bandwidth: float) -> None:
         run_row(models[dtype], device, 512, 1.0, None, dtype, 2)
     bases: dict[int, dict] = {}
     for size, cfg, budget, dtype, graphs in FOCUS:
-        try:
-            row = run_row(models[dtype], device, size, cfg, budget, dtype, 12, graphs=graphs)
-        except Exception as e:   # noqa: BLE001 - a failed row is reported, the others still run
-            set_budget(device, None)
-            print(f"ROW FAILED {size} {dtype} budget={budget}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        row = try_row(models[dtype], device, size, cfg, budget, dtype, 12, graphs=graphs)
+        if row is None:
             continue
         compare_to(row, bases.setdefault(size, row), bandwidth)
         print(summary(row), flush=True)
@@ -241,11 +250,8 @@ def calibration_rows(models: dict, device) -> list[dict]:
         run_row(models[dtype], device, 512, 5.0, None, dtype, 2)
     out = []
     for size, cfg, budget, dtype in CALIBRATION:
-        try:
-            row = run_row(models[dtype], device, size, cfg, budget, dtype, 3)
-        except Exception as e:   # noqa: BLE001 - a failed row is reported, the others still run
-            set_budget(device, None)
-            print(f"ROW FAILED {size} {dtype} budget={budget}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        row = try_row(models[dtype], device, size, cfg, budget, dtype, 3)
+        if row is None:
             continue
         print(summary(row), flush=True)
         out.append({k: v for k, v in row.items() if not k.startswith("_")})
@@ -262,11 +268,8 @@ def table_rows(models: dict, device, bandwidth: float, size: int, cfg: float, bu
         # copy per model file, so the other dtype's rows have replaced it.
         run_row(models[dtype], device, size, cfg, None, dtype, 3)
         for budget in (bf16_budgets if bf16_budgets is not None and dtype == "bf16" else budgets):
-            try:
-                row = run_row(models[dtype], device, size, cfg, budget, dtype, steps)
-            except Exception as e:   # noqa: BLE001 - a failed row is reported, the others still run
-                set_budget(device, None)
-                print(f"ROW FAILED {size} cfg={cfg} {dtype} budget={budget}: {type(e).__name__}: {e}", flush=True)
+            row = try_row(models[dtype], device, size, cfg, budget, dtype, steps)
+            if row is None:
                 continue
             if budget is None:
                 resident[dtype] = row
