@@ -102,10 +102,16 @@ def manual_plan(model, resident: tuple[int, ...], slots: int, depth: int, storag
         staging_bytes=max((sizes[i].fp8_bytes for i in streamed), default=0) if storage is Storage.FP8 else 0)
 
 
+def toy_store(model, plan, reader=None, mode=HostMode.PINNED) -> HostBlockStore:
+    """The host store for ``plan``'s layouts, read from the toy model's own weights (unpinned)."""
+    return HostBlockStore([l.storage for l in model_layouts(model, plan)], reader or CountingReader(model), mode,
+                          pin=False)
+
+
 def run(model, plan, steps=3, mode=HostMode.PINNED, engine=None):
     engine = engine or FakeCopyStream()
     reader = CountingReader(model)
-    store = HostBlockStore([l.storage for l in model_layouts(model, plan)], reader, mode, pin=False)
+    store = toy_store(model, plan, reader, mode)
     outs = []
     with stream_blocks(model, plan, store, "cpu", engine=engine) as session:
         for step in range(steps):
@@ -158,8 +164,7 @@ def test_resident_uploads_overlap_the_first_forward(model):
     everything = tuple(range(N_BLOCKS))
     plan = manual_plan(model, everything, 2, 1, Storage.BF16)
     engine = FakeCopyStream()
-    store = HostBlockStore([l.storage for l in model_layouts(model, plan)], CountingReader(model), HostMode.PINNED,
-                           pin=False)
+    store = toy_store(model, plan)
     with stream_blocks(model, plan, store, "cpu", engine=engine):
         assert engine.pending == N_BLOCKS, "every upload is still in flight when compute may start"
         out = model(*inputs(0))
@@ -168,8 +173,7 @@ def test_resident_uploads_overlap_the_first_forward(model):
     # fp8 storage passes through upcasts on other streams: those copies are waited for up front.
     fp8 = manual_plan(model, everything, 2, 1, Storage.FP8, materialized=everything)
     engine = FakeCopyStream()
-    store = HostBlockStore([l.storage for l in model_layouts(model, fp8)], CountingReader(model), HostMode.PINNED,
-                           pin=False)
+    store = toy_store(model, fp8)
     with stream_blocks(model, fp8, store, "cpu", engine=engine):
         assert engine.pending == 0
 
@@ -258,8 +262,7 @@ def test_fp8_input_keeps_bytes_and_scale_one():
 def test_session_restores_runner_and_frees_on_exception(model):
     before = model.block_runner
     plan = manual_plan(model, (), 2, 1, Storage.BF16)
-    store = HostBlockStore([l.storage for l in model_layouts(model, plan)], CountingReader(model),
-                           HostMode.PINNED, pin=False)
+    store = toy_store(model, plan)
     with pytest.raises(RuntimeError, match="boom"):
         with stream_blocks(model, plan, store, "cpu", engine=FakeCopyStream()) as session:
             model(*inputs(0))
@@ -272,8 +275,7 @@ def test_interrupted_forward_resyncs(model):
     """A forward cut short mid-way (an exception inside block 2) must not shift later forwards."""
     plan = manual_plan(model, (5,), 3, 2, Storage.FP8)
     ref = reference(model, Storage.FP8)
-    store = HostBlockStore([l.storage for l in model_layouts(model, plan)], CountingReader(model),
-                           HostMode.PINNED, pin=False)
+    store = toy_store(model, plan)
     with stream_blocks(model, plan, store, "cpu", engine=FakeCopyStream()):
         x, c = inputs(0)
         for i, (_, block) in enumerate(model.block_sequence()[:3]):   # a forward abandoned after block 2
@@ -320,8 +322,7 @@ def test_resident_fp8_upcast_without_the_slot_wait_is_a_race(model, monkeypatch)
 def test_stage_guard_frees_the_session_on_exception_and_interrupt(model):
     plan = manual_plan(model, (4, 5), 2, 1, Storage.FP8)
     for exc in (RuntimeError("boom"), KeyboardInterrupt()):
-        store = HostBlockStore([l.storage for l in model_layouts(model, plan)], CountingReader(model),
-                               HostMode.PINNED, pin=False)
+        store = toy_store(model, plan)
         released = []
         with pytest.raises(type(exc)):
             with stage_guard("sample", "cpu") as guard, stream_blocks(model, plan, store, "cpu",
