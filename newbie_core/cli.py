@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-tile", type=int, default=0, help="VAE tile in px (0 auto from the budget, -1 never)")
     g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="replay DiT blocks as CUDA graphs (auto: where kernel launches bound a step)")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="fuse the DiT's norms, RoPE, gates and SwiGLU with torch.compile (auto: on a CUDA GPU "
+                        "with Triton; the first run compiles, later runs read the on-disk cache)")
     g.add_argument("--cache-dir", help="also keep encoded prompts in this folder, so later runs skip the encoders")
     g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     g.add_argument("--plan", action="store_true", help="print the memory plan and exit")
@@ -96,7 +99,8 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
                             attention_chunk=args.attention_chunk, ffn_chunk=args.ffn_chunk,
                             compute_dtype="fp16" if args.dtype == "fp16" else "bf16", vae_tile_px=args.vae_tile,
                             conditioning_cache_dir=args.cache_dir,
-                            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+                            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+                            compile={"auto": None, "on": True, "off": False}[args.compile])
     sampling = SamplingSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed,
                                 denoise=args.denoise, cfg_renorm=args.cfg_renorm, cfg_trunc=args.cfg_trunc)
     init = None

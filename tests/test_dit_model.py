@@ -9,11 +9,12 @@ import torch
 from torch.func import functional_call
 
 from newbie_core.models.dit import ActivationChunks, DiTConfig, NextDiT, estimate_activation_bytes, flops_per_forward
-from newbie_core.models.dit.attention import clamp_fp16, sdpa_attention
+from newbie_core.models.dit.attention import sdpa_attention
+from newbie_core.models.dit.fused import finite_fp16, norm_rope
 from newbie_core.models.dit.embedders import patchify, timestep_features, unpatchify
 from newbie_core.models.dit.estimate import AttentionKernel
 from newbie_core.models.dit.model import _pack
-from newbie_core.models.dit.rope import apply_rope, image_positions, rope_cos_sin
+from newbie_core.models.dit.rope import image_positions, rope_cos_sin
 
 CFG = DiTConfig.tiny()
 
@@ -78,8 +79,10 @@ def test_rope_angles_and_interleaved_rotation():
     # pair 4 + 2 belongs to axis 1 (pairs 4..9), k = 2: angle = 5 * 10000^(-4/12)
     assert math.isclose(math.atan2(sin[0, 0, 6], cos[0, 0, 6]), 5 * 10000 ** (-4 / 12), rel_tol=1e-6)
     x = torch.randn(1, 1, 2, 32)
-    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (16, 2))) * torch.complex(cos, sin)[:, :, None])
-    assert torch.allclose(apply_rope(x, cos, sin), ref.flatten(-2), atol=1e-6)
+    w = 1 + 0.1 * torch.randn(32)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    ref = torch.view_as_real(torch.view_as_complex(normed.unflatten(-1, (16, 2))) * torch.complex(cos, sin)[:, :, None])
+    assert torch.allclose(norm_rope(x, w, cos, sin, 1e-5), ref.flatten(-2), atol=1e-6)
 
 
 def test_adaln_vector_matches_hand_computation():
@@ -171,8 +174,8 @@ def test_input_validation():
 
 def test_fp16_clamp_only_touches_fp16():
     big = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0])
-    assert clamp_fp16(big.half()).tolist() == [65504.0, -65504.0, 0.0, 1.0]
-    assert torch.equal(clamp_fp16(big.bfloat16()).isinf(), big.bfloat16().isinf())
+    assert finite_fp16(big, torch.float16).tolist() == [65504.0, -65504.0, 0.0, 1.0]
+    assert torch.equal(finite_fp16(big, torch.bfloat16).isinf(), big.isinf())
     model = _random_model(dtype=torch.float16)
     with torch.no_grad():
         out = model(*_inputs())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.dit import ActivationChunks, AttentionKernel, DiTConfig, build_dit, estimate_activation_bytes
+from ..models.dit.fused import kernels
 from ..placement import Report, StagePlan, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
 from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow_sigmas, initial_noise,
                         noise_latent, normalize_latent, sample)
@@ -128,6 +129,7 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     config = handle.ckpt.config
     dtype = memory.torch_compute_dtype
     model = build_dit(config, "meta", dtype)
+    model.set_kernels(kernels(memory.compile if device.type == "cuda" else False))
     image_tokens = (height // 16) * (width // 16)
     small = sum(p.numel() for _, p in non_block_parameters(model)) * dtype.itemsize
     graphs = use_graphs(memory, batch, cap_tokens + image_tokens, device)

@@ -30,6 +30,9 @@ class MemorySettings:
     ``cuda_graphs``: the sampler replays DiT blocks as CUDA graphs (same kernels and bits, one
     launch per block). None = auto: on where launches, not the GPU, bound a step (see
     ``sample.use_graphs``); False to debug or if a driver misbehaves.
+    ``compile``: build the DiT blocks' fused norm/RoPE/gate/SwiGLU kernels with torch.compile
+    (``models/dit/fused.py``). None = auto: on with a CUDA GPU and Triton. The first run pays
+    the compilation (cached on disk for later runs); False runs the same math eagerly.
     """
     vram_budget_gb: float | None = None
     ram_budget_gb: float | None = None
@@ -41,6 +44,7 @@ class MemorySettings:
     vae_overlap_px: int = 64
     conditioning_cache_dir: str | None = None
     cuda_graphs: bool | None = None
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:

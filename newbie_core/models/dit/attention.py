@@ -1,7 +1,8 @@
 """Norms and the grouped-query attention of the Next-DiT blocks (spec §2.7, §2.12).
 
-The reference path is ``torch.nn.functional.scaled_dot_product_attention`` with a boolean
-key-padding mask. When ``flash_attn`` is importable and the tensors are CUDA bf16/fp16, the
+The reference path is ``torch.nn.functional.scaled_dot_product_attention`` with grouped-query
+heads passed as they are (``enable_gqa``: no repeated K/V copies) and right-padded samples run
+on their valid prefix. When ``flash_attn`` is importable and the tensors are CUDA bf16/fp16, the
 varlen kernel is used instead (same math; the official bf16 path). Query chunking bounds the
 attention workspace of the SDPA math/efficient kernels: each chunk of query rows attends to all
 keys, so the result equals the unchunked one up to float rounding.
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import apply_rope
+from .fused import EAGER, Kernels, norm_scale
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +31,13 @@ except ImportError:
     HAS_FLASH_ATTN = False
     log.debug("flash_attn not installed: attention uses torch SDPA.")
 
-FP16_MAX = 65504.0
-
-
-def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    """Keep fp16 activations finite (inf -> +-65504, nan -> 0), as ComfyUI's lumina model does.
-
-    bf16/fp32 tensors pass through untouched.
-    """
-    if x.dtype == torch.float16:
-        return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
-    return x
-
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times the learnable weight."""
+    """x * rsqrt(mean(x^2) + eps) * weight, in float32, rounded once to x's dtype.
+
+    Inside the blocks the norms are fused with what follows them (``fused.py``) and this module
+    only holds the weight under its checkpoint key; ``forward`` serves the embedders.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -52,9 +45,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return norm_scale(x, self.weight, None, self.eps)
 
 
 @dataclass(frozen=True)
@@ -98,9 +89,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    query_chunk: int | None = None) -> torch.Tensor:
     """q (B,S,H,D), k/v (B,S,Hkv,D), valid keys (KeyPadding, (B,S) bool, or None) -> (B,S,H,D).
 
-    KV head g serves query heads g*rep .. g*rep+rep-1 (repeat_interleave, spec §2.7). With a
-    KeyPadding each sample runs on its own valid prefix with no mask at all, which lets SDPA pick
-    its fastest (flash) kernel; padded query rows come back as zeros (they are discarded).
+    KV head g serves query heads g*rep .. g*rep+rep-1 (spec §2.7), which is what SDPA's
+    ``enable_gqa`` does without materialising the repeated heads. With a KeyPadding each sample
+    runs on its own valid prefix with no mask at all, which lets SDPA pick its fastest (flash)
+    kernel; padded query rows come back as zeros (they are discarded).
     """
     if isinstance(mask, KeyPadding):
         out = q.new_zeros(q.shape)
@@ -108,21 +100,20 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out[i:i + 1, :n] = sdpa_attention(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n], None, scale,
                                               query_chunk)
         return out
-    rep = q.shape[2] // k.shape[2]
+    gqa = q.shape[2] != k.shape[2]
     qh = q.transpose(1, 2)                                             # (B, H, S, D)
-    kh = k.transpose(1, 2).repeat_interleave(rep, dim=1)               # (B, H, S, D)
-    vh = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+    kh, vh = k.transpose(1, 2), v.transpose(1, 2)                      # (B, Hkv, S, D)
     attn_mask = None if mask is None else mask[:, None, None, :]       # (B, 1, 1, S)
     s = q.shape[1]
     if not query_chunk or query_chunk >= s:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
-    out = torch.empty_like(qh)
+    out = q.new_empty(q.shape)                                         # (B, S, H, D)
     for start in range(0, s, query_chunk):
         rows = slice(start, min(start + query_chunk, s))
-        out[:, :, rows] = F.scaled_dot_product_attention(
-            qh[:, :, rows], kh, vh, attn_mask=attn_mask, scale=scale)
-    return out.transpose(1, 2)
+        out[:, rows] = F.scaled_dot_product_attention(
+            qh[:, :, rows], kh, vh, attn_mask=attn_mask, scale=scale, enable_gqa=gqa).transpose(1, 2)
+    return out
 
 
 class JointAttention(nn.Module):
@@ -137,16 +128,15 @@ class JointAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.query_chunk: int | None = None        # set by NextDiT.set_chunking
+        self.kernels: Kernels = EAGER               # set by NextDiT.set_kernels
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        hd = self.head_dim
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = apply_rope(self.q_norm(q.view(b, s, self.n_heads, hd)), cos, sin)   # (B,S,H,hd)
-        k = apply_rope(self.k_norm(k.view(b, s, self.n_kv_heads, hd)), cos, sin)  # (B,S,Hkv,hd)
-        v = v.view(b, s, self.n_kv_heads, hd)
+        hd, eps = self.head_dim, self.q_norm.eps
+        q, k, v = self.qkv(x).view(b, s, -1, hd).split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        q = self.kernels.norm_rope(q, self.q_norm.weight, cos, sin, eps)        # (B,S,H,hd)
+        k = self.kernels.norm_rope(k, self.k_norm.weight, cos, sin, eps)        # (B,S,Hkv,hd)
         scale = 1.0 / math.sqrt(hd)
         if _use_flash(q):
             out = _flash_attention(q, k, v, mask.mask if isinstance(mask, KeyPadding) else mask, scale)

@@ -1,17 +1,19 @@
 """The Next-DiT transformer block and its SwiGLU feed-forward (spec §2.8, §2.9).
 
 A block's ``forward`` takes only tensors and reads weights only through its own submodules, so
-placement can run it with ``torch.func.functional_call`` and swapped-in weights.
+placement can run it with swapped-in weights. The norms, gates, residuals and the SwiGLU product
+run through ``self.kernels`` (``fused.py``): one fused kernel each where torch.compile can build
+them, the same float32-inside math eagerly elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import JointAttention, RMSNorm, clamp_fp16
+from .attention import JointAttention, RMSNorm
 from .config import DiTConfig
+from .fused import EAGER, Kernels
 
 
 class FeedForward(nn.Module):
@@ -23,15 +25,17 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.token_chunk: int | None = None        # set by NextDiT.set_chunking
+        self.kernels: Kernels = EAGER               # set by NextDiT.set_kernels
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(clamp_fp16(F.silu(self.w1(x)) * self.w3(x)))
+        """(T, dim) -> (T, dim); always 2-D, so a compiled product sees one dynamic dim."""
+        return self.w2(self.kernels.swiglu(self.w1(x), self.w3(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunk = self.token_chunk
         flat = x.reshape(-1, x.shape[-1])                                  # (B*S, dim)
         if not chunk or chunk >= flat.shape[0]:
-            return self._swiglu(x)
+            return self._swiglu(flat).view_as(x)
         out = torch.empty_like(flat)
         for start in range(0, flat.shape[0], chunk):
             out[start:start + chunk] = self._swiglu(flat[start:start + chunk])
@@ -57,19 +61,20 @@ class JointTransformerBlock(nn.Module):
         self.modulation = modulation
         if modulation:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.adaln_dim, 4 * dim))
+        self.kernels: Kernels = EAGER               # set by NextDiT.set_kernels
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.modulation:
-            attn = self.attention(self.attention_norm1(x), mask, cos, sin)
-            x = clamp_fp16(x + self.attention_norm2(clamp_fp16(attn)))
-            ffn = self.feed_forward(self.ffn_norm1(x))
-            return clamp_fp16(x + self.ffn_norm2(clamp_fp16(ffn)))
-        if c is None:
-            raise ValueError("a modulated Next-DiT block needs the adaLN vector c.")
-        # (B, 4*dim) -> four (B, 1, dim): scale_msa, gate_msa, scale_mlp, gate_mlp (spec §2.9)
-        scale_a, gate_a, scale_f, gate_f = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=-1)
-        attn = self.attention(self.attention_norm1(x) * (1 + scale_a), mask, cos, sin)
-        x = clamp_fp16(x + gate_a.tanh() * self.attention_norm2(clamp_fp16(attn)))
-        ffn = self.feed_forward(self.ffn_norm1(x) * (1 + scale_f))
-        return clamp_fp16(x + gate_f.tanh() * self.ffn_norm2(clamp_fp16(ffn)))
+        """x + tanh(g_a) * norm2(attn(norm1(x) * (1 + s_a))), then the same around the FFN."""
+        if self.modulation:
+            if c is None:
+                raise ValueError("a modulated Next-DiT block needs the adaLN vector c.")
+            # (B, 4*dim) -> four (B, 1, dim): scale_msa, gate_msa, scale_mlp, gate_mlp (spec §2.9)
+            scale_a, gate_a, scale_f, gate_f = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=-1)
+        else:
+            scale_a = gate_a = scale_f = gate_f = None
+        k, eps = self.kernels, self.attention_norm1.eps
+        attn = self.attention(k.norm_scale(x, self.attention_norm1.weight, scale_a, eps), mask, cos, sin)
+        x = k.gated_residual(x, attn, self.attention_norm2.weight, gate_a, eps)
+        ffn = self.feed_forward(k.norm_scale(x, self.ffn_norm1.weight, scale_f, eps))
+        return k.gated_residual(x, ffn, self.ffn_norm2.weight, gate_f, eps)

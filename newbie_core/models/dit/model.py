@@ -11,6 +11,8 @@ Conventions (spec §2.11): ``x`` is the normalised latent, ``t`` the flow time w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from ..blocks import BlockRunner, run_block_directly
 from .attention import KeyPadding, RMSNorm
 from .blocks import JointTransformerBlock
 from .config import ActivationChunks, DiTConfig
+from .fused import EAGER, Kernels
 from .embedders import FinalLayer, TimestepEmbedder, patchify, unpatchify
 from .rope import caption_positions, image_positions, rope_cos_sin
 
@@ -44,6 +47,8 @@ class NextDiT(nn.Module):
         self.final_layer = FinalLayer(dim, a, config.patch_features)
         self.block_runner: BlockRunner = run_block_directly
         self._chunking = ActivationChunks()
+        self._kernels = EAGER
+        self._layout: tuple[torch.Tensor, tuple, TokenLayout] | None = None   # (mask, sizes, layout)
 
     # -- placement seam ---------------------------------------------------------------------
     def block_sequence(self) -> list[tuple[str, nn.Module]]:
@@ -63,6 +68,16 @@ class NextDiT(nn.Module):
             block.attention.query_chunk = chunks.attn_query_chunk
             block.feed_forward.token_chunk = chunks.ffn_token_chunk
 
+    @property
+    def kernels(self) -> Kernels:
+        return self._kernels
+
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Use these fused kernels (eager or compiled, see ``fused.py``) in every block."""
+        self._kernels = kernels
+        for _, block in self.block_sequence():
+            block.kernels = block.attention.kernels = block.feed_forward.kernels = kernels
+
     # -- conditioning -----------------------------------------------------------------------
     def adaln_vector(self, t: torch.Tensor, clip_text_pooled: torch.Tensor | None) -> torch.Tensor:
         """c = time_text_embed(SiLU([t_emb, proj(pooled)])) -> (B, adaln_dim) (spec §2.3).
@@ -76,6 +91,22 @@ class NextDiT(nn.Module):
         pooled = self.clip_text_pooled_proj(clip_text_pooled.to(t_emb.dtype))  # (B, clip)
         return self.time_text_embed(torch.cat([t_emb, pooled], dim=-1))        # (B, A)
 
+    def _token_layout(self, cap_mask: torch.Tensor, cap_feats: torch.Tensor, batch: int, hp: int, wp: int,
+                      device: torch.device) -> TokenLayout:
+        """The last layout again when called with the same mask tensor and sizes (the sampler
+        passes the same conditioning every step and never modifies it in place)."""
+        key = (tuple(cap_feats.shape), batch, hp, wp, device)
+        if self._layout is not None and self._layout[0] is cap_mask and self._layout[1] == key:
+            return self._layout[2]
+        layout = token_layout(self.config, cap_mask, cap_feats, batch, hp, wp, device)
+        self._layout = (cap_mask, key, layout)
+        return layout
+
+    def to_empty(self, *, device, recurse: bool = True) -> "NextDiT":
+        """Also drops the cached token layout, whose RoPE tables live on the old device."""
+        self._layout = None
+        return super().to_empty(device=device, recurse=recurse)
+
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor,
                 cap_mask: torch.Tensor, clip_text_pooled: torch.Tensor | None) -> torch.Tensor:
@@ -84,19 +115,17 @@ class NextDiT(nn.Module):
         cfg, p = self.config, self.config.patch_size
         b, _, h, w = x.shape
         t = _batch_time(t, b)
-        cap_lens, cap_valid = _caption_lengths(cap_mask, cap_feats, b)
-        dtype, dev = self.x_embedder.weight.dtype, x.device
+        dtype = self.x_embedder.weight.dtype
         hp, wp = h // p, w // p
+        lay = self._token_layout(cap_mask, cap_feats, b, hp, wp, x.device)
         n_img = hp * wp
 
         c = self.adaln_vector(t, clip_text_pooled)                               # (B, A)
         cap = self.cap_embedder(cap_feats.to(dtype))                             # (B, L, dim)
         img = self.x_embedder(patchify(_check_latent(x, cfg).to(dtype), p))      # (B, N, dim)
-
-        cap_cos, cap_sin = rope_cos_sin(caption_positions(b, cap.shape[1], dev), cfg.axes_dims, cfg.rope_theta)
-        img_pos = image_positions(cap_lens, hp, wp, dev)                         # (B, N, 3)
-        img_cos, img_sin = rope_cos_sin(img_pos, cfg.axes_dims, cfg.rope_theta)
-        cap_attn_mask = None if all(n == cap.shape[1] for n in cap_lens) else KeyPadding(tuple(cap_lens), cap_valid)
+        cap_cos, cap_sin = lay.cap_rope
+        img_cos, img_sin = lay.img_rope
+        cap_attn_mask = lay.cap_mask
 
         index = 0
         for block in self.context_refiner:
@@ -106,9 +135,10 @@ class NextDiT(nn.Module):
             img = self.block_runner(index, block, img, None, img_cos, img_sin, c)
             index += 1
 
-        joint, joint_valid, joint_pos = _pack(cap, img, cap_lens, img_pos)      # (B, S, dim)
-        joint_mask = None if joint_valid is None else KeyPadding(tuple(n + n_img for n in cap_lens), joint_valid)
-        joint_cos, joint_sin = rope_cos_sin(joint_pos, cfg.axes_dims, cfg.rope_theta)
+        cap_lens = lay.cap_lens
+        joint = _pack_tokens(cap, img, cap_lens)                                # (B, S, dim)
+        joint_mask = lay.joint_mask
+        joint_cos, joint_sin = lay.joint_rope
         del cap, img
         for block in self.layers:
             joint = self.block_runner(index, block, joint, joint_mask, joint_cos, joint_sin, c)
@@ -117,6 +147,34 @@ class NextDiT(nn.Module):
         img_tokens = torch.stack([joint[i, n:n + n_img] for i, n in enumerate(cap_lens)])  # (B, N, dim)
         out = self.final_layer(img_tokens, c)                                    # (B, N, p*p*C)
         return unpatchify(out, p, cfg.in_channels, h, w).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where every token of a forward sits, and its RoPE tables: fixed by the caption mask and
+    the latent size, so the sampler's steps share one (no host sync, no table rebuild per step)."""
+    cap_lens: tuple[int, ...]
+    cap_mask: KeyPadding | None            # None when no caption is padded
+    joint_mask: KeyPadding | None
+    cap_rope: tuple[torch.Tensor, torch.Tensor]
+    img_rope: tuple[torch.Tensor, torch.Tensor]
+    joint_rope: tuple[torch.Tensor, torch.Tensor]
+
+
+def token_layout(config: DiTConfig, cap_mask: torch.Tensor, cap_feats: torch.Tensor, batch: int,
+                 hp: int, wp: int, device: torch.device) -> TokenLayout:
+    cap_lens, cap_valid = _caption_lengths(cap_mask, cap_feats, batch)
+    length, n_img = cap_feats.shape[1], hp * wp
+    axes, theta = config.axes_dims, config.rope_theta
+    img_pos = image_positions(cap_lens, hp, wp, device)                         # (B, N, 3)
+    joint_valid, joint_pos = _joint_positions(cap_lens, img_pos)
+    return TokenLayout(
+        cap_lens=tuple(cap_lens),
+        cap_mask=None if all(n == length for n in cap_lens) else KeyPadding(tuple(cap_lens), cap_valid),
+        joint_mask=None if joint_valid is None else KeyPadding(tuple(n + n_img for n in cap_lens), joint_valid),
+        cap_rope=rope_cos_sin(caption_positions(batch, length, device), axes, theta),
+        img_rope=rope_cos_sin(img_pos, axes, theta),
+        joint_rope=rope_cos_sin(joint_pos, axes, theta))
 
 
 def _batch_time(t: torch.Tensor | float, batch: int) -> torch.Tensor:
@@ -151,22 +209,32 @@ def _caption_lengths(cap_mask: torch.Tensor, cap_feats: torch.Tensor,
     return lens.tolist(), valid
 
 
-def _pack(cap: torch.Tensor, img: torch.Tensor, cap_lens: list[int],
-          img_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per sample: [valid caption (L_i)] [image (N)] [zero padding] (spec §2.6).
-
-    Returns the joint sequence (B, S, dim), its key mask (None when nothing is padded) and the
-    (B, S, 3) positions.
-    """
-    b, n_img, dim = img.shape
+def _joint_positions(cap_lens: list[int], img_pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per sample: [valid caption (L_i)] [image (N)] [padding] (spec §2.6) -> the (B, S) key mask
+    (None when nothing is padded) and the (B, S, 3) positions."""
+    b, n_img, _ = img_pos.shape
     seq = max(cap_lens) + n_img
-    joint = img.new_zeros(b, seq, dim)
-    pos = torch.zeros(b, seq, 3, dtype=torch.int64, device=img.device)
-    mask = torch.zeros(b, seq, dtype=torch.bool, device=img.device)
+    pos = torch.zeros(b, seq, 3, dtype=torch.int64, device=img_pos.device)
+    mask = torch.zeros(b, seq, dtype=torch.bool, device=img_pos.device)
+    for i, n in enumerate(cap_lens):
+        pos[i, :n, 0] = torch.arange(n, device=img_pos.device)
+        pos[i, n:n + n_img] = img_pos[i]
+        mask[i, :n + n_img] = True
+    return (None if min(cap_lens) + n_img == seq else mask), pos
+
+
+def _pack_tokens(cap: torch.Tensor, img: torch.Tensor, cap_lens: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """The joint sequence (B, S, dim) in the order of :func:`_joint_positions`, zeros as padding."""
+    b, n_img, dim = img.shape
+    joint = img.new_zeros(b, max(cap_lens) + n_img, dim)
     for i, n in enumerate(cap_lens):
         joint[i, :n] = cap[i, :n]
         joint[i, n:n + n_img] = img[i]
-        pos[i, :n, 0] = torch.arange(n, device=img.device)
-        pos[i, n:n + n_img] = img_pos[i]
-        mask[i, :n + n_img] = True
-    return joint, (None if min(cap_lens) + n_img == seq else mask), pos
+    return joint
+
+
+def _pack(cap: torch.Tensor, img: torch.Tensor, cap_lens: list[int],
+          img_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Tokens, key mask and positions of the joint sequence (both helpers above, for tests)."""
+    mask, pos = _joint_positions(cap_lens, img_pos)
+    return _pack_tokens(cap, img, cap_lens), mask, pos

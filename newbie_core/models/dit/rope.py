@@ -3,7 +3,8 @@
 Each token carries integer positions (p0, p1, p2): caption index, patch row, patch column. The
 head dimension is split into ``axes_dims`` pieces; piece ``a`` rotates adjacent pairs
 (x[2j], x[2j+1]) by ``p_a * theta ** (-2k / d_a)``. Angles are computed on the fly (float64, then
-float32), so unlike the official precomputed tables there is no 1023-token caption limit.
+float32), so unlike the official precomputed tables there is no 1023-token caption limit. The
+rotation itself is fused with the QK-norm (``fused.norm_rope``).
 """
 
 from __future__ import annotations
@@ -44,16 +45,3 @@ def rope_cos_sin(positions: torch.Tensor, axes_dims: tuple[int, ...],
         angles.append(pos[..., axis, None] * inv_freq)                    # (B, S, d/2)
     angle = torch.cat(angles, dim=-1).to(torch.float32)                   # (B, S, head_dim/2)
     return torch.cos(angle), torch.sin(angle)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, S, H, D) by the angles behind cos/sin (B, S, D/2).
-
-    Computed in float32 whatever the input dtype (as the official code does with autocast off),
-    then cast back.
-    """
-    xf = x.float().unflatten(-1, (-1, 2))                                 # (B, S, H, D/2, 2)
-    x0, x1 = xf.unbind(-1)
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)                             # (B, S, 1, D/2)
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(x.dtype)

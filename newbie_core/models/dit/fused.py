@@ -1,0 +1,175 @@
+"""The elementwise parts of a Next-DiT block, each written once as a fusable function.
+
+Between its GEMMs and attention a block does RMSNorms, adaLN scales, tanh gates, residual adds,
+RoPE and the SwiGLU product. Written op by op that was ~90 launches per block, each a round trip
+through memory, several in float32: measured on an H200 at 1024² with CFG, about 51 ms of a
+203 ms step, against 91 ms for all the GEMMs and attention together (issue 10).
+
+Each group below is a function of plain tensors whose body is the reference math: float32 inside,
+one rounding to the compute dtype at the end (the official code rounds after every norm; one
+rounding is closer to its float32 forward, see docs/numerics.md). :class:`Kernels` hands the
+blocks either those bodies as they are, or the same bodies through ``torch.compile``, which turns
+each into one Triton kernel. Weights come in as arguments, so wherever placement put them
+(resident, a ring slot, an fp8 upcast) the same kernel runs on the same values: a streamed run
+stays bitwise equal to a resident one with the same setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+
+
+def finite_fp16(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values bound for fp16 stay finite (inf -> +-65504, nan -> 0), as ComfyUI's lumina model
+    keeps them; for any other ``dtype`` x passes through untouched."""
+    if dtype == torch.float16:
+        return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX).clamp(-FP16_MAX, FP16_MAX)
+    return x
+
+
+def _rms(xf: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 RMSNorm over the last axis, times the weight (official formula, spec §2.12)."""
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def norm_scale(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight * (1 + scale) in x's dtype. x (B, S, D), scale (B, 1, D) or None."""
+    y = _rms(finite_fp16(x.float(), x.dtype), weight, eps)
+    if scale is not None:
+        y = y * (1 + scale.float())
+    return finite_fp16(y, x.dtype).to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """x + tanh(gate) * rmsnorm(y) * weight in x's dtype (the sandwich norm's second half).
+
+    x, y (B, S, D); gate (B, 1, D), or None for the unmodulated context refiner.
+    """
+    branch = _rms(finite_fp16(y.float(), y.dtype), weight, eps)
+    if gate is not None:
+        branch = torch.tanh(gate.float()) * branch
+    return finite_fp16(x.float() + branch, x.dtype).to(x.dtype)
+
+
+def norm_rope(t: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """QK-norm then RoPE: (B, S, H, D) -> contiguous (B, S, H, D) in t's dtype.
+
+    Adjacent pairs (t[2j], t[2j+1]) rotate by the angle behind cos/sin (B, S, D/2), spec §2.6.
+    """
+    tf = _rms(t.float(), weight, eps).unflatten(-1, (-1, 2))               # (B, S, H, D/2, 2)
+    t0, t1 = tf.unbind(-1)
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)                              # (B, S, 1, D/2)
+    return torch.stack((t0 * c - t1 * s, t0 * s + t1 * c), dim=-1).flatten(-2).to(t.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in the inputs' dtype (the product between w1/w3 and w2)."""
+    return finite_fp16(F.silu(gate.float()) * up.float(), gate.dtype).to(gate.dtype)
+
+
+# name -> (function, the dims of its first argument that vary with the token count)
+_FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, ...]]] = {
+    "norm_scale": (norm_scale, (0, 1)),
+    "gated_residual": (gated_residual, (0, 1)),
+    "norm_rope": (norm_rope, (0, 1)),
+    "swiglu": (swiglu, (0,)),
+}
+
+
+def compile_available() -> bool:
+    """torch.compile can build GPU kernels here (Triton importable, a CUDA device present)."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and has_triton()
+
+
+def use_persistent_cache() -> Path:
+    """Point inductor's cache at the user cache dir unless the user chose one.
+
+    Its default sits in /tmp, which many systems empty at boot: the compile cost would come back
+    after every restart. Triton's own kernel cache already lives in the home directory.
+    """
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from platformdirs import user_cache_dir
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(user_cache_dir("newbie_core")) / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+class _Compiled:
+    """One function through torch.compile, with its token dims marked dynamic up front.
+
+    Dynamic from the first call, so one kernel serves every caption length and image size: which
+    kernel runs never depends on which sizes came before (a static first compile, then an
+    automatic dynamic one, would give a 512² run after a 1024² run other kernels than a fresh one).
+    A compile failure turns this function back to its eager body for good, with one warning.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], dynamic_dims: tuple[int, ...]):
+        self.name, self.eager, self.dims = name, fn, dynamic_dims
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def __call__(self, *args):
+        if self.compiled is None or not args[0].is_cuda:
+            return self.eager(*args)
+        for t in args:
+            if isinstance(t, torch.Tensor) and t.ndim > max(self.dims):
+                for d in self.dims:
+                    torch._dynamo.maybe_mark_dynamic(t, d)
+        try:
+            return self.compiled(*args)
+        except Exception as e:   # noqa: BLE001 - inductor/Triton failures of any kind: fall back
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            log.warning("torch.compile of %s failed (%s: %s); it runs eagerly from now on (same math, "
+                        "more launches).", self.name, type(e).__name__, str(e).splitlines()[0][:200])
+            self.compiled = None
+            return self.eager(*args)
+
+
+class Kernels:
+    """The four fused functions, eager or compiled (see the module docstring).
+
+    ``compiled=None`` means auto: compiled where :func:`compile_available`. Blocks keep a
+    reference, set by ``NextDiT.set_kernels``; graphs.module_structure ignores it (not a plain
+    attribute), which is right: it does not change which weights a block reads.
+    """
+
+    def __init__(self, compiled: bool | None = None):
+        want = compile_available() if compiled is None else compiled
+        if want and not compile_available():
+            log.warning("torch.compile was asked for but needs Triton and a CUDA GPU; running eagerly.")
+            want = False
+        self.compiled = want
+        if want:
+            log.debug("fused DiT kernels compile with inductor, cache %s", use_persistent_cache())
+        for name, (fn, dims) in _FUNCTIONS.items():
+            setattr(self, name, _Compiled(name, fn, dims) if want else fn)
+
+    def __repr__(self) -> str:
+        return f"Kernels(compiled={self.compiled})"
+
+
+EAGER = Kernels(compiled=False)
+_SHARED: dict[bool, Kernels] = {False: EAGER}
+
+
+def kernels(compiled: bool | None = None) -> Kernels:
+    """The process-wide Kernels for a setting (compiled code is cached per function anyway)."""
+    want = compile_available() if compiled is None else compiled
+    if want not in _SHARED:
+        _SHARED[want] = Kernels(compiled=want)
+    return _SHARED[want]

@@ -1,0 +1,115 @@
+"""The fused block kernels (models/dit/fused.py): their math, one rounding, and the compile switch."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from newbie_core.models.dit import DiTConfig, NextDiT
+from newbie_core.models.dit import fused
+from newbie_core.models.dit.fused import Kernels, gated_residual, kernels, norm_rope, norm_scale, swiglu
+
+EPS = 1e-5
+
+
+def _rms64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
+
+
+def _data(seed=0, b=2, s=7, d=64, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, s, d, generator=g) * 3).to(dtype)
+    y = (torch.randn(b, s, d, generator=g) * 5).to(dtype)
+    w = (1 + 0.2 * torch.randn(d, generator=g)).to(dtype)
+    scale = (0.3 * torch.randn(b, 1, d, generator=g)).to(dtype)
+    return x, y, w, scale
+
+
+def test_norm_scale_and_gated_residual_are_the_sandwich_formulas():
+    x, y, w, scale = _data()
+    ref = _rms64(x, w) * (1 + scale.double())
+    assert torch.allclose(norm_scale(x, w, scale, EPS).double(), ref, atol=1e-5)
+    assert torch.allclose(norm_scale(x, w, None, EPS), F.rms_norm(x, (64,), w, EPS), atol=1e-5)
+    gate = scale
+    ref = x.double() + torch.tanh(gate.double()) * _rms64(y, w)
+    assert torch.allclose(gated_residual(x, y, w, gate, EPS).double(), ref, atol=1e-5)
+    assert torch.allclose(gated_residual(x, y, w, None, EPS).double(), x.double() + _rms64(y, w), atol=1e-5)
+
+
+def test_swiglu_and_norm_rope_formulas():
+    a, b, w, _ = _data(1)
+    assert torch.allclose(swiglu(a, b), F.silu(a) * b, atol=1e-5)
+    t = a.view(2, 7, 4, 16)
+    angle = torch.rand(2, 7, 8) * 6
+    out = norm_rope(t, w[:16], angle.cos(), angle.sin(), EPS)
+    normed = _rms64(t, w[:16]).unflatten(-1, (8, 2))
+    rot = torch.view_as_real(torch.view_as_complex(normed.contiguous()) * torch.polar(torch.ones_like(angle.double()), angle.double())[:, :, None])
+    assert out.is_contiguous() and torch.allclose(out.double(), rot.flatten(-2), atol=1e-5)
+
+
+def test_one_rounding_is_closer_to_fp64_than_the_old_two():
+    """bf16 results are rounded once, at the end; the old blocks rounded the norm, then the scale."""
+    x, _, w, scale = _data(2, s=512, d=256, dtype=torch.bfloat16)
+    ref = _rms64(x, w) * (1 + scale.double())
+    xf = x.float()
+    old = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * w * (1 + scale)
+    err_new = (norm_scale(x, w, scale, EPS).double() - ref).norm()
+    err_old = (old.double() - ref).norm()
+    assert err_new < 0.8 * err_old
+
+
+def test_fp16_outputs_stay_finite():
+    x = torch.tensor([[[65000.0, 65000.0]]], dtype=torch.float16)
+    y = torch.tensor([[[1.0, -1.0]]], dtype=torch.float16)
+    w = torch.full((2,), 1000.0, dtype=torch.float16)
+    out = gated_residual(x, y, w, None, EPS)              # 65000 + 1000 overflows fp16
+    assert out.dtype == torch.float16 and torch.isfinite(out).all() and out.max() == 65504.0
+    assert torch.isfinite(swiglu(torch.full((3,), 300.0, dtype=torch.float16),
+                                 torch.full((3,), 300.0, dtype=torch.float16))).all()
+
+
+def test_compile_request_without_a_gpu_falls_back_with_one_warning(caplog, monkeypatch):
+    monkeypatch.setattr(fused, "compile_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        k = Kernels(compiled=True)
+    assert not k.compiled and k.norm_scale is norm_scale
+    assert "needs Triton" in caplog.text
+    assert kernels(False) is fused.EAGER
+
+
+def test_set_kernels_reaches_every_block_and_its_parts():
+    model = NextDiT(DiTConfig.tiny())
+    k = Kernels(compiled=False)
+    model.set_kernels(k)
+    assert model.kernels is k
+    for _, block in model.block_sequence():
+        assert block.kernels is k and block.attention.kernels is k and block.feed_forward.kernels is k
+
+
+def test_persistent_inductor_cache_respects_the_users_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert fused.use_persistent_cache() == tmp_path
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    path = fused.use_persistent_cache()
+    assert "newbie_core" in str(path) and not str(path).startswith("/tmp/torchinductor")
+
+
+@pytest.mark.cuda
+def test_compiled_kernels_match_eager_on_cuda():
+    if not fused.compile_available():
+        pytest.skip("needs CUDA and Triton")
+    k = Kernels(compiled=True)
+    x, y, w, scale = (t.cuda() for t in _data(3, s=300, d=256, dtype=torch.bfloat16))
+    for n in (300, 77):                                     # two token counts: one dynamic kernel
+        xs, ys = x[:, :n], y[:, :n]
+        assert torch.allclose(k.norm_scale(xs, w, scale, EPS).float(), norm_scale(xs, w, scale, EPS).float(),
+                              atol=2e-2, rtol=1e-2)
+        assert torch.allclose(k.gated_residual(xs, ys, w, scale, EPS).float(),
+                              gated_residual(xs, ys, w, scale, EPS).float(), atol=5e-2, rtol=1e-2)
+        a = xs.reshape(-1, 256)
+        assert torch.allclose(k.swiglu(a, a).float(), swiglu(a, a).float(), atol=2e-2, rtol=1e-2)
+    assert all(getattr(k, name).compiled is not None for name in ("norm_scale", "gated_residual", "swiglu"))
