@@ -149,6 +149,24 @@ def test_streamed_equals_resident_bitwise(model, storage, slots, depth, resident
         assert torch.equal(a, b), f"step {step} differs from the resident run"
 
 
+@pytest.mark.parametrize("resident", [(), (0, 1, 2, 3, 4, 5)])
+def test_bound_weights_are_never_inference_tensors(model, resident):
+    """Streamed and resident blocks see weights of the same kind inside the sampler's
+    inference_mode: torch.compile guards on the dispatch keys, and inference-tensor slot views
+    made streamed blocks run other compiled kernels than resident ones (issue 10)."""
+    seen = []
+    hook = model.layers[0].w1.register_forward_pre_hook(lambda m, a: seen.append(m.weight.is_inference()))
+    try:
+        plan = manual_plan(model, resident, 2, 1, Storage.BF16)
+        with stream_blocks(model, plan, toy_store(model, plan), "cpu", engine=FakeCopyStream()):
+            with torch.inference_mode():
+                model(*inputs(0))
+                model(*inputs(1))
+    finally:
+        hook.remove()
+    assert seen == [False, False]
+
+
 def test_resident_run_matches_plain_module_forward(model):
     """The packed-view path computes what the module's own weights compute."""
     with torch.no_grad():

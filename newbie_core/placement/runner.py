@@ -155,7 +155,11 @@ class StreamingRunner:
         key = (s, block)
         views = self._views.get(key)
         if views is None:
-            views = self._views[key] = self.compute[block].views(self.ring.slots[s])
+            # Made outside inference mode, like the resident views: a view made inside it lacks
+            # the autograd dispatch keys, and torch.compile guards on those, so streamed blocks
+            # would run other compiled kernels than resident ones (and round differently).
+            with torch.inference_mode(False):
+                views = self._views[key] = self.compute[block].views(self.ring.slots[s])
         return views
 
     def _call(self, index: int, block: nn.Module, key: tuple, views: dict[str, torch.Tensor],

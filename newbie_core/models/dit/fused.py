@@ -120,7 +120,9 @@ class _Compiled:
 
     def __init__(self, name: str, fn: Callable[..., torch.Tensor], dynamic_dims: tuple[int, ...]):
         self.name, self.eager, self.dims = name, fn, dynamic_dims
-        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(fn, fullgraph=True, dynamic=False)
+        # dynamic=None: the dims marked below are symbolic from the first compile on; the rest
+        # (feature sizes, head counts) stay static, so reductions are specialised to them.
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(fn, fullgraph=True, dynamic=None)
 
     def __call__(self, *args):
         if self.compiled is None or not args[0].is_cuda:
@@ -128,7 +130,8 @@ class _Compiled:
         for t in args:
             if isinstance(t, torch.Tensor) and t.ndim > max(self.dims):
                 for d in self.dims:
-                    torch._dynamo.maybe_mark_dynamic(t, d)
+                    if t.shape[d] > 1:          # sizes 0 and 1 are always specialised
+                        torch._dynamo.maybe_mark_dynamic(t, d)
         try:
             return self.compiled(*args)
         except Exception as e:   # noqa: BLE001 - inductor/Triton failures of any kind: fall back

@@ -1,0 +1,231 @@
+"""The resident DiT forward alone: ms, TFLOP/s, launches, and where the time goes.
+
+Full-size random weights drawn on the GPU (seeded), the sampler's real input shapes, our forward
+with the fused kernels eager and compiled, and optionally the same with CUDA graphs. Each variant
+is timed as the median of ``--iters`` forwards after warm-up (the first call, which compiles, is
+reported on its own), then profiled once: GEMM / attention / elementwise / copies / idle.
+
+    python bench/forward_bench.py --out $OUT                       # 1024² CFG and 512² no CFG
+    python bench/forward_bench.py --smoke                          # tiny model on the CPU (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from newbie_core.models.dit import DiTConfig, NextDiT, flops_per_forward  # noqa: E402
+from newbie_core.models.dit.fused import kernels  # noqa: E402
+
+CAPTION = 256                     # padded caption length of the benchmark prompt (Gemma tokens)
+UNCOND = 24                       # the empty negative prompt with the system prefix
+
+
+def random_dit(config: DiTConfig, device: str, dtype: torch.dtype, seed: int = 0) -> NextDiT:
+    """Seeded random weights drawn on the device (norm weights near 1, matrices ~N(0, 0.02))."""
+    model = NextDiT(config).to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, device=device)
+            p.copy_(noise * 0.02 if p.ndim >= 2 else (noise * 0.01 if name.endswith("bias") else 1 + noise * 0.05))
+    return model.eval()
+
+
+def sampler_inputs(config: DiTConfig, size: int, cfg: bool, device: str, dtype: torch.dtype, seed: int = 1):
+    """What the sampler passes: x (B,16,H/8,W/8), t, Gemma features padded to the longer caption,
+    its right-padded mask, Jina pooled. With CFG the uncond caption is the short one."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lens = (CAPTION, UNCOND) if cfg else (CAPTION,)
+    b, length = len(lens), max(lens)
+    x = torch.randn(b, 16, size // 8, size // 8, generator=gen, device=device, dtype=dtype)
+    cap = torch.randn(b, length, config.cap_feat_dim, generator=gen, device=device, dtype=dtype)
+    mask = torch.arange(length, device=device)[None] < torch.tensor(lens, device=device)[:, None]
+    pooled = torch.randn(b, config.clip_text_dim, generator=gen, device=device, dtype=dtype)
+    t = torch.full((b,), 0.4, device=device)
+    return (x, t, cap, mask, pooled), lens
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_forwards(model: NextDiT, inputs, iters: int, device: str) -> dict:
+    """First call (compiles, warms cuBLAS/cuDNN), two warm-ups, then ``iters`` timed forwards."""
+    with torch.inference_mode():
+        sync(device)
+        t0 = time.perf_counter()
+        out = model(*inputs)
+        sync(device)
+        first = time.perf_counter() - t0
+        for _ in range(2):
+            model(*inputs)
+        times = []
+        for _ in range(iters):
+            sync(device)
+            t0 = time.perf_counter()
+            model(*inputs)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return {"first_call_s": first, "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
+            "ms_max": 1e3 * max(times), "n": iters, "_out": out}
+
+
+# Kernel-name fragments per category (H200, torch 2.11: cuBLAS 'nvjet'/'sm90_xmma', cuDNN SDPA).
+CATEGORIES = (("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "Gemm")),
+              ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
+              ("copies", ("Memcpy", "Memset", "memcpy", "memset")))
+
+
+def category(name: str) -> str:
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return "elementwise"
+
+
+def device_kernels(prof) -> list[tuple[str, float]]:
+    """(name, seconds) of every device-side event of a torch.profiler run."""
+    return [(e.name, e.time_range.elapsed_us() / 1e6) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def top_kernels(prof, n: int = 20, per: int = 1) -> list[list]:
+    """The kernels that take the most device time: [ms per forward, launches per forward, name]."""
+    total: dict[str, list] = {}
+    for name, sec in device_kernels(prof):
+        entry = total.setdefault(name, [0.0, 0])
+        entry[0] += sec
+        entry[1] += 1
+    ranked = sorted(total.items(), key=lambda kv: -kv[1][0])[:n]
+    return [[round(1e3 * t / per, 3), c // per, name[:110]] for name, (t, c) in ranked]
+
+
+def breakdown(prof, wall_s: float) -> dict:
+    """Device time per category from a torch.profiler run, and the idle rest of the wall time."""
+    out = {"gemm": 0.0, "attention": 0.0, "elementwise": 0.0, "copies": 0.0}
+    launches = 0
+    for name, sec in device_kernels(prof):
+        out[category(name)] += sec
+        launches += category(name) != "copies"
+    busy = out["gemm"] + out["attention"] + out["elementwise"]
+    out["idle"] = max(0.0, wall_s - busy)
+    out["wall"] = wall_s
+    out["kernels"] = launches
+    return {k: (round(v * 1e3, 2) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def profile_forward(model: NextDiT, inputs, device: str, forwards: int = 3) -> dict:
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(forwards):
+            model(*inputs)
+        sync(device)
+        wall = (time.perf_counter() - t0) / forwards
+    per = breakdown(prof, wall * forwards)
+    out = {k: (round(v / forwards, 2) if k != "kernels" else v // forwards) for k, v in per.items()}
+    out["top"] = top_kernels(prof, per=forwards)
+    return out
+
+
+def run(config: DiTConfig, size: int, cfg: bool, device: str, iters: int, variants: list[str],
+        profile: bool) -> list[dict]:
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = random_dit(config, device, dtype)
+    inputs, lens = sampler_inputs(config, size, cfg, device, dtype)
+    flops = flops_per_forward(config, len(lens), max(lens), (size // 16) ** 2)
+    rows, ref = [], None
+    for variant in variants:
+        model.set_kernels(kernels(variant == "compiled"))
+        row = {"row": f"ours-forward-{variant}", "forward_only": True, "size": f"{size}x{size}", "cfg": cfg,
+               "dtype": str(dtype).removeprefix("torch."), **time_forwards(model, inputs, iters, device)}
+        out = row.pop("_out")
+        ref = out if ref is None else ref
+        row["rel_l2_vs_eager"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+        row["tflops"] = flops / (row["ms"] / 1e3) / 1e12
+        if profile and device.startswith("cuda"):
+            row["profile_ms"] = profile_forward(model, inputs, device)
+        prof = {k: v for k, v in row.get("profile_ms", {}).items() if k != "top"}
+        print(f"{row['row']:24s} {row['size']} cfg={cfg}: {row['ms']:.1f} ms [{row['ms_min']:.1f}-{row['ms_max']:.1f}, "
+              f"n={iters}] {row['tflops']:.0f} TFLOP/s, first call {row['first_call_s']:.1f} s, "
+              f"rel vs eager {row['rel_l2_vs_eager']:.1e} {prof}", flush=True)
+        for entry in row.get("profile_ms", {}).get("top", [])[:12]:
+            print("    ", entry, flush=True)
+        rows.append(row)
+    return rows
+
+
+def attention_variants(device: str, seq: int = 4352, heads: int = 24, kv_heads: int = 8, hd: int = 96) -> list[dict]:
+    """One sample's joint attention at 1024² (the per-sample call of a padded CFG batch): GQA
+    passed through (``enable_gqa``) or K/V repeated, under each SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+    import torch.nn.functional as F
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(1, seq, heads + 2 * kv_heads, hd, generator=gen, device=device, dtype=torch.bfloat16)
+    q = qkv[:, :, :heads].contiguous().transpose(1, 2)
+    k = qkv[:, :, heads:heads + kv_heads].contiguous().transpose(1, 2)
+    v = qkv[:, :, heads + kv_heads:].transpose(1, 2)            # a strided view, as in the block
+    rep = heads // kv_heads
+    flops = 4 * seq * seq * heads * hd
+    rows = []
+    for backend in (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for mode in ("gqa", "repeat"):
+            def call():
+                if mode == "gqa":
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+            name = "default" if backend is None else backend.name
+            try:
+                if backend is None:
+                    ms = do_bench(call, return_mode="median")
+                else:
+                    with sdpa_kernel([backend]):
+                        ms = do_bench(call, return_mode="median")
+                rows.append({"backend": name, "mode": mode, "ms": ms, "tflops": flops / ms / 1e9})
+            except RuntimeError as e:
+                rows.append({"backend": name, "mode": mode, "error": str(e).splitlines()[0][:120]})
+            print("attention", rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 forwards")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--attention", action="store_true", help="only the SDPA backend comparison")
+    args = parser.parse_args()
+    if args.attention:
+        rows = attention_variants("cuda")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "attention.json").write_text(json.dumps(rows, indent=1))
+        return
+    if args.smoke:
+        run(DiTConfig.tiny(), 64, True, "cpu", 2, ["eager"], False)
+        return
+    rows = []
+    for size, cfg in ((1024, True), (512, False)):
+        rows += run(DiTConfig.newbie_exp01(), size, cfg, "cuda", args.iters, ["eager", "compiled"],
+                    not args.no_profile)
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "forward.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
