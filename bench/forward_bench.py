@@ -6,6 +6,7 @@ is timed as the median of ``--iters`` forwards after warm-up (the first call, wh
 reported on its own), then profiled once: GEMM / attention / elementwise / copies / idle.
 
     python bench/forward_bench.py --out $OUT                       # 1024² CFG and 512² no CFG
+    python bench/forward_bench.py --parts --out $OUT               # SDPA backends, fused variants
     python bench/forward_bench.py --smoke                          # tiny model on the CPU (CI)
 """
 
@@ -176,16 +177,19 @@ def attention_variants(device: str, seq: int = 4352, heads: int = 24, kv_heads: 
     qkv = torch.randn(1, seq, heads + 2 * kv_heads, hd, generator=gen, device=device, dtype=torch.bfloat16)
     q = qkv[:, :, :heads].contiguous().transpose(1, 2)
     k = qkv[:, :, heads:heads + kv_heads].contiguous().transpose(1, 2)
-    v = qkv[:, :, heads + kv_heads:].transpose(1, 2)            # a strided view, as in the block
+    v_view = qkv[:, :, heads + kv_heads:].transpose(1, 2)       # a strided view of the projection
+    v_contig = v_view.transpose(1, 2).contiguous().transpose(1, 2)
     rep = heads // kv_heads
     flops = 4 * seq * seq * heads * hd
     rows = []
     for backend in (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        for mode in ("gqa", "repeat"):
+        for mode in ("gqa-vview", "gqa", "repeat"):
             def call():
+                if mode == "gqa-vview":
+                    return F.scaled_dot_product_attention(q, k, v_view, enable_gqa=True)
                 if mode == "gqa":
-                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-                return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+                    return F.scaled_dot_product_attention(q, k, v_contig, enable_gqa=True)
+                return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v_contig.repeat_interleave(rep, 1))
             name = "default" if backend is None else backend.name
             try:
                 if backend is None:
@@ -200,19 +204,56 @@ def attention_variants(device: str, seq: int = 4352, heads: int = 24, kv_heads: 
     return rows
 
 
+def fused_variants(device: str, tokens: int = 2 * 4352, dim: int = 2304, ffn: int = 9216) -> list[dict]:
+    """Each block function at 1024² CFG sizes: eager body, compiled, compiled with inductor's
+    coordinate-descent tuning; microseconds and the bandwidth its bytes imply."""
+    from triton.testing import do_bench
+    from newbie_core.models.dit import fused
+    gen = torch.Generator(device=device).manual_seed(0)
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)
+    b = 2
+    x, y = rnd(b, tokens // b, dim), rnd(b, tokens // b, dim)
+    w, scale = rnd(dim), rnd(b, 1, dim)
+    qkv, wq = rnd(b, tokens // b, 40, 96), rnd(96)
+    angle = torch.rand(b, tokens // b, 48, generator=gen, device=device) * 6
+    g1, g3 = rnd(tokens, ffn), rnd(tokens, ffn)
+    e = 2
+    cases = {"norm_scale": ((x, w, scale, 1e-5), 2 * x.numel() * e),
+             "gated_residual": ((x, y, w, scale, 1e-5), 3 * x.numel() * e),
+             "qkv_norm_rope": ((qkv, wq, wq, angle.cos(), angle.sin(), 1e-5, 24), 2 * qkv.numel() * e),
+             "swiglu": ((g1, g3), 3 * g1.numel() * e)}
+    rows = []
+    for name, (args, nbytes) in cases.items():
+        ref, eager, _, _ = fused._FUNCTIONS[name]
+        variants = {"eager": eager, "compiled": torch.compile(ref, fullgraph=True, dynamic=None),
+                    "compiled-cdt": torch.compile(ref, fullgraph=True, dynamic=None,
+                                                  options={"coordinate_descent_tuning": True})}
+        for label, fn in variants.items():
+            try:
+                fn(*args)
+                us = 1e3 * do_bench(lambda: fn(*args), return_mode="median")
+                rows.append({"fn": name, "variant": label, "us": round(us, 1), "tb_s": round(nbytes / us / 1e6, 2)})
+            except Exception as err:   # noqa: BLE001 - report and go on
+                rows.append({"fn": name, "variant": label, "error": str(err).splitlines()[0][:120]})
+            print("fused", rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 forwards")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--attention", action="store_true", help="only the SDPA backend comparison")
+    parser.add_argument("--parts", action="store_true",
+                        help="only the SDPA backends and the fused functions' variants (attention.json, fused.json)")
     args = parser.parse_args()
-    if args.attention:
-        rows = attention_variants("cuda")
+    if args.parts:
+        parts = {"attention": attention_variants("cuda"), "fused": fused_variants("cuda")}
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "attention.json").write_text(json.dumps(rows, indent=1))
+            (args.out / "parts.json").write_text(json.dumps(parts, indent=1))
         return
     if args.smoke:
         run(DiTConfig.tiny(), 64, True, "cpu", 2, ["eager"], False)

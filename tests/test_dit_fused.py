@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from newbie_core.models.dit import DiTConfig, NextDiT
 from newbie_core.models.dit import fused
-from newbie_core.models.dit.fused import Kernels, gated_residual, kernels, norm_rope, norm_scale, swiglu
+from newbie_core.models.dit.fused import (Kernels, gated_residual, gated_residual_eager, kernels, norm_scale,
+                                          norm_scale_eager, qkv_norm_rope, qkv_norm_rope_eager, swiglu, swiglu_eager)
+
+REFERENCE = (norm_scale, gated_residual, qkv_norm_rope, swiglu)
+EAGER = (norm_scale_eager, gated_residual_eager, qkv_norm_rope_eager, swiglu_eager)
+BODIES = pytest.mark.parametrize("bodies", [REFERENCE, EAGER], ids=["reference", "eager"])
 
 EPS = 1e-5
 
@@ -29,26 +34,33 @@ def _data(seed=0, b=2, s=7, d=64, dtype=torch.float32):
     return x, y, w, scale
 
 
-def test_norm_scale_and_gated_residual_are_the_sandwich_formulas():
+@BODIES
+def test_norm_scale_and_gated_residual_are_the_sandwich_formulas(bodies):
+    norm, residual, _, _ = bodies
     x, y, w, scale = _data()
     ref = _rms64(x, w) * (1 + scale.double())
-    assert torch.allclose(norm_scale(x, w, scale, EPS).double(), ref, atol=1e-5)
-    assert torch.allclose(norm_scale(x, w, None, EPS), F.rms_norm(x, (64,), w, EPS), atol=1e-5)
+    assert torch.allclose(norm(x, w, scale, EPS).double(), ref, atol=1e-5)
+    assert torch.allclose(norm(x, w, None, EPS).double(), _rms64(x, w), atol=1e-5)
     gate = scale
     ref = x.double() + torch.tanh(gate.double()) * _rms64(y, w)
-    assert torch.allclose(gated_residual(x, y, w, gate, EPS).double(), ref, atol=1e-5)
-    assert torch.allclose(gated_residual(x, y, w, None, EPS).double(), x.double() + _rms64(y, w), atol=1e-5)
+    assert torch.allclose(residual(x, y, w, gate, EPS).double(), ref, atol=1e-5)
+    assert torch.allclose(residual(x, y, w, None, EPS).double(), x.double() + _rms64(y, w), atol=1e-5)
 
 
-def test_swiglu_and_norm_rope_formulas():
-    a, b, w, _ = _data(1)
-    assert torch.allclose(swiglu(a, b), F.silu(a) * b, atol=1e-5)
-    t = a.view(2, 7, 4, 16)
+@BODIES
+def test_swiglu_and_qkv_norm_rope_formulas(bodies):
+    _, _, qkv_rope, glu = bodies
+    a, b, w, _ = _data(1, s=7, d=96)
+    assert torch.allclose(glu(a, b).double(), F.silu(a.double()) * b.double(), atol=1e-5)
+    qkv = a.view(2, 7, 6, 16)                             # 4 query heads, 1 key head, 1 value head
     angle = torch.rand(2, 7, 8) * 6
-    out = norm_rope(t, w[:16], angle.cos(), angle.sin(), EPS)
-    normed = _rms64(t, w[:16]).unflatten(-1, (8, 2))
-    rot = torch.view_as_real(torch.view_as_complex(normed.contiguous()) * torch.polar(torch.ones_like(angle.double()), angle.double())[:, :, None])
-    assert out.is_contiguous() and torch.allclose(out.double(), rot.flatten(-2), atol=1e-5)
+    q, k, v = qkv_rope(qkv, w[:16], w[16:32], angle.cos(), angle.sin(), EPS, 4)
+    turn = torch.polar(torch.ones_like(angle.double()), angle.double())[:, :, None]     # (B, S, 1, D/2)
+    for out, heads, weight in ((q, slice(0, 4), w[:16]), (k, slice(4, 5), w[16:32])):
+        normed = _rms64(qkv[:, :, heads], weight).unflatten(-1, (8, 2)).contiguous()
+        rot = torch.view_as_real(torch.view_as_complex(normed) * turn).flatten(-2)
+        assert torch.allclose(out.double(), rot, atol=1e-5)
+    assert q.is_contiguous() and k.is_contiguous() and torch.equal(v, qkv[:, :, 5:])
 
 
 def test_one_rounding_is_closer_to_fp64_than_the_old_two():
@@ -76,7 +88,7 @@ def test_compile_request_without_a_gpu_falls_back_with_one_warning(caplog, monke
     monkeypatch.setattr(fused, "compile_available", lambda: False)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         k = Kernels(compiled=True)
-    assert not k.compiled and k.norm_scale is norm_scale
+    assert not k.compiled and k.norm_scale is norm_scale_eager
     assert "needs Triton" in caplog.text
     assert kernels(False) is fused.EAGER
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from newbie_core.models.dit import ActivationChunks, DiTConfig, NextDiT, estimate_activation_bytes, flops_per_forward
 from newbie_core.models.dit.attention import sdpa_attention
-from newbie_core.models.dit.fused import finite_fp16, norm_rope
+from newbie_core.models.dit.fused import finite_fp16, qkv_norm_rope
 from newbie_core.models.dit.embedders import patchify, timestep_features, unpatchify
 from newbie_core.models.dit.estimate import AttentionKernel
 from newbie_core.models.dit.model import _pack
@@ -78,11 +78,12 @@ def test_rope_angles_and_interleaved_rotation():
     assert cos.shape == (1, 1, 16)
     # pair 4 + 2 belongs to axis 1 (pairs 4..9), k = 2: angle = 5 * 10000^(-4/12)
     assert math.isclose(math.atan2(sin[0, 0, 6], cos[0, 0, 6]), 5 * 10000 ** (-4 / 12), rel_tol=1e-6)
-    x = torch.randn(1, 1, 2, 32)
+    x = torch.randn(1, 1, 4, 32)                          # two query heads, one key, one value head
     w = 1 + 0.1 * torch.randn(32)
     normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
     ref = torch.view_as_real(torch.view_as_complex(normed.unflatten(-1, (16, 2))) * torch.complex(cos, sin)[:, :, None])
-    assert torch.allclose(norm_rope(x, w, cos, sin, 1e-5), ref.flatten(-2), atol=1e-6)
+    q, k, _ = qkv_norm_rope(x, w, w, cos, sin, 1e-5, 2)
+    assert torch.allclose(torch.cat([q, k], dim=2), ref.flatten(-2)[:, :, :3], atol=1e-6)
 
 
 def test_adaln_vector_matches_hand_computation():

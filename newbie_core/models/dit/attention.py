@@ -134,9 +134,9 @@ class JointAttention(nn.Module):
                 sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         hd, eps = self.head_dim, self.q_norm.eps
-        q, k, v = self.qkv(x).view(b, s, -1, hd).split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        q = self.kernels.norm_rope(q, self.q_norm.weight, cos, sin, eps)        # (B,S,H,hd)
-        k = self.kernels.norm_rope(k, self.k_norm.weight, cos, sin, eps)        # (B,S,Hkv,hd)
+        qkv = self.qkv(x).view(b, s, -1, hd)                                   # (B, S, H+2Hkv, hd)
+        q, k, v = self.kernels.qkv_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, eps,
+                                             self.n_heads)                     # (B,S,H,hd), 2x (B,S,Hkv,hd)
         scale = 1.0 / math.sqrt(hd)
         if _use_flash(q):
             out = _flash_attention(q, k, v, mask.mask if isinstance(mask, KeyPadding) else mask, scale)
