@@ -107,7 +107,7 @@ def check_size(width: int, height: int, *, round_up: bool = False,
     try:
         return validate_size(width, height)
     except ValueError as e:
-        raise InputError(f"{fields[0]}/{fields[1]}" if fields[0] != fields[1] else fields[0], str(e)) from None
+        raise InputError(fields[0] if width % SIZE_MULTIPLE else fields[1], str(e)) from None
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[x×X*]\s*(\d+)\s*(?:\(.*\))?\s*$")
