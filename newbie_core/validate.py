@@ -195,15 +195,19 @@ def check_budget(gb: float | None, field: str, *, zero_is_auto: bool = False) ->
     return value
 
 
+MIN_VAE_TILE_PX = 128     # twice the 64 px overlap the tiles are blended over (MemorySettings.vae_overlap_px)
+
+
 def check_vae_tile(px: int, field: str = "--vae-tile") -> int:
-    """A VAE tile in pixels: 0 (auto), -1 (never tile), or a multiple of 8 of at least 64."""
+    """A VAE tile in pixels: 0 (auto), -1 (never tile), or a multiple of 8 of at least 128."""
     if isinstance(px, bool) or not isinstance(px, int):
         raise InputError(field, f"must be a whole number of pixels, got {px!r}.")
     if px in (0, -1):
         return px
-    if px < 64 or px % 8:
-        near = max(64, -(-px // 8) * 8)
-        raise InputError(field, f"{px} px is not a usable tile: give a multiple of 8 px of at least 64 "
+    if px < MIN_VAE_TILE_PX or px % 8:
+        near = max(MIN_VAE_TILE_PX, -(-px // 8) * 8)
+        raise InputError(field, f"{px} px is not a usable tile: give a multiple of 8 px of at least "
+                                f"{MIN_VAE_TILE_PX} (twice the 64 px blend overlap) "
                                 f"(e.g. {near}), 0 for auto or -1 to never tile.")
     return px
 

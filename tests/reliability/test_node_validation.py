@@ -46,7 +46,7 @@ def test_sampler_widgets(nodes):
 def test_settings_and_encode_widgets(nodes):
     settings = _cls(nodes, "Memory Settings")
     assert settings.VALIDATE_INPUTS(vram_budget_gb=0.0, ram_budget_gb=0.0, vae_tile=512) is True
-    assert settings.VALIDATE_INPUTS(vram_budget_gb=0.0, ram_budget_gb=0.0, vae_tile=100).startswith("vae_tile:")
+    assert settings.VALIDATE_INPUTS(vram_budget_gb=0.0, ram_budget_gb=0.0, vae_tile=64).startswith("vae_tile:")
     assert settings.VALIDATE_INPUTS(vram_budget_gb=999.0, ram_budget_gb=0.0, vae_tile=0).startswith("vram_budget_gb:")
     encode = next(c for c in nodes.values() if hasattr(c, "VALIDATE_INPUTS") and
                   "positive" in inspect.signature(c.VALIDATE_INPUTS).parameters)

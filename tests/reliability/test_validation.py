@@ -35,7 +35,7 @@ BAD = [
     (["--size", "0x0", "--round-up"], "--size: must be at least 16 px, got 0"),
     (["--size", "1000x1000"], "Nearest valid sizes: 992x992 (rounded down) or 1008x1008"),
     (["--size", "1024"], "--size: '1024' is not WIDTHxHEIGHT"),
-    (["--vae-tile", "17"], "--vae-tile: 17 px is not a usable tile: give a multiple of 8 px of at least 64"),
+    (["--vae-tile", "17"], "--vae-tile: 17 px is not a usable tile: give a multiple of 8 px of at least 128"),
     (["--steps", "0"], "--steps: must be a whole number from 1 to 1000"),
     (["--cfg", "nan"], "--cfg: must be a finite number"),
     (["--shift", "0"], "--shift: must be above 0"),
