@@ -21,7 +21,9 @@ from ..newbie_core.placement import Report
 from ..newbie_core.prompt import EncoderTexts, prepare_texts
 from . import comfy_adapter as adapter
 from .settings_node import resolve_memory, plan_weight_bytes, vram_for_stage
+from ..newbie_core.validate import check_budget, check_prompt
 from .types import CATEGORY, NEWBIE_MEMORY, NEWBIE_TEXT_ENCODERS
+from .validation import queue_check
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,16 @@ class NewBieTextEncode:
                                    "(or auto)."}),
             },
         }
+
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, positive=None, negative=None, vram_budget_gb=None):
+        checks = [lambda: check_budget(vram_budget_gb, "vram_budget_gb", zero_is_auto=True)]
+        if positive is not None:
+            checks.append(lambda: check_prompt(positive, "positive"))
+        if negative is not None:
+            checks.append(lambda: check_prompt(negative, "negative", allow_empty=True))
+        return queue_check(cls, {"vram_budget_gb": vram_budget_gb}, *checks)
 
     def encode(self, text_encoders: TextEncoderHandle, positive: str, negative: str, compat: bool = False,
                memory: MemorySettings | None = None, vram_budget_gb: float = 0.0) -> tuple[list, list]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..newbie_core.sampling import parse_size, preset_names, validate_size
+from ..newbie_core.validate import check_size
 from . import comfy_adapter as adapter
 from .types import CATEGORY
+from .validation import queue_check
 
 CUSTOM = "custom (width x height below)"
 
@@ -37,6 +39,12 @@ class NewBieEmptyLatent:
                        "Height in px, used only with the custom resolution. Multiple of 16."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, resolution=None, width=None, height=None, batch_size=None):
+        custom = resolution == CUSTOM and width is not None and height is not None
+        return queue_check(cls, {"width": width, "height": height, "batch_size": batch_size},
+                           *([lambda: check_size(width, height)] if custom else []))
 
     def generate(self, resolution: str, width: int, height: int, batch_size: int) -> tuple[dict]:
         w, h = (width, height) if resolution == CUSTOM else parse_size(resolution)

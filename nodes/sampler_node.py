@@ -14,10 +14,12 @@ from ..newbie_core.pipeline import DiTHandle, MemorySettings, SamplingSettings, 
 from ..newbie_core.pipeline.sample import plan_sampling
 from ..newbie_core.placement import Report
 from ..newbie_core.sampling import sampler_names, validate_size
+from ..newbie_core.validate import check_budget, check_sampling
 from . import comfy_adapter as adapter
 from .encode_node import from_comfy_conditioning
 from .settings_node import (ATTENTION_CHOICES, FFN_CHOICES, FROM_SETTINGS, budget_note, plan_weight_bytes,
                             resolve_memory, vram_for_stage)
+from .validation import queue_check
 from .types import CATEGORY, NEWBIE_DIT, NEWBIE_MEMORY, NEWBIE_REPORT, StageReport
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -87,6 +89,16 @@ class NewBieSampler:
                                  "Overrides the settings' feed-forward chunking: auto, off, or tokens per chunk."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, seed=None, steps=None, cfg=None, sampler=None, shift=None, denoise=None,
+                        vram_budget_gb=None):
+        values = {"seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler, "shift": shift, "denoise": denoise}
+        defaults = {"seed": 0, "steps": 28, "cfg": 5.0, "sampler": "euler", "shift": 6.0, "denoise": 1.0}
+        known = {k: (defaults[k] if val is None else val) for k, val in values.items()}   # None: linked
+        return queue_check(cls, {**values, "vram_budget_gb": vram_budget_gb},
+                           lambda: check_sampling(**known),
+                           lambda: check_budget(vram_budget_gb, "vram_budget_gb", zero_is_auto=True))
 
     def sample(self, dit: DiTHandle, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
                sampler: str, shift: float, denoise: float, memory: MemorySettings | None = None,

@@ -18,7 +18,9 @@ import torch
 from ..newbie_core.pipeline import MemorySettings, stage_budget
 from ..newbie_core.placement import StagePlan, fmt_bytes, free_device_memory
 from . import comfy_adapter as adapter
+from ..newbie_core.validate import check_budget, check_vae_tile
 from .types import CATEGORY, NEWBIE_MEMORY
+from .validation import queue_check
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,15 @@ class NewBieMemorySettings:
             "compute_dtype": (["bf16", "fp16"], {"default": "bf16", "tooltip":
                               "DiT compute precision. bf16 on RTX 30xx and newer; fp16 for older cards without bf16."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vram_budget_gb=None, ram_budget_gb=None, vae_tile=None):
+        checks = [lambda: check_budget(vram_budget_gb, "vram_budget_gb", zero_is_auto=True),
+                  lambda: check_budget(ram_budget_gb, "ram_budget_gb", zero_is_auto=True)]
+        if vae_tile is not None:
+            checks.append(lambda: check_vae_tile(vae_tile, "vae_tile"))
+        return queue_check(cls, {"vram_budget_gb": vram_budget_gb, "ram_budget_gb": ram_budget_gb,
+                                 "vae_tile": vae_tile}, *checks)
 
     def build(self, vram_budget_gb: float, ram_budget_gb: float, attention_slicing: str, ffn_chunking: str,
               fp8_streaming: bool, vae_tile: int, compute_dtype: str) -> tuple[MemorySettings]:

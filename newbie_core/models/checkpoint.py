@@ -24,6 +24,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .file_format import is_pickle_file, pickle_message
+
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +44,8 @@ class Derived:
 def _read_header(path: Path) -> dict:
     """Parse a safetensors header ourselves so a truncated file gets a precise message."""
     size = path.stat().st_size
+    if is_pickle_file(path):
+        raise CheckpointError(pickle_message(path, "checkpoint"))
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +102,16 @@ class ConditioningCache:
         self._remember(key, cond)
         folder = Path(directory) if directory else self.directory
         if folder is not None:
+            _check_key(key)
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f"{key}.tmp"
-            save_file({"cap_feats": cond.cap_feats, "pooled": cond.pooled}, str(tmp))
-            os.replace(tmp, folder / f"{key}.safetensors")   # atomic: a reader never sees half a file
+            try:
+                save_file({"cap_feats": cond.cap_feats, "pooled": cond.pooled}, str(tmp))
+                os.replace(tmp, folder / f"{key}.safetensors")   # atomic: a reader never sees half a file
+            except OSError as e:   # a full disk costs the disk copy only: the run goes on from memory
+                tmp.unlink(missing_ok=True)
+                log.warning("could not write the conditioning cache file in %s (%s); continuing without it",
+                            folder, e.strerror or e)
 
     def clear(self) -> None:
         self._items.clear()
@@ -116,6 +123,7 @@ class ConditioningCache:
             self._items.popitem(last=False)
 
     def _read_disk(self, folder: Path, key: str) -> Conditioning | None:
+        _check_key(key)
         path = folder / f"{key}.safetensors"
         if not path.is_file():
             return None
@@ -124,7 +132,20 @@ class ConditioningCache:
         except (OSError, ValueError, KeyError, SafetensorError) as e:   # a damaged cache file is a miss, not a failure
             log.warning("ignoring unreadable conditioning cache file %s: %s", path, e)
             return None
+        if set(tensors) != {"cap_feats", "pooled"} or tensors["cap_feats"].ndim != 2 or tensors["pooled"].ndim != 1:
+            log.warning("ignoring conditioning cache file %s: unexpected contents %s", path,
+                        {k: tuple(t.shape) for k, t in tensors.items()})
+            return None
         return Conditioning(tensors["cap_feats"], tensors["pooled"])
+
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_key(key: str) -> None:
+    """Cache file names are sha256 hex digests and nothing else, so a key can never name a path."""
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"conditioning cache key {key[:80]!r} is not a sha256 hex digest.")
 
 
 # The process-wide cache: survives across CLI calls in one process and across ComfyUI node runs.

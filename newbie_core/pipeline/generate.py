@@ -77,10 +77,14 @@ def generate(models: Models, request: GenerationRequest, device: torch.device | 
     memory = request.memory
     texts = prepare_texts(request.prompt, request.negative, compat=request.compat)
     report = Report()
+    log.info("encoding the prompt (Gemma 3 + Jina CLIP v2)")
     pos, neg = encode_texts(models.encoders, texts, memory, device, report, stage_budget(memory, device))
     raw = start_latent(models.vae, request, device, report)
+    log.info("sampling %d steps at %dx%d (%s, cfg %g)", request.sampling.steps, request.width, request.height,
+             request.sampling.sampler, request.sampling.cfg)
     result = run_sampling(models.dit, pos, neg, raw, request.sampling, memory, device, report,
                           stage_budget(memory, device), callback)
+    log.info("decoding with the VAE")
     image = decode_latent(models.vae, result.latent, memory, device, report, stage_budget(memory, device))
     return GenerationResult(image, result.latent, report, result.step_seconds, result.plan)
 
@@ -93,6 +97,7 @@ def start_latent(vae: VaeHandle, request: GenerationRequest, device: torch.devic
     if tuple(image.shape[1:3]) != (request.height, request.width):
         raise ValueError(f"the init image is {image.shape[2]}x{image.shape[1]} but the requested size is "
                          f"{request.width}x{request.height}; give --size to match the image.")
+    log.info("encoding the init image with the VAE")
     raw = encode_image(vae, image, request.memory, device, report, stage_budget(request.memory, device))
     return raw.expand(request.batch, -1, -1, -1).contiguous()
 

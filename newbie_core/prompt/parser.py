@@ -125,6 +125,25 @@ def _hint(text: str, builder: _TreeBuilder, line: int, column: int, code: int) -
     return ""
 
 
+_TAG_START = re.compile(r"</?[A-Za-z_][\w.:-]*\s*$")
+
+
+def _unclosed_tag(text: str, line: int, column: int) -> tuple[str, int, int] | None:
+    """A tag such as ``</gender`` that never got its '>': expat notices only at the next '<',
+    often on the next line, so point just after the tag itself, where the '>' belongs."""
+    lines = text.split("\n")
+    offset = sum(len(s) + 1 for s in lines[:line - 1]) + column - 1
+    prefix = text[:min(offset, len(text))]
+    lt = prefix.rfind("<")
+    if lt < 0 or ">" in prefix[lt:] or not _TAG_START.match(prefix[lt:]):
+        return None
+    tag = prefix[lt:].rstrip()
+    end = lt + len(tag)
+    at_line = text.count("\n", 0, end) + 1
+    at_column = end - (text.rfind("\n", 0, end) + 1) + 1
+    return f"the tag {tag!r} is missing its closing '>'", at_line, at_column
+
+
 def _parse_tree(text: str, shown: str) -> _Node:
     """Parse ``text``; errors quote ``shown`` (the user's text, same line/column layout)."""
     parser = expat.ParserCreate()
@@ -140,6 +159,10 @@ def _parse_tree(text: str, shown: str) -> _Node:
             amp = before.rfind("&")
             if amp >= 0 and ";" not in before[amp:]:
                 column = amp + 1  # point at the bare '&' itself, not where expat gave up
+        unclosed = _unclosed_tag(text, line, column)
+        if unclosed is not None:
+            reason, line, column = unclosed
+            raise PromptSyntaxError(reason, line, column, _excerpt(shown, line, column)) from None
         if line > len(lines) or (line == len(lines) and column > len(lines[-1])):
             # the error lies in the synthetic closing tag: the prompt ended too early
             reason = "unexpected end of the prompt"

@@ -1,0 +1,118 @@
+"""Issue 11, items 4-5 on the GPU (the lead runs these): faults and the soak leave allocated VRAM,
+reserved VRAM, pinned host memory and host RSS back at their baselines.
+
+Run: ``python -m pytest -q -m cuda tests/reliability/test_cuda_reliability.py -s``
+(NEWBIE_SOAK_RUNS=30 by default).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+from newbie_core.pipeline import CONDITIONING_CACHE, GenerationRequest, MemorySettings, SamplingSettings, generate
+from newbie_core.placement import HOST_CACHE
+
+pytestmark = pytest.mark.cuda
+GPU = torch.device("cuda")
+TOLERANCE = 8 * 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _pinned() -> int:
+    stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    return int(stats.get("allocated_bytes.current", stats.get("allocated_bytes", {}).get("current", 0)) or 0)
+
+
+def _snapshot() -> dict[str, int]:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
+            "pinned": _pinned(), "rss": _rss()}
+
+
+def _request(**kw):
+    base = dict(prompt="1girl, solo", width=64, height=64, sampling=SamplingSettings(steps=2, seed=1),
+                memory=MemorySettings(vram_budget_gb=0.1))        # small budget (0.05 is below the tiny Gemma minimum)
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def _assert_back(before, after, what):
+    for k in ("allocated", "reserved"):
+        assert after[k] <= before[k] + TOLERANCE, (what, k, before, after)
+    assert after["pinned"] <= before["pinned"] + TOLERANCE, (what, "pinned", before, after)
+    assert after["rss"] <= before["rss"] + 64 * 2**20, (what, "rss", before, after)
+
+
+@pytest.fixture()
+def warm(tiny_models):
+    CONDITIONING_CACHE.clear()
+    generate(tiny_models, _request(), GPU)          # fills the host caches once
+    return _snapshot()
+
+
+def _oom(monkeypatch, module, name, times):
+    real, calls = getattr(module, name), {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, flaky)
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_oom_in_sampling_returns_every_byte(tiny_models, warm, monkeypatch, times):
+    from newbie_core.pipeline import sample
+    from newbie_core.placement import PlacementOOMError
+    _oom(monkeypatch, sample, "_sample_loop", times)
+    if times == 1:
+        generate(tiny_models, _request(), GPU)
+    else:
+        with pytest.raises(PlacementOOMError):
+            generate(tiny_models, _request(), GPU)
+    _assert_back(warm, _snapshot(), f"oom x{times}")
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_exception_mid_streaming_returns_every_byte(tiny_models, warm, step):
+    def boom(i, n, x, d):
+        if i == step:
+            raise RuntimeError("injected")
+    with pytest.raises(RuntimeError):
+        generate(tiny_models, _request(), GPU, callback=boom)
+    _assert_back(warm, _snapshot(), f"exception at step {step}")
+    generate(tiny_models, _request(), GPU)                      # and the next run works
+
+
+def test_interrupt_returns_every_byte(tiny_models, warm):
+    def cancel(i, n, x, d):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        generate(tiny_models, _request(), GPU, callback=cancel)
+    _assert_back(warm, _snapshot(), "interrupt")
+
+
+def test_cuda_soak(tiny_models, warm):
+    runs = int(os.environ.get("NEWBIE_SOAK_RUNS", "30"))
+    sizes, budgets = [(64, 64), (128, 64), (64, 128)], [0.1, 0.5, None]
+    snaps = []
+    for i in range(runs):
+        w, h = sizes[i % 3]
+        generate(tiny_models, _request(prompt=f"soak {i % 5}", width=w, height=h,
+                                       memory=MemorySettings(vram_budget_gb=budgets[i % 3])), GPU)
+        snaps.append(_snapshot())
+    print("cuda soak:", [(s["allocated"] >> 20, s["reserved"] >> 20, s["pinned"] >> 20, s["rss"] >> 20)
+                         for s in snaps[:: max(1, runs // 6)]])
+    _assert_back(snaps[0], snaps[-1], "soak")
+    HOST_CACHE.clear() if hasattr(HOST_CACHE, "clear") else None
