@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .models.checkpoint import CheckpointError
+from .models.lora import LoraSpec
 from .pipeline import (GenerationRequest, MemorySettings, Models, SamplingSettings, StorageDType, default_device,
                        describe_plan, generate, load_dit_handle, load_text_encoder_handle, load_vae_handle)
 from .placement import BudgetTooSmallError, PlacementOOMError
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compat", action="store_true", help="send Jina the same text as Gemma, as ComfyUI does")
     for name in ("dit", "gemma", "jina", "vae"):
         g.add_argument(f"--{name}", help=f"path of the {name} checkpoint (file or HF folder)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a DiT LoRA (.safetensors; PEFT, kohya, LyCORIS LoKr/LoHa); repeatable; strength 1 = "
+                        "the trained scale")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"],
                    help="DiT: bf16 (default), fp16 compute, or fp8 weight storage with bf16 compute")
     g.add_argument("--vram-budget", type=float, help="GB of VRAM each stage may reserve (default: free minus margin)")
@@ -83,8 +87,11 @@ def _models(args: argparse.Namespace) -> Models:
         missing = [f"--{n}" for n, p in zip(("dit", "gemma", "jina", "vae"), paths) if not p]
         raise CheckpointError(f"give all four model paths or none; missing {', '.join(missing)}.")
     storage = StorageDType.FP8 if args.dtype == "fp8" else StorageDType.BF16
-    return Models(load_dit_handle(paths[0], storage), load_text_encoder_handle(paths[1], paths[2]),
-                  load_vae_handle(paths[3]))
+    dit = load_dit_handle(paths[0], storage)
+    for text in args.lora:
+        spec = LoraSpec.parse(text)
+        dit = dit.with_lora(spec.path, spec.strength)
+    return Models(dit, load_text_encoder_handle(paths[1], paths[2]), load_vae_handle(paths[3]))
 
 
 def _request(args: argparse.Namespace) -> GenerationRequest:

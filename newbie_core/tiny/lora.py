@@ -115,3 +115,15 @@ def write_lora(path: Path, config: DiTConfig, fmt: str, rank: int = 4, alpha: fl
             {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none"},
             indent=2) + "\n")
     return path
+
+
+def write_tiny_loras(root: Path, seed: int = 0) -> dict[str, Path]:
+    """The official trainer's two outputs for the tiny DiT, under ``root/loras`` (ComfyUI's folder)."""
+    config = DiTConfig.tiny()
+    loras = Path(root) / "loras"
+    return {
+        "lora_peft": write_lora(loras / "newbie_tiny_peft" / "adapter_model.safetensors", config, "peft",
+                                rank=4, alpha=2.0, seed=seed + 11, std=0.1),
+        "lora_lokr": write_lora(loras / "newbie_tiny_lokr.safetensors", config, "lokr", rank=4, alpha=4.0,
+                                seed=seed + 12),
+    }
