@@ -289,3 +289,54 @@ def test_the_plan_counts_the_lora_on_the_device(tiny_models, conds, lora_file):
                              if k.split(".")[2] in ("layers", "noise_refiner", "context_refiner"))
     assert with_lora.predicted_peak - plain.predicted_peak >= block_factor_bytes > 0
     assert math.isfinite(with_lora.predicted_peak)
+
+
+# -- ComfyUI's own patches (core LoraLoaderModelOnly on the pack's MODEL) ----------------------
+class _Adapter:
+    """Stands in for comfy.weight_adapter's LoRAAdapter: a name and the weights tuple."""
+    def __init__(self, name, weights):
+        self.name, self.weights = name, weights
+
+
+def _comfy_lora_patches(tensors, strength, as_object):
+    patches = {}
+    for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
+        flat = key[len("lora_unet_"): -len(".lora_down.weight")]
+        module = next(m for m in linear_modules(CONFIG) if m.replace(".", "_") == flat)
+        weights = (tensors[f"lora_unet_{flat}.lora_up.weight"], tensors[key], float(tensors[f"lora_unet_{flat}.alpha"]),
+                   None, None, None)
+        v = _Adapter("lora", weights) if as_object else ("lora", weights)
+        patches[f"diffusion_model.{module}.weight"] = [(strength, v, 1.0, None, None)]
+    return patches
+
+
+@pytest.mark.parametrize("as_object", [True, False])
+def test_comfy_lora_patches_give_the_same_latent_as_the_file(tiny_models, conds, tmp_path, meta_model, as_object):
+    from newbie_core.pipeline.comfy_lora import comfy_patches_to_lora
+    path = write_lora(tmp_path / "k.safetensors", CONFIG, "kohya", RANK, ALPHA, seed=8, std=0.1)
+    tensors = lora_tensors(CONFIG, "kohya", RANK, ALPHA, seed=8, std=0.1)
+    shapes = {n: tuple(p.shape) for n, p in meta_model.named_parameters()}
+    converted = comfy_patches_to_lora(_comfy_lora_patches(tensors, 0.6, as_object), CONFIG, shapes)
+    from_file = _sample(tiny_models.dit.with_lora(path, 0.6), conds).latent
+    from_comfy = _sample(tiny_models.dit.with_param_patches(converted), conds).latent
+    assert torch.equal(from_file, from_comfy)
+
+
+def test_comfy_qkv_slices_must_be_newbies_gqa_rows(meta_model):
+    from newbie_core.pipeline.comfy_lora import UnsupportedComfyPatch, comfy_patches_to_lora
+    shapes = {n: tuple(p.shape) for n, p in meta_model.named_parameters()}
+    dim, kv = CONFIG.dim, CONFIG.n_kv_heads * CONFIG.head_dim
+    up, down = torch.zeros(kv, 2), torch.zeros(2, dim)
+    key = "diffusion_model.layers.0.attention.qkv.weight"
+    ok = comfy_patches_to_lora({key: [(1.0, ("lora", (up, down, None, None, None, None)), 1.0, (0, dim, kv), None)]},
+                               CONFIG, shapes)
+    assert ok["layers.0.attention.qkv.weight"][0].rows == (dim, dim + kv)
+    lumina_k = (0, dim, dim)           # ComfyUI's Lumina-2 map: k as wide as the model
+    with pytest.raises(UnsupportedComfyPatch, match="KV heads.*NewBie LoRA Loader"):
+        comfy_patches_to_lora({key: [(1.0, ("lora", (torch.zeros(dim, 2), down, None, None, None, None)), 1.0,
+                                      lumina_k, None)]}, CONFIG, shapes)
+    with pytest.raises(UnsupportedComfyPatch, match="DoRA.*NewBie LoRA Loader"):
+        comfy_patches_to_lora({key: [(1.0, ("lora", (up, down, None, None, torch.ones(3), None)), 1.0, None, None)]},
+                              CONFIG, shapes)
+    with pytest.raises(UnsupportedComfyPatch, match="does not have"):
+        comfy_patches_to_lora({"diffusion_model.double_blocks.0.img_attn.qkv.weight": []}, CONFIG, shapes)

@@ -10,7 +10,7 @@ that fresh copy with the same arithmetic.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
@@ -24,12 +24,23 @@ def to_weight_patch(patch: LoraPatch) -> WeightPatch:
     return WeightPatch(**{f.name: getattr(patch, f.name) for f in fields(LoraPatch)})
 
 
-def dit_patches(loras: Sequence[LoraSpec], model: nn.Module,
-                config: DiTConfig) -> tuple[BlockPatches | None, dict[str, list[WeightPatch]]]:
-    """(block patches for placement or None, non-block patches by parameter name)."""
-    if not loras:
+def dit_patches(loras: Sequence[LoraSpec], model: nn.Module, config: DiTConfig,
+                param_patches: Sequence[tuple[str, LoraPatch]] = ()
+                ) -> tuple[BlockPatches | None, dict[str, list[WeightPatch]]]:
+    """(block patches for placement or None, non-block patches by parameter name).
+
+    ``param_patches``: (official parameter name, patch) pairs from elsewhere, e.g. ComfyUI's own
+    LoRA patches converted by ``comfy_lora.comfy_patches_to_lora``; they follow the files'."""
+    if not loras and not param_patches:
         return None, {}
-    mapped: DitPatches = dit_lora_patches(list(loras), model, config)
+    mapped: DitPatches = dit_lora_patches(list(loras), model, config) if loras else DitPatches()
+    blocks_by_name = {name: i for i, (name, _) in enumerate(model.block_sequence())}
+    for key, patch in param_patches:
+        block = next((b for b in blocks_by_name if key.startswith(b + ".")), None)
+        if block is None:
+            mapped.non_blocks.setdefault(key, []).append(patch)
+        else:
+            mapped.blocks.setdefault(blocks_by_name[block], []).append(replace(patch, target=key[len(block) + 1:]))
     blocks = BlockPatches({i: [to_weight_patch(p) for p in ps] for i, ps in mapped.blocks.items()})
     rest = {k: [to_weight_patch(p) for p in ps if p.scale != 0.0] for k, ps in mapped.non_blocks.items()}
     return (blocks if blocks else None), {k: ps for k, ps in rest.items() if ps}

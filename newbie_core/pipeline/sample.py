@@ -131,7 +131,8 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     model = build_dit(config, "meta", dtype)
     image_tokens = (height // 16) * (width // 16)
     small = sum(p.numel() for _, p in non_block_parameters(model)) * dtype.itemsize
-    patches, _ = dit_patches(handle.loras, model, config)   # reads (cached) LoRAs; no DiT weight
+    # LoRA files are read (cached) and mapped here, before any DiT weight is read.
+    patches, _ = dit_patches(handle.loras, model, config, handle.param_patches)
     if patches is not None:
         small += patches.device_bytes            # factors on the device + one application's temporaries
     graphs = use_graphs(memory, batch, cap_tokens + image_tokens, device)
@@ -160,7 +161,7 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
         log.info("sampling plan:\n%s", plan.render())
         with stage_guard("sample", device) as guard, measure_stage(report, "sample", device, plan.predicted_peak) as rec:
             guard.on_release(lambda: model.to_empty(device="meta"))
-            _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config)
+            _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
                                    optional=lambda name, shape: torch.ones(shape), patches=non_block_patches)
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
