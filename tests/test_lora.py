@@ -340,3 +340,19 @@ def test_comfy_qkv_slices_must_be_newbies_gqa_rows(meta_model):
                               CONFIG, shapes)
     with pytest.raises(UnsupportedComfyPatch, match="does not have"):
         comfy_patches_to_lora({"diffusion_model.double_blocks.0.img_attn.qkv.weight": []}, CONFIG, shapes)
+
+
+def test_resident_blocks_are_patched_once_per_stage_streamed_ones_at_every_use(tiny_models, conds, lora_file,
+                                                                               monkeypatch):
+    from newbie_core.placement.patches import BlockPatches
+    calls: list[int] = []
+    original = BlockPatches.apply
+    monkeypatch.setattr(BlockPatches, "apply", lambda self, i, views: (calls.append(i), original(self, i, views))[1])
+    handle = tiny_models.dit.with_lora(lora_file)
+    resident = _sample(handle, conds, steps=3)
+    assert sorted(calls) == list(range(CONFIG.n_blocks))          # every block has patches; each once
+    calls.clear()
+    streamed = _sample(handle, conds, _tight(resident), steps=3)
+    n_streamed = len(streamed.plan.streamed)
+    forwards = 3                                                  # one batched (cond + uncond) forward per step
+    assert len(calls) == (CONFIG.n_blocks - n_streamed) + n_streamed * forwards
