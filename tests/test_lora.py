@@ -248,9 +248,10 @@ def test_streamed_with_a_lora_is_bitwise_equal_to_resident(tiny_models, conds, l
     assert not torch.equal(resident.latent, _sample(load_dit_handle(tiny_models.dit.ckpt.path, storage), conds).latent)
 
 
-# Measured on the tiny DiT (3 steps): fp8 storage drifts about as much with the LoRA as without it
-# (the delta is added after the upcast, at compute precision, so the LoRA itself is not quantised).
-FP8_LORA_DRIFT = 0.1
+# Measured on the tiny DiT (3 steps, relative L2 of the latent): fp8 + LoRA vs bf16 + LoRA 1.2 %,
+# fp8 vs bf16 without a LoRA 1.1 %, while the LoRA itself moves the latent 9 %. The delta is added
+# after the upcast at compute precision, so the LoRA is not quantised; the bound leaves room.
+FP8_LORA_DRIFT = 0.03
 
 
 def test_fp8_with_a_lora_stays_within_the_stated_drift(tiny_models, conds, lora_file):
