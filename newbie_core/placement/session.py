@@ -24,8 +24,8 @@ from .copy_engine import CopyEngine, make_engine
 from .fp8_cuda import FusedUpcast
 from .graphs import BlockGraphs, CudaGraphBackend, GraphBackend
 from .host_store import HostBlockStore
-from .patches import BlockPatches
 from .layout import BlockLayout, block_tensors, compute_layout, default_keep_high_precision, fp8_layout
+from .patches import BlockPatches
 from .plan import BlockSize, StagePlan, Storage
 from .ring import SlotRing
 from .runner import StreamingRunner
