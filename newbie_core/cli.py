@@ -61,6 +61,9 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--compat", action="store_true", help="send Jina the same text as Gemma, as ComfyUI does")
     for name in ("dit", "gemma", "jina", "vae"):
         g.add_argument(f"--{name}", help=f"path of the {name} checkpoint (.safetensors file or HF folder)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a DiT LoRA (.safetensors; PEFT, kohya, LyCORIS LoKr/LoHa); repeatable; strength 1 = "
+                        "the trained scale")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"],
                    help="bf16 (default), fp16 DiT compute, or fp8 weight storage for the DiT and Gemma "
                         "with bf16 compute")
@@ -118,6 +121,8 @@ def check_args(args: argparse.Namespace) -> CheckedArgs:
     v.check_chunk(args.ffn_chunk, "--ffn-chunk")
     v.check_vae_tile(args.vae_tile, "--vae-tile")
     cache = v.check_folder(args.cache_dir, "--cache-dir") if args.cache_dir else None
+    for lora in args.lora:
+        v.check_lora(lora)
     paths = (args.dit, args.gemma, args.jina, args.vae)
     models = None
     if any(paths):
@@ -139,8 +144,13 @@ def _models(args: argparse.Namespace, checked: CheckedArgs):
                     "THE IMAGE WILL BE NOISE; pass --dit/--gemma/--jina/--vae for the real model.", tiny.root)
         paths = (tiny.dit, tiny.gemma, tiny.jina, tiny.vae)
     storage = StorageDType.FP8 if args.dtype == "fp8" else StorageDType.BF16
-    return Models(load_dit_handle(paths[0], storage), load_text_encoder_handle(paths[1], paths[2], storage),
-                  load_vae_handle(paths[3]))
+    from .models.lora import LoraSpec
+
+    dit = load_dit_handle(paths[0], storage)
+    for text in args.lora:
+        spec = LoraSpec.parse(text)
+        dit = dit.with_lora(spec.path, spec.strength)
+    return Models(dit, load_text_encoder_handle(paths[1], paths[2], storage), load_vae_handle(paths[3]))
 
 
 def _read_init_image(path: Path):

@@ -170,6 +170,19 @@ def check_model_path(path: str, field: str) -> Path:
     return p
 
 
+def check_lora(text: str, field: str = "--lora") -> Path:
+    """``FILE[:STRENGTH]`` names an existing safetensors LoRA (the strength is parsed by the loader)."""
+    for candidate in (text, text.rpartition(":")[0]):
+        p = Path(candidate).expanduser() if candidate else None
+        if p is not None and p.is_file():
+            if is_pickle_file(p):
+                raise InputError(field, pickle_message(p, "LoRA file"))
+            if p.suffix.lower() != ".safetensors":
+                raise InputError(field, f"{p} is not a .safetensors file; LoRAs are read from safetensors only.")
+            return p
+    raise InputError(field, f"{text!r}: no such LoRA file (give FILE or FILE:STRENGTH).")
+
+
 def check_folder(path: str, field: str) -> Path:
     """A folder that exists or can be created: refuse a file in its place."""
     p = Path(path).expanduser()

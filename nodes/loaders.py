@@ -110,3 +110,30 @@ class NewBieVAELoader(_FileLoader):
 
     def load(self, vae_name: str, dtype: str) -> tuple[VaeHandle]:
         return (load_vae_handle(adapter.full_path("vae", vae_name), dtype),)
+
+
+class NewBieLoraLoader(_FileLoader):
+    TITLE = "NewBie LoRA Loader"
+    DESCRIPTION = ("Adds a LoRA (PEFT/official trainer, kohya, LyCORIS LoKr/LoHa) from models/loras to a NewBie DiT. "
+                   "Chain several. The sampler applies it on the GPU as each block arrives, so streaming still works "
+                   "and a new strength re-reads no model file.")
+    FILE_INPUTS = (("lora_name", "loras"),)
+    RETURN_TYPES = (NEWBIE_DIT,)
+    RETURN_NAMES = ("dit",)
+    OUTPUT_TOOLTIPS = ("The same DiT with this LoRA added, for the sampler or another LoRA loader.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dit": (NEWBIE_DIT, {"tooltip": "From NewBie DiT Loader or another NewBie LoRA Loader."}),
+            "lora_name": (adapter.models_dir_list("loras"), {"tooltip":
+                          "A .safetensors LoRA for NewBie in models/loras. A PEFT LoRA reads its alpha from the "
+                          "adapter_config.json beside it."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05, "tooltip":
+                         "1.0 = the trained scale. The official NewBie nodes apply a PEFT LoRA at r/alpha times "
+                         "that (2.0 here for the trainer's r 8, alpha 4); see the README."}),
+        }}
+
+    def load(self, dit: DiTHandle, lora_name: str, strength: float) -> tuple[DiTHandle]:
+        return (dit.with_lora(adapter.full_path("loras", lora_name), strength),)

@@ -114,3 +114,25 @@ def test_fused_fp8_upcast_matches_the_torch_path_on_a_full_block(full_dit):
     fused(layouts.storage, layouts.compute, packed, out)
     upcast_block(layouts.storage, layouts.compute, packed, reference)
     assert torch.equal(out, reference)
+
+
+def test_a_lora_on_the_streamed_full_size_dit_is_bitwise_equal_to_resident(full_dit, conds, tmp_path):
+    """The official trainer's PEFT layout (rank 8) on the real shapes: streamed == resident, for bf16
+    and fp8 storage, and the LoRA changes the result."""
+    from newbie_core.tiny.lora import write_lora
+    lora = write_lora(tmp_path / "peft" / "adapter_model.safetensors", full_dit.ckpt.config, "peft", rank=8,
+                      alpha=4.0, std=0.02, dtype=torch.bfloat16)
+    patched = full_dit.with_lora(lora, 1.0)
+    streamed = _sample(patched, conds, 2 * GB)
+    assert len(streamed.plan.resident) < streamed.plan.n_blocks
+    chunks = MemorySettings(attention_chunk=streamed.plan.attn_chunk or -1, ffn_chunk=streamed.plan.ffn_chunk or -1)
+    resident = _sample(patched, conds, 100 * GB, chunks)
+    assert len(resident.plan.resident) == resident.plan.n_blocks
+    assert torch.equal(streamed.latent, resident.latent)
+    assert not torch.equal(resident.latent, _sample(full_dit, conds, 100 * GB, chunks).latent)
+    fp8 = MemorySettings(fp8_streaming=True)
+    fp8_streamed = _sample(patched, conds, 2 * GB, fp8)
+    fp8_chunks = MemorySettings(fp8_streaming=True, attention_chunk=fp8_streamed.plan.attn_chunk or -1,
+                                ffn_chunk=fp8_streamed.plan.ffn_chunk or -1)
+    fp8_resident = _sample(patched, conds, 100 * GB, fp8_chunks)
+    assert torch.equal(fp8_streamed.latent, fp8_resident.latent)

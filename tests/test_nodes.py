@@ -44,7 +44,7 @@ def mod(name: str):
 def adapter(pack, tiny_dir):
     """The fallback adapter with ComfyUI's three model folders pointing at the tiny checkpoints."""
     ad = mod("nodes.comfy_adapter")
-    fake = ad.FallbackAdapter({name: [tiny_dir / name] for name in ("diffusion_models", "text_encoders", "vae")})
+    fake = ad.FallbackAdapter({name: [tiny_dir / name] for name in ("diffusion_models", "text_encoders", "vae", "loras")})
     previous = ad.set_adapter(fake)
     yield fake
     ad.set_adapter(previous)
@@ -92,7 +92,7 @@ def empty(nodes, w=32, h=32, batch=1):
 # ---------------------------------------------------------------------------------- declarations
 
 def test_every_node_declares_a_consistent_v1_interface(pack, nodes, adapter):
-    assert len(nodes) == 12
+    assert len(nodes) == 13
     for node_id, cls in nodes.items():
         assert node_id.startswith("NewBie") and node_id == cls.__name__
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id] == cls.TITLE and cls.TITLE.startswith("NewBie")
@@ -427,3 +427,18 @@ def test_vae_decode_encode_and_memory_report(nodes, models, conds):
     assert text.index("plan: sample") < text.index("plan: decode")
     assert re.search(r"^sample\s", text, re.M) and re.search(r"^decode\s", text, re.M)
     assert call(nodes["NewBieMemoryReport"])["result"][0].startswith("(connect")
+
+
+def test_lora_loader_chains_and_changes_the_sample(nodes, models, conds, adapter):
+    loader = nodes["NewBieLoraLoader"]
+    peft, lokr = "newbie_tiny_peft/adapter_model.safetensors", "newbie_tiny_lokr.safetensors"
+    assert loader.INPUT_TYPES()["required"]["lora_name"][0] == [lokr, peft]
+    one, = call(loader, dit=models[0], lora_name=peft, strength=0.8)
+    two, = call(loader, dit=one, lora_name=lokr, strength=0.5)
+    assert [(Path(s.path).name, s.strength) for s in two.loras] == [("adapter_model.safetensors", 0.8),
+                                                                     (lokr, 0.5)]
+    assert models[0].loras == ()                      # the input handle is left as it was
+    latent = empty(nodes)
+    plain = sample(nodes, models, conds, latent)[0]["samples"]
+    patched = sample(nodes, (two,) + models[1:], conds, latent)[0]["samples"]
+    assert (plain - patched).abs().max() > 1e-3

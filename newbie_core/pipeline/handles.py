@@ -7,12 +7,13 @@ GPU here; weights are read (once, into the host cache) when a stage first needs 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..models.checkpoint import CheckpointError
 from ..models.dit import DiTCheckpoint, open_dit
 from ..models.gemma_loading import GemmaCheckpoint, open_gemma
+from ..models.lora import LoraPatch, LoraSpec
 from ..models.jina_loading import JinaCheckpoint, open_jina
 from ..models.vae_loading import VaeCheckpoint, open_vae
 from .settings import StorageDType
@@ -31,6 +32,17 @@ def _existing(path: os.PathLike | str, what: str) -> Path:
 class DiTHandle:
     ckpt: DiTCheckpoint
     storage: StorageDType = StorageDType.BF16
+    loras: tuple[LoraSpec, ...] = ()          # applied in this order by placement (pipeline/lora.py)
+    param_patches: tuple[tuple[str, LoraPatch], ...] = ()   # e.g. ComfyUI's patches (comfy_lora.py)
+
+    def with_lora(self, path: os.PathLike | str, strength: float = 1.0) -> "DiTHandle":
+        """A handle with one more LoRA (the file is only read when a stage plans)."""
+        return replace(self, loras=self.loras + (LoraSpec(str(_existing(path, "LoRA")), float(strength)),))
+
+    def with_param_patches(self, patches: dict[str, list[LoraPatch]]) -> "DiTHandle":
+        """A handle with patches by official parameter name added after its LoRA files."""
+        pairs = tuple((key, p) for key, ps in patches.items() for p in ps)
+        return replace(self, param_patches=self.param_patches + pairs)
 
     @property
     def files(self) -> tuple[Path, ...]:

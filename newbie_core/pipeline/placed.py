@@ -10,7 +10,7 @@ placement's buffers. So there is one code path for every budget.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import TensorSource, assign_parameter
+from .lora import patched_value
+from ..placement.patches import BlockPatches, WeightPatch
 from ..placement.plan import UNBOUNDED
 from ..placement import (HOST_CACHE, BlockSize, StagePlan, StorageChoice, StreamingSession, block_sizes,
                          cache_key, model_layouts, plan_stage, stream_blocks)
@@ -64,11 +66,13 @@ def non_block_parameters(model) -> list[tuple[str, nn.Parameter]]:
 
 def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch.device,
                            dtype: torch.dtype, host_prefixes: Sequence[str] = (),
-                           optional: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None) -> int:
+                           optional: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+                           patches: Mapping[str, Sequence[WeightPatch]] | None = None) -> int:
     """Load every parameter outside the block sequence, one tensor at a time (assign, no copy).
 
     Parameters under ``host_prefixes`` (e.g. a 1.3 GB embedding table) stay on the CPU, where
-    their rows are gathered. Returns the bytes placed on ``device``.
+    their rows are gathered. ``patches`` (LoRA changes by parameter name) are added to the fresh
+    copy, never to the file's tensor. Returns the bytes placed on ``device``.
     """
     placed = 0
     for name, param in non_block_parameters(model):
@@ -80,6 +84,8 @@ def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch
             raise KeyError(name)
         where = torch.device("cpu") if name.startswith(tuple(host_prefixes)) else device
         value = tensor.to(device=where, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if patches:
+            value = patched_value(name, value, patches)
         assign_parameter(model, name, value)
         if where == device:
             placed += value.numel() * value.element_size()
@@ -97,6 +103,7 @@ class PlacementInputs:
     activation_bytes: Callable[[int | None, int | None], int]
     chunk_candidates: tuple[tuple[int | None, int | None], ...] = ((None, None),)
     graphs: bool = False          # blocks replay as CUDA graphs (the estimate counts their pool)
+    patches: BlockPatches | None = None   # LoRA changes to the blocks, added by placement
 
 
 def plan_for(model, inputs: PlacementInputs, budget: int | None) -> StagePlan:
@@ -116,5 +123,5 @@ def placed_blocks(model, source: TensorSource, inputs: PlacementInputs, plan: St
     key = cache_key(inputs.files, source.keys(), f"{plan.storage[0].value}/{inputs.compute_dtype}")
     store = HOST_CACHE.get(key, layouts, block_reader(model, source), host_budget)
     with stream_blocks(model, plan, store, device, compute_dtype=inputs.compute_dtype,
-                       graphs=inputs.graphs) as session:
+                       graphs=inputs.graphs, patches=inputs.patches) as session:
         yield session

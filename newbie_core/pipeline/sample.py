@@ -22,6 +22,7 @@ from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow
                         noise_latent, normalize_latent, sample)
 from .conditioning import Conditioning, batch_conditionings
 from .handles import DiTHandle
+from .lora import dit_patches
 from .placed import PlacementInputs, materialize_non_blocks, non_block_parameters, placed_blocks, plan_for
 from .settings import MemorySettings, SamplingSettings, StorageDType
 
@@ -132,12 +133,17 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     model.set_kernels(kernels(memory.compile if device.type == "cuda" else False))
     image_tokens = (height // 16) * (width // 16)
     small = sum(p.numel() for _, p in non_block_parameters(model)) * dtype.itemsize
+    # LoRA files are read (cached) and mapped here, before any DiT weight is read.
+    patches, _ = dit_patches(handle.loras, model, config, handle.param_patches)
+    if patches is not None:
+        small += patches.device_bytes            # factors on the device + one application's temporaries
     graphs = use_graphs(memory, batch, cap_tokens + image_tokens, device)
     inputs = PlacementInputs(
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs),
-        chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens), graphs=graphs)
+        chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens), graphs=graphs,
+        patches=patches)
     return model, inputs, plan_for(model, inputs, budget)
 
 
@@ -157,8 +163,9 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
         log.info("sampling plan:\n%s", plan.render())
         with stage_guard("sample", device) as guard, measure_stage(report, "sample", device, plan.predicted_peak) as rec:
             guard.on_release(lambda: model.to_empty(device="meta"))
+            _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
-                                   optional=lambda name, shape: torch.ones(shape))
+                                   optional=lambda name, shape: torch.ones(shape), patches=non_block_patches)
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
             with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
                 guard.hold(session)

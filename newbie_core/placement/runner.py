@@ -39,6 +39,7 @@ from .fp8_cuda import FusedUpcast
 from .graphs import BlockGraphs, module_structure
 from .host_store import HostBlockStore
 from .layout import BlockLayout
+from .patches import BlockPatches
 from .plan import StagePlan
 from .ring import SlotRing
 
@@ -51,7 +52,7 @@ class StreamingRunner:
     def __init__(self, plan: StagePlan, compute: Sequence[BlockLayout], storage: Sequence[BlockLayout],
                  store: HostBlockStore | None, engine: CopyEngine, ring: SlotRing | None,
                  resident: dict[int, torch.Tensor], upcast: FusedUpcast, graphs: BlockGraphs | None = None,
-                 ready: dict[int, Any] | None = None):
+                 ready: dict[int, Any] | None = None, patches: BlockPatches | None = None):
         self.plan, self.compute, self.storage = plan, list(compute), list(storage)
         self.store, self.engine, self.ring, self.resident = store, engine, ring, resident
         self.order = plan.ring_blocks
@@ -73,6 +74,10 @@ class StreamingRunner:
         self._last_index = -1
         self._structure: dict[int, int] = {}     # block index -> id of its code structure
         self._structures: dict[object, int] = {}
+        # Weight patches (patches.py) go onto a block's compute-layout views once they are there:
+        # a resident block's once, at its first use; a ring block's at every use.
+        self.patches = patches if patches else None
+        self._unpatched = {i for i in self._resident_views if i in patches} if self.patches else set()
         if self.order and (ring is None or ring.n_slots < 1):
             raise ValueError("the plan streams blocks but no ring was given.")
 
@@ -85,6 +90,9 @@ class StreamingRunner:
         if views is not None:
             if self._ready:                      # first use: the block's upload may still be in flight
                 self.engine.main_wait(self._ready.pop(index, None))
+            if index in self._unpatched:
+                self.patches.apply(index, views)
+                self._unpatched.discard(index)
             return self._call(index, block, ("resident", index), views, args, kwargs)
         k = self.ring_pos.get(index)
         if k is None:
@@ -96,7 +104,10 @@ class StreamingRunner:
         self.issue_upto(p + self.depth)
         s = p % self.ring.n_slots
         self.engine.main_wait(self.ring.copy_done[s])
-        out = self._call(index, block, (s, index), self._slot_views(s, index), args, kwargs)
+        views = self._slot_views(s, index)
+        if self.patches is not None and index in self.patches:
+            self.patches.apply(index, views)
+        out = self._call(index, block, (s, index), views, args, kwargs)
         self.ring.compute_done[s] = self.engine.main_record()
         self._next = p + 1
         self.issue_upto(self._next + self.depth)

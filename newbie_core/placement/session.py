@@ -25,6 +25,7 @@ from .fp8_cuda import FusedUpcast
 from .graphs import BlockGraphs, CudaGraphBackend, GraphBackend
 from .host_store import HostBlockStore
 from .layout import BlockLayout, block_tensors, compute_layout, default_keep_high_precision, fp8_layout
+from .patches import BlockPatches
 from .plan import BlockSize, StagePlan, Storage
 from .ring import SlotRing
 from .runner import StreamingRunner
@@ -75,8 +76,9 @@ class StreamingSession:
     def __init__(self, model, plan: StagePlan, store: HostBlockStore | None, device: torch.device | str,
                  engine: CopyEngine | None = None, compute_dtype: torch.dtype = torch.bfloat16,
                  keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision,
-                 graphs: GraphBackend | bool = False):
+                 graphs: GraphBackend | bool = False, patches: BlockPatches | None = None):
         self.model, self.plan, self.store = model, plan, store
+        self.patches = patches if patches else None
         self.graphs = graphs
         self.device = torch.device(device)
         self.engine = engine if engine is not None else make_engine(self.device)
@@ -116,6 +118,8 @@ class StreamingSession:
         self.upcast = FusedUpcast([(l.storage, l.compute) for l in self.layouts if l.storage.is_fp8], self.device)
         if plan.slots:   # the ring first: one segment at the bottom, before any activation
             self.ring = SlotRing(plan.slots, plan.slot_bytes, plan.staging_bytes, self.device)
+        if self.patches is not None:   # small factors, kept on the device for the stage
+            self.patches.to_device(self.device)
         if plan.resident and self.store is None:
             raise ValueError("the plan keeps blocks resident but no host store was given to load them from.")
         materialized = set(plan.materialized)
@@ -153,7 +157,7 @@ class StreamingSession:
         del staging               # freed on the main stream, after the upcasts that read it
         self.runner = StreamingRunner(plan, [l.compute for l in self.layouts], [l.storage for l in self.layouts],
                                       self.store, self.engine, self.ring, self.resident, self.upcast,
-                                      self._block_graphs(), ready)
+                                      self._block_graphs(), ready, self.patches)
 
     def _block_graphs(self) -> BlockGraphs | None:
         """``graphs=True`` means CUDA graphs on a CUDA device (off elsewhere); a backend is used as given."""
@@ -187,6 +191,8 @@ class StreamingSession:
         self.runner, self.ring, self.resident = None, None, {}
         if self.upcast is not None:
             self.upcast.release()
+        if self.patches is not None:
+            self.patches.release()
 
 
 def stream_blocks(model, plan: StagePlan, store: HostBlockStore | None, device: torch.device | str,

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dit import write_tiny_dit
+from .lora import write_tiny_loras
 from .text_encoders import write_tiny_gemma, write_tiny_jina
 from .vae import write_tiny_vae
 
 log = logging.getLogger(__name__)
 
 # Bump when any writer's output changes, so cached copies are rebuilt.
-TINY_FORMAT_VERSION = "1"
+TINY_FORMAT_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def build_tiny_checkpoints(root: os.PathLike | str, seed: int = 0) -> TinyPaths:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     variants: dict[str, Path] = {}
-    for writer in (write_tiny_dit, write_tiny_gemma, write_tiny_jina, write_tiny_vae):
+    for writer in (write_tiny_dit, write_tiny_gemma, write_tiny_jina, write_tiny_vae, write_tiny_loras):
         variants.update(writer(root, seed=seed))
     return _paths(root, variants)
 

@@ -41,6 +41,7 @@ _IN_BLOCK = {
     "ffn_norm1.weight": "ffn_norm1.weight",
     "ffn_norm2.weight": "ffn_norm2.weight",
 }
+DIFFUSERS_TOP_LEVEL = _TOP_LEVEL     # public: the LoRA key mapper (models/lora) reuses it
 _QKV_PARTS = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")
 _BLOCK = re.compile(r"^((?:layers|noise_refiner|context_refiner)\.\d+\.)(.+)$")
 
