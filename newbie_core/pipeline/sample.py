@@ -119,6 +119,8 @@ def dit_activation_estimate(config: DiTConfig, batch: int, cap_tokens: int, imag
 
 
 def _storage(handle: DiTHandle, memory: MemorySettings) -> StorageChoice:
+    if handle.ckpt.is_packed:      # GGUF: the blocks stay in the file's quantised form
+        return StorageChoice.PACKED
     return StorageChoice.FP8 if (memory.fp8_streaming or handle.storage is StorageDType.FP8) else StorageChoice.BF16
 
 
@@ -136,7 +138,7 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
         always_resident_bytes=small,
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs),
         chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens), graphs=graphs)
-    return model, inputs, plan_for(model, inputs, budget)
+    return model, inputs, plan_for(model, inputs, budget, handle.ckpt.source)
 
 
 def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioning, raw_latent: torch.Tensor,
