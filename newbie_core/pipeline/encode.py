@@ -19,6 +19,7 @@ from ..placement import Report, StorageChoice, measure_stage, run_with_oom_retry
 from ..prompt import EncoderTexts
 from .conditioning import CONDITIONING_CACHE, Conditioning, ConditioningCache, conditioning_key
 from .handles import TextEncoderHandle
+from .host_ram import host_budget
 from .placed import PlacementInputs, materialize_non_blocks, placed_blocks, plan_for
 from .settings import MemorySettings, StorageDType
 
@@ -126,7 +127,7 @@ def _run_encoder(name: str, plan_encoder, source, table_prefix: str, run, memory
             materialize_non_blocks(encoder, source, device, ENCODER_DTYPE, host_prefixes=(table_prefix,))
             encoder.rotary_emb.to(device)
             encoder.compute_device = device
-            with placed_blocks(encoder, source, inputs, plan, device, memory.ram_budget_bytes) as session:
+            with placed_blocks(encoder, source, inputs, plan, device, host_budget(memory)) as session:
                 guard.hold(session)
                 with torch.inference_mode():
                     out = run(encoder, tokens)

@@ -52,18 +52,27 @@ def block_keys(model, source: TensorSource) -> list[list[str]]:
     return keys
 
 
-def block_reader(model, source: TensorSource) -> Callable[[int], dict[str, torch.Tensor]]:
+class BlockReader:
     """``read_block(i)`` for placement's host store: block-relative name -> CPU tensor (lazy mmap).
-    Sources that hold tensors packed (GGUF) give those as their packed bytes."""
-    names = [name for name, _ in model.block_sequence()]
-    keys = block_keys(model, source)
-    get = getattr(source, "get_stored", source.get)
+    Sources that hold tensors packed (GGUF) give those as their packed bytes. ``drop_maps`` lets
+    the store unmap the file between reads (host_store.py says why)."""
 
-    def read_block(index: int) -> dict[str, torch.Tensor]:
-        cut = len(names[index]) + 1
-        return {k[cut:]: get(k) for k in keys[index]}
+    def __init__(self, model, source: TensorSource):
+        self.names = [name for name, _ in model.block_sequence()]
+        self.keys = block_keys(model, source)
+        self.source = source
+        self._get = getattr(source, "get_stored", source.get)
 
-    return read_block
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        cut = len(self.names[index]) + 1
+        return {k[cut:]: self._get(k) for k in self.keys[index]}
+
+    def drop_maps(self) -> None:
+        self.source.close()
+
+
+def block_reader(model, source: TensorSource) -> Callable[[int], dict[str, torch.Tensor]]:
+    return BlockReader(model, source)
 
 
 def packed_spec(model, source: TensorSource) -> list[dict[str, PackedTensor]] | None:

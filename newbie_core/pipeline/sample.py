@@ -21,6 +21,7 @@ from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow
                         noise_latent, normalize_latent, sample)
 from .conditioning import Conditioning, batch_conditionings
 from .handles import DiTHandle
+from .host_ram import host_budget
 from .placed import PlacementInputs, materialize_non_blocks, non_block_parameters, placed_blocks, plan_for
 from .settings import MemorySettings, SamplingSettings, StorageDType
 
@@ -160,7 +161,7 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
                                    optional=lambda name, shape: torch.ones(shape))
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
-            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
+            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, host_budget(memory)) as session:
                 guard.hold(session)
                 latent, steps = _sample_loop(model, positive, negative, raw_latent, sampling, device,
                                              inputs.compute_dtype, callback)

@@ -11,6 +11,7 @@ slot). Unquantised tensors (F32, F16, BF16) come back in the dtype they are stor
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -147,7 +148,14 @@ class GGUFSource:
         return dequantize(qtype, data, shape)
 
     def close(self) -> None:
-        """Nothing to drop: the reader's map lives as long as the source."""
+        """Drop the mapped pages from this process's resident set (they stay in the page cache,
+        and the map stays valid: the next read faults them back in)."""
+        mm = getattr(self._reader.data, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError) as e:   # not fatal: only the RSS figure stays high
+                log.debug("madvise failed on %s: %s", self.path, e)
 
 
 def summary(source: GGUFSource) -> str:
