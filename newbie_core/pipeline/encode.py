@@ -58,6 +58,8 @@ def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemoryS
 
 
 def _storage(handle: TextEncoderHandle, memory: MemorySettings) -> StorageChoice:
+    if handle.gemma.is_packed:     # GGUF: Gemma's blocks stay in the file's quantised form
+        return StorageChoice.PACKED
     fp8 = memory.fp8_streaming or handle.gemma_storage is StorageDType.FP8
     return StorageChoice.FP8 if fp8 else StorageChoice.BF16
 
@@ -73,7 +75,7 @@ def plan_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySe
         compute_dtype=ENCODER_DTYPE, always_resident_bytes=0,
         activation_bytes=lambda a, f: estimate_gemma_activation_bytes(ckpt.config, batch, length, ENCODER_DTYPE)
         + ENCODER_FIXED_BYTES)
-    return encoder, inputs, plan_for(encoder, inputs, budget), tokens
+    return encoder, inputs, plan_for(encoder, inputs, budget, ckpt.source), tokens
 
 
 def run_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,

@@ -67,6 +67,8 @@ class GGUFSource:
         self.metadata = {k: v for k, v in self.fields.items() if isinstance(v, str)}
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.stored: dict[str, str] = dict(stored) if stored is not None else {k: k for k in self._tensors}
+        # official key -> fix-up applied to the (unquantised) tensor, e.g. Gemma's norm offset
+        self.adjust: dict[str, Any] = {}
 
     # -- what is on disk ------------------------------------------------------------------
     @property
@@ -144,8 +146,11 @@ class GGUFSource:
         """The tensor: plain types as stored (mmap-backed), quantised ones decoded to float32."""
         qtype, shape, data = self.qtype(key), self.shape(key), self._bytes(key)
         if qtype in PLAIN_DTYPES:
-            return data.view(PLAIN_DTYPES[qtype]).reshape(shape)
-        return dequantize(qtype, data, shape)
+            tensor = data.view(PLAIN_DTYPES[qtype]).reshape(shape)
+        else:
+            tensor = dequantize(qtype, data, shape)
+        fix = self.adjust.get(key)
+        return fix(tensor) if fix is not None else tensor
 
     def close(self) -> None:
         """Drop the mapped pages from this process's resident set (they stay in the page cache,
