@@ -60,7 +60,8 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-trunc", type=float, default=1.0, help="CFG only while t < this (1 = always)")
     g.add_argument("--compat", action="store_true", help="send Jina the same text as Gemma, as ComfyUI does")
     for name in ("dit", "gemma", "jina", "vae"):
-        g.add_argument(f"--{name}", help=f"path of the {name} checkpoint (.safetensors file or HF folder)")
+        g.add_argument(f"--{name}", help=f"path of the {name} checkpoint (.safetensors file or HF folder"
+                       + ("; .gguf files too" if name in ("dit", "gemma") else "") + ")")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a DiT LoRA (.safetensors; PEFT, kohya, LyCORIS LoKr/LoHa); repeatable; strength 1 = "
                         "the trained scale")
@@ -68,7 +69,8 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
                    help="bf16 (default), fp16 DiT compute, or fp8 weight storage for the DiT and Gemma "
                         "with bf16 compute")
     g.add_argument("--vram-budget", type=float, help="GiB of VRAM each stage may reserve (default: free minus margin)")
-    g.add_argument("--ram-budget", type=float, help="GiB of host RAM for cached model copies (default: no limit)")
+    g.add_argument("--ram-budget", type=float, help="GiB of host RAM for the models' host copies (default: auto = "
+                                                    "available RAM minus a margin, stated by --plan)")
     g.add_argument("--attention-chunk", type=int, default=0, help="query rows per attention chunk (0 auto, -1 off)")
     g.add_argument("--ffn-chunk", type=int, default=0, help="tokens per FFN chunk (0 auto, -1 off)")
     g.add_argument("--vae-tile", type=int, default=0, help="VAE tile in px, a multiple of 8 (0 auto, -1 never)")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-MODEL_EXTENSIONS = (".safetensors", ".sft")
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf")
 
 
 class ProcessingInterrupted(Exception):

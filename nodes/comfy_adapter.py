@@ -112,6 +112,10 @@ class ComfyAdapter:
         if folder_name not in folder_paths.folder_names_and_paths:
             log.warning("ComfyUI has no model folder named %r", folder_name)
             return []
+        paths, extensions = folder_paths.folder_names_and_paths[folder_name]
+        if ".gguf" not in extensions:   # ComfyUI lists only .safetensors/.pt-style files; we load GGUF too
+            folder_paths.folder_names_and_paths[folder_name] = (paths, set(extensions) | {".gguf"})
+            folder_paths.filename_list_cache.pop(folder_name, None)
         return list(folder_paths.get_filename_list(folder_name))
 
     def full_path(self, folder_name: str, filename: str) -> str:

@@ -124,7 +124,8 @@ class NewBieMemorySettings:
                                "minus a margin. 8 GB cards: 7.0 leaves room for the desktop."}),
             "ram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip":
                               "Most host RAM (GiB) for cached weights (the bf16 DiT is ~7 GB, Gemma ~8 GB). "
-                              "0 = unlimited."}),
+                              "0 = auto: the RAM available when a model loads, minus a margin. Below what a "
+                              "model needs, its blocks are read from disk as they are used."}),
             "attention_slicing": (ATTENTION_CHOICES, {"default": "auto", "tooltip":
                                   "Query rows per attention chunk. auto = the planner picks the largest that fits; "
                                   "off = never slice; a number forces it (smaller = less memory, slower)."}),

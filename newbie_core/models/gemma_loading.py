@@ -38,10 +38,15 @@ _CONFIG_FIELDS = ("sliding_window", "sliding_window_pattern", "rope_theta", "rop
 
 @dataclass(frozen=True)
 class GemmaCheckpoint:
-    source: TensorSource        # official keys -> stored tensors (lazy)
+    source: TensorSource        # official keys -> stored tensors (lazy); a GGUFSource for .gguf files
     config: Gemma3TextConfig
     tokenizer: GemmaTokenizer
     path: Path
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the blocks come packed (a GGUF file) and stay so in placement."""
+        return hasattr(self.source, "packed")
 
 
 def _official_mapping(raw_keys: list[str]) -> dict[str, str]:
@@ -131,6 +136,8 @@ def _overrides_from_metadata(metadata: dict[str, str]) -> dict:
 def open_gemma(path: os.PathLike | str) -> GemmaCheckpoint:
     """Validate a Gemma 3 checkpoint and read its config and tokenizer; no weights are loaded."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return _open_gguf(path)
     if path.is_dir():
         source, overrides, tokenizer = _open_folder(path)
     elif path.is_file():
@@ -147,6 +154,25 @@ def open_gemma(path: os.PathLike | str) -> GemmaCheckpoint:
             raise CheckpointError(f"{path}: {e}") from e
     source = source.with_mapping(mapping)
     config = _config_from_shapes(source, {**overrides, **_overrides_from_metadata(source.metadata)}, path)
+    check_keys(_expected_shapes(config), source.shapes()).raise_if_bad("Gemma 3 text encoder", path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} pieces but the embedding "
+                              f"table only {config.vocab_size} rows.")
+    return GemmaCheckpoint(source=source, config=config, tokenizer=tokenizer, path=path)
+
+
+def _open_gguf(path: Path) -> GemmaCheckpoint:
+    """A llama.cpp Gemma 3 GGUF (models.gguf.gemma): names, norms, config and tokenizer from it."""
+    from .gguf.gemma import config_overrides, open_gemma_source, tokenizer_model_bytes
+    source = open_gemma_source(path)
+    if _MARKER not in source or "model.embed_tokens.weight" not in source:
+        raise CheckpointError(f"{path}: a 'gemma3' GGUF without the Gemma 3 decoder tensors (token_embd, "
+                              f"blk.0.attn_q_norm ...); it may be a vision projector (mmproj) file.")
+    try:
+        tokenizer = gemma_tokenizer_from_bytes(tokenizer_model_bytes(source.fields, path))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    config = _config_from_shapes(source, config_overrides(source.fields), path)
     check_keys(_expected_shapes(config), source.shapes()).raise_if_bad("Gemma 3 text encoder", path)
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} pieces but the embedding "

@@ -19,6 +19,7 @@ from ..placement import Report, StorageChoice, measure_stage, run_with_oom_retry
 from ..prompt import EncoderTexts
 from .conditioning import CONDITIONING_CACHE, Conditioning, ConditioningCache, conditioning_key
 from .handles import TextEncoderHandle
+from .host_ram import host_budget
 from .placed import PlacementInputs, materialize_non_blocks, placed_blocks, plan_for
 from .settings import MemorySettings, StorageDType
 
@@ -57,6 +58,8 @@ def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemoryS
 
 
 def _storage(handle: TextEncoderHandle, memory: MemorySettings) -> StorageChoice:
+    if handle.gemma.is_packed:     # GGUF: Gemma's blocks stay in the file's quantised form
+        return StorageChoice.PACKED
     fp8 = memory.fp8_streaming or handle.gemma_storage is StorageDType.FP8
     return StorageChoice.FP8 if fp8 else StorageChoice.BF16
 
@@ -72,7 +75,7 @@ def plan_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySe
         compute_dtype=ENCODER_DTYPE, always_resident_bytes=0,
         activation_bytes=lambda a, f: estimate_gemma_activation_bytes(ckpt.config, batch, length, ENCODER_DTYPE)
         + ENCODER_FIXED_BYTES)
-    return encoder, inputs, plan_for(encoder, inputs, budget), tokens
+    return encoder, inputs, plan_for(encoder, inputs, budget, ckpt.source), tokens
 
 
 def run_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,
@@ -126,7 +129,7 @@ def _run_encoder(name: str, plan_encoder, source, table_prefix: str, run, memory
             materialize_non_blocks(encoder, source, device, ENCODER_DTYPE, host_prefixes=(table_prefix,))
             encoder.rotary_emb.to(device)
             encoder.compute_device = device
-            with placed_blocks(encoder, source, inputs, plan, device, memory.ram_budget_bytes) as session:
+            with placed_blocks(encoder, source, inputs, plan, device, host_budget(memory)) as session:
                 guard.hold(session)
                 with torch.inference_mode():
                     out = run(encoder, tokens)

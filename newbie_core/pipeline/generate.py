@@ -17,6 +17,7 @@ from ..prompt import EncoderTexts, prepare_texts
 from ..sampling import validate_size
 from .encode import encode_texts, plan_gemma, plan_jina
 from .handles import DiTHandle, TextEncoderHandle, VaeHandle
+from .host_ram import describe_host, host_model
 from .sample import StepCallback, plan_sampling, run_sampling
 from .settings import MemorySettings, SamplingSettings
 from .vae_stage import decode_latent, encode_image, plan_vae
@@ -108,15 +109,23 @@ def describe_plan(models: Models, request: GenerationRequest, device: torch.devi
     memory = request.memory
     budget = stage_budget(memory, device)
     texts: EncoderTexts = prepare_texts(request.prompt, request.negative, compat=request.compat)
-    *_, gemma, gemma_tokens = plan_gemma(models.encoders, [texts.gemma_pos, texts.gemma_neg], memory, budget)
-    *_, jina, _ = plan_jina(models.encoders, [texts.jina_pos, texts.jina_neg], memory, budget)
+    g_model, g_inputs, gemma, gemma_tokens = plan_gemma(models.encoders, [texts.gemma_pos, texts.gemma_neg],
+                                                        memory, budget)
+    j_model, j_inputs, jina, _ = plan_jina(models.encoders, [texts.jina_pos, texts.jina_neg], memory, budget)
     parts = [gemma.render(), jina.render()]
     cap = int(gemma_tokens.attention_mask.sum(1).max())
     guided = request.sampling.cfg != 1.0
     batch = request.batch * (2 if guided else 1)
-    _, _, plan = plan_sampling(models.dit, memory, batch, cap, request.width, request.height, device, budget)
+    d_model, d_inputs, plan = plan_sampling(models.dit, memory, batch, cap, request.width, request.height, device,
+                                            budget)
     parts.append(plan.render())
+    # Host tensors beside the blocks: each encoder's embedding table stays in host RAM.
+    table = lambda m: sum(p.numel() for n, p in m.named_parameters() if "embed" in n and p.dim() == 2) * 2  # noqa: E731
+    host = describe_host([host_model("encode:gemma", g_model, g_inputs, gemma, extra_bytes=table(g_model)),
+                          host_model("encode:jina", j_model, j_inputs, jina, extra_bytes=table(j_model)),
+                          host_model("sample", d_model, d_inputs, plan, models.dit.ckpt.source)], memory)
     parts.append(plan_vae(models.vae, memory, request.batch, request.height // 8, request.width // 8, budget,
                           device).render())
+    parts.append(host.render())
     header = f"device {device}, VRAM budget " + ("none (CPU)" if budget is None else f"{budget / 2**30:.2f} GiB")
     return "\n\n".join([header] + parts)

@@ -20,6 +20,10 @@ from torch import nn
 
 from ..models.checkpoint import TensorSource, assign_parameter
 from .lora import patched_value
+from ..models.gguf import BLOCK_DECODERS, codec_name
+from ..models.gguf.dequant import decode_into
+from ..placement.codecs import register_codec
+from ..placement.layout import PackedTensor
 from ..placement.patches import BlockPatches, WeightPatch
 from ..placement.plan import UNBOUNDED
 from ..placement import (HOST_CACHE, BlockSize, StagePlan, StorageChoice, StreamingSession, block_sizes,
@@ -29,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # Planning on the CPU: no budget applies, everything is resident.
 UNLIMITED = UNBOUNDED
+
+# GGUF blocks stay packed in placement's buffers; placement decodes them through these codecs.
+for _qtype in BLOCK_DECODERS:
+    register_codec(codec_name(_qtype), lambda src, out, q=_qtype: decode_into(q, src, out))
 
 
 def block_keys(model, source: TensorSource) -> list[list[str]]:
@@ -46,16 +54,40 @@ def block_keys(model, source: TensorSource) -> list[list[str]]:
     return keys
 
 
+class BlockReader:
+    """``read_block(i)`` for placement's host store: block-relative name -> CPU tensor (lazy mmap).
+    Sources that hold tensors packed (GGUF) give those as their packed bytes. ``drop_maps`` lets
+    the store unmap the file between reads (host_store.py says why)."""
+
+    def __init__(self, model, source: TensorSource):
+        self.names = [name for name, _ in model.block_sequence()]
+        self.keys = block_keys(model, source)
+        self.source = source
+        self._get = getattr(source, "get_stored", source.get)
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        cut = len(self.names[index]) + 1
+        return {k[cut:]: self._get(k) for k in self.keys[index]}
+
+    def drop_maps(self) -> None:
+        self.source.close()
+
+
 def block_reader(model, source: TensorSource) -> Callable[[int], dict[str, torch.Tensor]]:
-    """``read_block(i)`` for placement's host store: block-relative name -> CPU tensor (lazy mmap)."""
+    return BlockReader(model, source)
+
+
+def packed_spec(model, source: TensorSource) -> list[dict[str, PackedTensor]] | None:
+    """Per block, the tensors its source holds packed (GGUF quantised), or None for none at all."""
+    packed = getattr(source, "packed", None)
+    if packed is None:
+        return None
     names = [name for name, _ in model.block_sequence()]
-    keys = block_keys(model, source)
-
-    def read_block(index: int) -> dict[str, torch.Tensor]:
-        cut = len(names[index]) + 1
-        return {k[cut:]: source.get(k) for k in keys[index]}
-
-    return read_block
+    spec = []
+    for name, keys in zip(names, block_keys(model, source)):
+        cut = len(name) + 1
+        spec.append({k[cut:]: PackedTensor(*p) for k in keys if (p := packed(k)) is not None})
+    return spec
 
 
 def non_block_parameters(model) -> list[tuple[str, nn.Parameter]]:
@@ -106,9 +138,11 @@ class PlacementInputs:
     patches: BlockPatches | None = None   # LoRA changes to the blocks, added by placement
 
 
-def plan_for(model, inputs: PlacementInputs, budget: int | None) -> StagePlan:
-    """Plan a stage; ``budget=None`` (CPU) keeps everything resident."""
-    sizes: list[BlockSize] = block_sizes(model, inputs.compute_dtype)
+def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorSource | None = None) -> StagePlan:
+    """Plan a stage; ``budget=None`` (CPU) keeps everything resident. A packed ``source`` (GGUF)
+    sizes the blocks by their packed bytes."""
+    packed = packed_spec(model, source) if source is not None and inputs.storage is StorageChoice.PACKED else None
+    sizes: list[BlockSize] = block_sizes(model, inputs.compute_dtype, packed=packed)
     return plan_stage(inputs.stage, sizes, UNLIMITED if budget is None else budget,
                       always_resident_bytes=inputs.always_resident_bytes,
                       activation_bytes=inputs.activation_bytes,
@@ -119,9 +153,10 @@ def plan_for(model, inputs: PlacementInputs, budget: int | None) -> StagePlan:
 def placed_blocks(model, source: TensorSource, inputs: PlacementInputs, plan: StagePlan,
                   device: torch.device, host_budget: int | None) -> Iterator[StreamingSession]:
     """Run ``model``'s blocks as ``plan`` says, their host copies from the process-wide cache."""
-    layouts = [l.storage for l in model_layouts(model, plan, inputs.compute_dtype)]
+    packed = packed_spec(model, source) if inputs.storage is StorageChoice.PACKED else None
+    layouts = [l.storage for l in model_layouts(model, plan, inputs.compute_dtype, packed=packed)]
     key = cache_key(inputs.files, source.keys(), f"{plan.storage[0].value}/{inputs.compute_dtype}")
     store = HOST_CACHE.get(key, layouts, block_reader(model, source), host_budget)
     with stream_blocks(model, plan, store, device, compute_dtype=inputs.compute_dtype,
-                       graphs=inputs.graphs, patches=inputs.patches) as session:
+                       graphs=inputs.graphs, patches=inputs.patches, packed=packed) as session:
         yield session

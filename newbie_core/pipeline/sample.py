@@ -22,6 +22,7 @@ from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow
                         noise_latent, normalize_latent, sample)
 from .conditioning import Conditioning, batch_conditionings
 from .handles import DiTHandle
+from .host_ram import host_budget
 from .lora import dit_patches
 from .placed import PlacementInputs, materialize_non_blocks, non_block_parameters, placed_blocks, plan_for
 from .settings import MemorySettings, SamplingSettings, StorageDType
@@ -121,6 +122,8 @@ def dit_activation_estimate(config: DiTConfig, batch: int, cap_tokens: int, imag
 
 
 def _storage(handle: DiTHandle, memory: MemorySettings) -> StorageChoice:
+    if handle.ckpt.is_packed:      # GGUF: the blocks stay in the file's quantised form
+        return StorageChoice.PACKED
     return StorageChoice.FP8 if (memory.fp8_streaming or handle.storage is StorageDType.FP8) else StorageChoice.BF16
 
 
@@ -144,7 +147,7 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs),
         chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens), graphs=graphs,
         patches=patches)
-    return model, inputs, plan_for(model, inputs, budget)
+    return model, inputs, plan_for(model, inputs, budget, handle.ckpt.source)
 
 
 def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioning, raw_latent: torch.Tensor,
@@ -167,7 +170,7 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
                                    optional=lambda name, shape: torch.ones(shape), patches=non_block_patches)
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
-            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, memory.ram_budget_bytes) as session:
+            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, host_budget(memory)) as session:
                 guard.hold(session)
                 latent, steps = _sample_loop(model, positive, negative, raw_latent, sampling, device,
                                              inputs.compute_dtype, callback)

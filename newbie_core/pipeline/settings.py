@@ -25,6 +25,7 @@ class MemorySettings:
     """One VRAM policy for a whole graph (the Memory Settings node emits one of these).
 
     ``vram_budget_gb=None`` means auto: what the device has free, minus a margin.
+    ``ram_budget_gb=None`` means auto too: available host RAM minus a margin (pipeline.host_ram).
     ``attention_chunk`` / ``ffn_chunk``: 0 lets the planner choose, -1 turns chunking off,
     a positive number forces that many query rows / tokens per chunk.
     ``cuda_graphs``: the sampler replays DiT blocks as CUDA graphs (same kernels and bits, one

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .budget import fmt_bytes
+from .host_budget import bytes_read, pinned_bytes
 from .host_store import host_ram_peak
 
 
@@ -28,6 +29,8 @@ class StageRecord:
     baseline_allocated: int | None = None
     bytes_h2d: int = 0
     host_ram_peak: int | None = None
+    pinned_bytes: int | None = None      # page-locked host copies held at the stage's end
+    bytes_read: int | None = None        # read from storage during the stage (page-cache hits excluded)
 
 
 @dataclass
@@ -42,10 +45,12 @@ class Report:
         return {"stages": [asdict(r) for r in self.records]}
 
     def render(self) -> str:
-        head = ("stage", "time", "peak alloc", "peak reserved", "predicted", "baseline", "H2D", "host RAM peak")
+        head = ("stage", "time", "peak alloc", "peak reserved", "predicted", "baseline", "H2D", "host RAM peak",
+                "pinned", "disk read")
         rows = [head] + [(r.name, f"{r.seconds:.2f} s", fmt_bytes(r.peak_allocated), fmt_bytes(r.peak_reserved),
                           fmt_bytes(r.predicted_peak), fmt_bytes(r.baseline_allocated), fmt_bytes(r.bytes_h2d),
-                          fmt_bytes(r.host_ram_peak)) for r in self.records]
+                          fmt_bytes(r.host_ram_peak), fmt_bytes(r.pinned_bytes), fmt_bytes(r.bytes_read))
+                         for r in self.records]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -66,6 +71,7 @@ def measure_stage(report: Report, name: str, device: torch.device | str,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         record.baseline_allocated = torch.cuda.memory_allocated(device)
+    read_before = bytes_read()
     start = time.perf_counter()
     try:
         yield record
@@ -77,4 +83,8 @@ def measure_stage(report: Report, name: str, device: torch.device | str,
             torch.cuda.empty_cache()
         record.seconds = time.perf_counter() - start
         record.host_ram_peak = host_ram_peak()
+        record.pinned_bytes = pinned_bytes()
+        read_after = bytes_read()
+        if read_before is not None and read_after is not None:
+            record.bytes_read = read_after - read_before
         report.add(record)

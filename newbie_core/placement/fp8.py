@@ -16,6 +16,7 @@ from collections.abc import MutableMapping
 
 import torch
 
+from .codecs import decode_into
 from .layout import FP8, FP8_MAX, BlockLayout, view
 
 
@@ -69,9 +70,13 @@ def pack_block(tensors: MutableMapping[str, torch.Tensor], storage: BlockLayout,
 def upcast_block(storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Fill compute-layout ``dst`` from storage-layout ``src`` (both uint8, same device) on the
     current stream: per tensor, an exact e4m3 -> compute cast, then one scale multiply. The
-    reference path; fp8_cuda.FusedUpcast is the one-launch CUDA path with the same bits."""
+    reference path; fp8_cuda.FusedUpcast is the one-launch CUDA path with the same bits.
+    Packed entries are decoded by their codec (codecs.py)."""
     for s, c in zip(storage.entries, compute.entries):
         out = view(dst, c.offset, c.shape, c.dtype)
+        if s.codec is not None:
+            decode_into(s.codec, view(src, s.offset, s.shape, s.dtype), out)
+            continue
         out.copy_(view(src, s.offset, s.shape, s.dtype))     # e4m3 -> bf16 is exact
         if s.scale_offset is not None:
             out.mul_(storage.scale(src, s))                  # bf16 * bf16 scale, one rounding

@@ -13,7 +13,8 @@ Three ways to hold a model's blocks in host RAM, chosen per model under a host b
 Pinned buffers are registered with ``cudaHostRegister`` on an ordinary allocation, because
 torch's pinned allocator rounds every request up to a power of two (a 175 MB block would take
 256 MB). Packing copies tensor by tensor from ``read_block``'s mmap-backed tensors and drops
-each one at once, so a model never has two full copies in host RAM.
+each one at once, and the reader's memory maps are dropped every few blocks (``drop_maps``),
+so a model never has two full copies in host RAM.
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ class HostBlockStore:
                 for i, layout in enumerate(self.layouts):
                     self._blocks.append(alloc_host(layout.nbytes, self.pin))
                     self._fill(i, self._blocks[-1])
+                    if i % 8 == 7:
+                        self._drop_maps()     # keep the mapped pages to a few blocks while packing
+                self._drop_maps()
             except BaseException:
                 self.close()   # unregister what was pinned before the failure
                 raise
@@ -143,6 +147,16 @@ class HostBlockStore:
         self.reads += 1
         pack_block(tensors, self.layouts[index], buf)   # pops (drops) every source tensor
         del tensors
+        if self.mode is not HostMode.PINNED:
+            self._drop_maps()
+
+    def _drop_maps(self) -> None:
+        """Let the reader drop its memory maps: pages of a mapped file count in this process's
+        resident set (VmHWM) until unmapped, so a model read through a map would otherwise sit
+        in RAM twice, once packed here and once as mapped file pages."""
+        drop = getattr(self.read_block, "drop_maps", None)
+        if drop is not None:
+            drop()
 
     def acquire(self, index: int, engine: CopyEngine) -> torch.Tensor:
         """Host buffer holding block ``index`` (storage layout), valid until :meth:`release`."""

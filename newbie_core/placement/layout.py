@@ -6,12 +6,14 @@ standalone tensor). The model sees them as views. Resident and streamed blocks u
 compute layout, so kernels see the same alignment and produce the same bits.
 
 A *storage* layout may differ from the compute layout: with fp8 storage the matrices are
-``float8_e4m3fn`` plus one bf16 scale each, the rest keeps its compute dtype.
+``float8_e4m3fn`` plus one bf16 scale each, the rest keeps its compute dtype. With *packed*
+storage (codecs.py) a tensor is an opaque run of bytes that its codec decodes into the
+compute-dtype tensor; the rest keeps its compute dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ class Entry:
     dtype: torch.dtype        # dtype as stored in this layout
     offset: int
     scale_offset: int | None = None   # fp8 entries: offset of their 0-dim bf16 scale
+    codec: str | None = None          # packed entries: shape (nbytes,), uint8, decoded by this codec
 
     @property
     def nbytes(self) -> int:
@@ -55,6 +58,15 @@ class BlockLayout:
     @property
     def is_fp8(self) -> bool:
         return any(e.scale_offset is not None for e in self.entries)
+
+    @property
+    def is_packed(self) -> bool:
+        return any(e.codec is not None for e in self.entries)
+
+    @property
+    def needs_upcast(self) -> bool:
+        """Whether the stored bytes must be turned into the compute layout before each use."""
+        return self.is_fp8 or self.is_packed
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """name -> view of ``buf`` (a 1-D uint8 tensor of at least ``nbytes``)."""
@@ -111,3 +123,26 @@ def fp8_layout(compute: BlockLayout,
         entries[i] = Entry(e.name, e.shape, e.dtype, e.offset, off)
         off += torch.bfloat16.itemsize
     return BlockLayout(tuple(entries), max(align_up(off, ALIGN), ALIGN))
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """One tensor stored packed: the codec that decodes it and its packed size in bytes."""
+    codec: str
+    nbytes: int
+
+
+def packed_layout(compute: BlockLayout, packed: Mapping[str, PackedTensor]) -> BlockLayout:
+    """Storage layout with the ``packed`` tensors as codec bytes, the others at compute dtype."""
+    entries, off = [], 0
+    for e in compute.entries:
+        p = packed.get(e.name)
+        if p is None:
+            entries.append(Entry(e.name, e.shape, e.dtype, off))
+        else:
+            entries.append(Entry(e.name, (p.nbytes,), torch.uint8, off, codec=p.codec))
+        off = align_up(off + entries[-1].nbytes, ALIGN)
+    unknown = set(packed) - {e.name for e in compute.entries}
+    if unknown:
+        raise ValueError(f"packed tensors {sorted(unknown)[:3]} are not parameters of the block.")
+    return BlockLayout(tuple(entries), max(off, ALIGN))

@@ -13,27 +13,41 @@ UNBOUNDED = 1 << 59
 
 
 class Storage(str, Enum):
-    """How a block's weights are stored between uses."""
+    """How a block's weights are stored between uses. fp8 and packed (codec bytes, e.g. a
+    quantised file's blocks) are turned into the compute dtype in a ring slot before each use."""
     BF16 = "bf16"
     FP8 = "fp8"
+    PACKED = "packed"
+
+    @property
+    def upcast_per_use(self) -> bool:
+        return self is not Storage.BF16
 
 
 class StorageChoice(str, Enum):
     """What the caller allows: always bf16, always fp8, or ``auto``: fp8 only when the bf16 blocks
-    cannot all stay resident with the largest chunks."""
+    cannot all stay resident with the largest chunks. ``packed`` is not a choice but a fact of
+    the file (its blocks come packed, see codecs.py)."""
     BF16 = "bf16"
     FP8 = "fp8"
     AUTO = "auto"
+    PACKED = "packed"
 
 
 @dataclass(frozen=True)
 class BlockSize:
-    """One block's packed size (see layout.py) at compute dtype, and in fp8 storage if allowed."""
+    """One block's packed size (see layout.py) at compute dtype, in fp8 storage if allowed, and
+    in packed storage when its file holds it packed."""
     name: str
     compute_bytes: int
     fp8_bytes: int | None = None
+    packed_bytes: int | None = None
 
     def storage_bytes(self, storage: Storage) -> int:
+        if storage is Storage.PACKED:
+            if self.packed_bytes is None:
+                raise ValueError(f"block {self.name} has no packed size; its file does not hold it packed.")
+            return self.packed_bytes
         if storage is Storage.FP8:
             if self.fp8_bytes is None:
                 raise ValueError(f"block {self.name} has no fp8 size; pass fp8_bytes or choose bf16 storage.")
@@ -84,22 +98,23 @@ class StagePlan:
         materialized), in order."""
         res, mat = set(self.resident), set(self.materialized)
         return tuple(i for i in range(self.n_blocks)
-                     if i not in res or (self.storage[i] is Storage.FP8 and i not in mat))
+                     if i not in res or (self.storage[i].upcast_per_use and i not in mat))
 
     def render(self) -> str:
         n_res, n = len(self.resident), self.n_blocks
         fp8 = sum(s is Storage.FP8 for s in self.storage)
+        packed = sum(s is Storage.PACKED for s in self.storage)
         rows = [
             ("stage", self.stage),
             ("budget (peak reserved)", fmt_bytes(self.budget) if self.budget < UNBOUNDED else "none"),
             ("predicted peak", fmt_bytes(self.predicted_peak)),
             ("blocks resident / streamed", f"{n_res} / {n - n_res} of {n}"),
             ("resident range", _ranges(self.resident) or "none"),
-            ("storage", f"{fp8} fp8, {n - fp8} bf16"
-                        + (f"; {len(self.materialized)} fp8 kept at compute dtype (upcast once)"
+            ("storage", f"{fp8} fp8, " + (f"{packed} packed, " if packed else "") + f"{n - fp8 - packed} bf16"
+                        + (f"; {len(self.materialized)} {'packed' if packed else 'fp8'} kept at compute dtype (upcast once)"
                            if self.materialized else "")),
             ("ring", f"{self.slots} slot(s) x {fmt_bytes(self.slot_bytes)}, prefetch depth {self.prefetch_depth}"
-                     + (f", fp8 staging {fmt_bytes(self.staging_bytes)} per slot" if self.staging_bytes else "")),
+                     + (f", staging {fmt_bytes(self.staging_bytes)} per slot" if self.staging_bytes else "")),
             ("chunks (attention / ffn)", f"{self.attn_chunk} / {self.ffn_chunk}"),
         ]
         if self.predicted_step_s is not None:

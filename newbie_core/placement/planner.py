@@ -27,6 +27,8 @@ Decisions, and why:
   fused kernel, bench/upcast_kernel.py), a streamed block 1.7 ms of copy at 55 GB/s. Measured
   on an H200 at 512² without CFG under 2 GB: 5 blocks at compute dtype + 35 streamed ran
   64.4 ms per step, against 9 resident fp8 + 31 streamed (see BENCHMARKS.md).
+- **Packed storage** (a quantised file's blocks, codecs.py) plans like fp8: sized by the file's
+  bytes, decoded into a slot per use, or once when the budget lets a block stay decoded.
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
   for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on a
   stream of their own; streamed fp8 blocks land first in the slot's own fp8 staging buffer, so
@@ -103,7 +105,7 @@ class _Ctx:
 
     def ring_blocks(self, kind: Storage, n_resident: int, n_materialized: int = 0) -> list[int]:
         resident = set(resident_set(self.n, n_resident))
-        if kind is Storage.FP8:
+        if kind.upcast_per_use:
             kept = set(resident_set(self.n, n_materialized)) if n_resident == self.n else set()
             return [i for i in range(self.n) if i not in kept]
         return [i for i in range(self.n) if i not in resident]
@@ -128,7 +130,7 @@ class _Ctx:
         n, last = self.n, len(self.chunks) - 1
         low = lambda r: min(2, len(self.ring_blocks(kind, r)))   # noqa: E731
         materialized = []
-        if kind is Storage.FP8:      # all resident, n..1 of them kept at compute dtype
+        if kind.upcast_per_use:      # all resident, n..1 of them kept at compute dtype
             materialized = [(n, self.slots_for(kind, n, m), 0, m) for m in range(n, 0, -1)]
         if self.transfer_bound(kind):
             cfgs = [(n, self.slots_for(kind, n), c, 0) for c in range(last + 1)]
@@ -142,9 +144,10 @@ class _Ctx:
         resident = resident_set(self.n, n_resident)
         streamed = [i for i in range(self.n) if i not in set(resident)]
         ring = self.ring_blocks(kind, n_resident, n_materialized)
-        kept = tuple(i for i in resident if i not in set(ring)) if kind is Storage.FP8 else ()
+        kept = tuple(i for i in resident if i not in set(ring)) if kind.upcast_per_use else ()
         slot_bytes = max((self.blocks[i].compute_bytes for i in ring), default=0) if slots else 0
-        staging = max((self.blocks[i].fp8_bytes for i in streamed), default=0) if kind is Storage.FP8 else 0
+        staging = (max((self.blocks[i].storage_bytes(kind) for i in streamed), default=0)
+                   if kind.upcast_per_use else 0)
         attn, ffn = self.chunks[chunk]
         act_bytes = self.act(attn, ffn)
         breakdown = (
@@ -153,7 +156,7 @@ class _Ctx:
              + (f", {len(kept)} kept at compute dtype" if kept else "") + ")",
              sum(segment_bytes(self.blocks[i].compute_bytes if i in kept else self.blocks[i].storage_bytes(kind))
                  for i in resident)),
-            (f"ring: {slots} slot(s)" + (" with fp8 staging" if staging else ""),
+            (f"ring: {slots} slot(s)" + (f" with {kind.value} staging" if staging else ""),
              segment_bytes(slots * (slot_bytes + staging))),
             (f"activations {fmt_bytes(act_bytes)} + allocator overhead", activation_reserved(act_bytes)),
         )
@@ -187,6 +190,11 @@ class _Ctx:
         elif kind is Storage.FP8:
             parts.append("fp8 storage halves transfer and resident bytes; upcast into a bf16 slot per use"
                          + (f" ({n_materialized} resident blocks upcast once instead)" if n_materialized else ""))
+        elif kind is Storage.PACKED and n_materialized == self.n:
+            parts.append("packed (quantised) storage, but every block fits at compute dtype: decoded once when placed")
+        elif kind is Storage.PACKED:
+            parts.append("packed (quantised) storage moves and keeps the file's bytes; decoded into a slot per use"
+                         + (f" ({n_materialized} resident blocks decoded once instead)" if n_materialized else ""))
         if self.transfer_bound(kind) and n_resident < self.n:
             parts.append("copies are slower than compute here, so chunks shrank before residents")
         if chunk:

@@ -67,7 +67,7 @@ class StreamingRunner:
                                 if i not in self.ring_pos}
         self.upcast = upcast                     # owned (and released) by the session
         self._ready = dict(ready or {})          # resident block -> its copy event, until first use
-        self._fp8 = [layout.is_fp8 for layout in self.storage]
+        self._upcast = [layout.needs_upcast for layout in self.storage]
         self.graphs = graphs
         if graphs is not None:
             graphs.new_forward()
@@ -135,7 +135,7 @@ class StreamingRunner:
             return
         self.engine.side_wait(self.ring.compute_done[s])          # (1) slot and staging are free
         host = self.store.acquire(block, self.engine)
-        if self._fp8[block]:                                      # (2) H2D into staging, upcast stream
+        if self._upcast[block]:                                   # (2) H2D into staging, upcast stream
             staging = self.ring.staging[s][: storage.nbytes]
             self.engine.copy(staging, host, side_only=True)
             self.store.release(block, copied := self.engine.side_record())

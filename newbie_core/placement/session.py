@@ -14,7 +14,7 @@ Example (a model following the seam in ``newbie_core.models.blocks``)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,8 @@ from .copy_engine import CopyEngine, make_engine
 from .fp8_cuda import FusedUpcast
 from .graphs import BlockGraphs, CudaGraphBackend, GraphBackend
 from .host_store import HostBlockStore
-from .layout import BlockLayout, block_tensors, compute_layout, default_keep_high_precision, fp8_layout
+from .layout import (BlockLayout, PackedTensor, block_tensors, compute_layout, default_keep_high_precision,
+                     fp8_layout, packed_layout)
 from .patches import BlockPatches
 from .plan import BlockSize, StagePlan, Storage
 from .ring import SlotRing
@@ -39,34 +40,51 @@ class BlockLayouts:
     storage: BlockLayout
 
 
+# Per block of block_sequence(): block-relative tensor name -> how its file holds it packed.
+PackedSpec = Sequence[Mapping[str, PackedTensor]]
+
+
 def block_layouts(block: nn.Module, storage: Storage | str, compute_dtype: torch.dtype = torch.bfloat16,
-                  keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision
-                  ) -> BlockLayouts:
+                  keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision,
+                  packed: Mapping[str, PackedTensor] | None = None) -> BlockLayouts:
     compute = compute_layout(block_tensors(block, compute_dtype))
-    stored = fp8_layout(compute, keep_high_precision) if Storage(storage) is Storage.FP8 else compute
+    kind = Storage(storage)
+    if kind is Storage.FP8:
+        stored = fp8_layout(compute, keep_high_precision)
+    elif kind is Storage.PACKED:
+        if packed is None:
+            raise ValueError("packed storage needs the packed tensors of each block (packed=...).")
+        stored = packed_layout(compute, packed)
+    else:
+        stored = compute
     return BlockLayouts(compute, stored)
 
 
 def model_layouts(model, plan_or_storage: StagePlan | Storage | str, compute_dtype: torch.dtype = torch.bfloat16,
-                  keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision
-                  ) -> list[BlockLayouts]:
+                  keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision,
+                  packed: PackedSpec | None = None) -> list[BlockLayouts]:
     """Layouts for every block of ``model.block_sequence()``, per block storage from a plan."""
     blocks = model.block_sequence()
     if isinstance(plan_or_storage, StagePlan):
         kinds = plan_or_storage.storage
     else:
         kinds = [Storage(plan_or_storage)] * len(blocks)
-    return [block_layouts(b, k, compute_dtype, keep_high_precision) for (_, b), k in zip(blocks, kinds)]
+    return [block_layouts(b, k, compute_dtype, keep_high_precision, packed[i] if packed is not None else None)
+            for i, ((_, b), k) in enumerate(zip(blocks, kinds))]
 
 
 def block_sizes(model, compute_dtype: torch.dtype = torch.bfloat16,
-                keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision
-                ) -> list[BlockSize]:
-    """The planner's input: packed bytes per block at compute dtype and in fp8 storage."""
+                keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision,
+                packed: PackedSpec | None = None) -> list[BlockSize]:
+    """The planner's input: packed bytes per block at compute dtype, in fp8 storage, and (when
+    the file holds the blocks packed) in the file's packed storage."""
     out = []
-    for name, block in model.block_sequence():
+    for i, (name, block) in enumerate(model.block_sequence()):
         layouts = block_layouts(block, Storage.FP8, compute_dtype, keep_high_precision)
-        out.append(BlockSize(name, layouts.compute.nbytes, layouts.storage.nbytes))
+        packed_bytes = None
+        if packed is not None:
+            packed_bytes = packed_layout(layouts.compute, packed[i]).nbytes
+        out.append(BlockSize(name, layouts.compute.nbytes, layouts.storage.nbytes, packed_bytes))
     return out
 
 
@@ -76,13 +94,14 @@ class StreamingSession:
     def __init__(self, model, plan: StagePlan, store: HostBlockStore | None, device: torch.device | str,
                  engine: CopyEngine | None = None, compute_dtype: torch.dtype = torch.bfloat16,
                  keep_high_precision: Callable[[str, tuple[int, ...]], bool] = default_keep_high_precision,
-                 graphs: GraphBackend | bool = False, patches: BlockPatches | None = None):
+                 graphs: GraphBackend | bool = False, patches: BlockPatches | None = None,
+                 packed: PackedSpec | None = None):
         self.model, self.plan, self.store = model, plan, store
         self.patches = patches if patches else None
         self.graphs = graphs
         self.device = torch.device(device)
         self.engine = engine if engine is not None else make_engine(self.device)
-        self.layouts = model_layouts(model, plan, compute_dtype, keep_high_precision)
+        self.layouts = model_layouts(model, plan, compute_dtype, keep_high_precision, packed)
         self.runner: StreamingRunner | None = None
         self.upcast: FusedUpcast | None = None
         self.ring: SlotRing | None = None
@@ -115,7 +134,7 @@ class StreamingSession:
         # The buffers below may reuse memory that main-stream work queued before this session still
         # touches: side-stream copies into them start only after that work.
         self.engine.side_wait(self.engine.main_record())
-        self.upcast = FusedUpcast([(l.storage, l.compute) for l in self.layouts if l.storage.is_fp8], self.device)
+        self.upcast = FusedUpcast([(l.storage, l.compute) for l in self.layouts if l.storage.needs_upcast], self.device)
         if plan.slots:   # the ring first: one segment at the bottom, before any activation
             self.ring = SlotRing(plan.slots, plan.slot_bytes, plan.staging_bytes, self.device)
         if self.patches is not None:   # small factors, kept on the device for the stage
@@ -125,9 +144,9 @@ class StreamingSession:
         materialized = set(plan.materialized)
         # Blocks resident at compute dtype are plain copies: compute waits for each one just before
         # its first use (the runner's ``ready`` events), so uploading the weights overlaps the first
-        # forward. Blocks stored in fp8 pass through upcasts on other streams: those stages wait
+        # forward. Blocks stored in fp8 or packed pass through upcasts on other streams: those stages wait
         # for every copy up front (drain below).
-        lazy = not any(self.layouts[i].storage.is_fp8 for i in plan.resident)
+        lazy = not any(self.layouts[i].storage.needs_upcast for i in plan.resident)
         ready: dict[int, object] = {}
         staging = None
         if materialized:   # fp8 bytes land here, then are upcast into the block's own buffer

@@ -4,8 +4,10 @@ Accepted layouts, all exposed under the official NextDiT key names:
 * a single file (ComfyUI ``diffusion_models/NewBie-Image-Exp0.1-bf16.safetensors``), optionally
   with a ``model.diffusion_model.`` prefix;
 * the HF repo folder or its ``transformer/`` folder (``diffusion_pytorch_model*.safetensors``);
-* Disty0's diffusers port (``time_caption_embed.*``, split to_q/to_k/to_v), renamed on the fly.
-Stored dtypes bf16/fp16/fp32/fp8-e4m3fn. Every dimension is inferred from tensor shapes.
+* Disty0's diffusers port (``time_caption_embed.*``, split to_q/to_k/to_v), renamed on the fly;
+* a GGUF file (``.gguf``, arch ``lumina2`` as ComfyUI-GGUF writes it; gguf_loading.py).
+Stored dtypes bf16/fp16/fp32/fp8-e4m3fn, or GGML types in GGUF. Every dimension is inferred from
+tensor shapes.
 """
 
 from __future__ import annotations
@@ -38,8 +40,14 @@ class DiTCheckpoint:
     path: Path
     source: TensorSource          # official key names
     config: DiTConfig
-    layout: str                   # "official", "official+prefix" or "diffusers"
-    stored_dtype: torch.dtype     # dtype of the block weights on disk
+    layout: str                   # "official", "official+prefix", "diffusers" or "gguf"
+    stored_dtype: torch.dtype     # dtype of the block weights on disk (GGUF: the compute dtype)
+    storage: str | None = None    # GGUF: the blocks' main type, e.g. "gguf-q4_k" (packed storage)
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the blocks are held in the file's packed (quantised) form."""
+        return self.layout == "gguf"
 
 
 def _find_files(path: Path) -> list[Path]:
@@ -118,6 +126,9 @@ def expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
 def open_dit(path: str | Path) -> DiTCheckpoint:
     """Open a NewBie DiT checkpoint lazily, validate every key and shape, infer its config."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from .gguf_loading import open_dit_gguf
+        return open_dit_gguf(path, PREFIXES, OPTIONAL_KEYS)
     files = _find_files(path)
     raw = TensorSource(files)
     mapping = strip_prefix(raw.raw_keys(), PREFIXES)

@@ -1,0 +1,161 @@
+"""Host-RAM benchmark: RAM budget x VRAM budget x storage, cold and warm, one process per row.
+
+Each row runs one whole generation (Gemma + Jina + DiT + VAE) in a fresh process, so VmHWM is
+that row's own; "cold" first evicts the model files from the page cache (posix_fadvise
+DONTNEED, no root needed). Per row: s/step, whole-generation s, VmHWM, pinned bytes, bytes read
+from disk (/proc/self/io), the plan's predicted host peak, and for GGUF rows the latent drift
+against the bf16 row of the same budgets. Rows carry ram_budget_gb, host_ram_peak_gb, storage.
+``--fits`` prints the "what fits your PC" table from the measured rows: expected s/step per
+PCIe link (12/25/50 GB/s) = compute + the copies that compute does not hide (roofline).
+
+    python bench/make_gguf.py /tmp/newbie_full --types Q8_0 Q4_K      # once
+    python bench/host_ram_bench.py /tmp/newbie_full --out bench/host_ram.json --fits
+    python bench/host_ram_bench.py --smoke                             # tiny files, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STORAGES = {"bf16": ("NewBie-Image-Exp0.1-bf16.safetensors", "gemma_3_4b_it_bf16.safetensors", "bf16"),
+            "fp8": ("NewBie-Image-Exp0.1-bf16.safetensors", "gemma_3_4b_it_bf16.safetensors", "fp8"),
+            "gguf-q8_0": ("NewBie-Image-Exp0.1-Q8_0.gguf", "gemma-3-4b-it-Q8_0.gguf", "bf16"),
+            "gguf-q4_k": ("NewBie-Image-Exp0.1-Q4_K.gguf", "gemma-3-4b-it-Q4_K.gguf", "bf16")}
+LINKS_GBPS = (12, 25, 50)
+
+
+def evict(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def one_row(cfg: dict) -> dict:
+    """Runs inside the child process."""
+    import torch
+    from newbie_core.pipeline import (GenerationRequest, MemorySettings, Models, SamplingSettings, generate,
+                                      load_dit_handle, load_text_encoder_handle, load_vae_handle)
+    from newbie_core.placement.host_budget import bytes_read
+    from newbie_core.placement.host_store import host_ram_peak
+    device = torch.device(cfg["device"])
+    models = Models(load_dit_handle(cfg["dit"], cfg["dtype"]), load_text_encoder_handle(cfg["gemma"], cfg["jina"]),
+                    load_vae_handle(cfg["vae"]))
+    memory = MemorySettings(vram_budget_gb=cfg["vram_gb"], ram_budget_gb=cfg["ram_gb"],
+                            fp8_streaming=cfg["dtype"] == "fp8")
+    request = GenerationRequest(prompt="a girl in a garden, masterpiece", width=cfg["size"], height=cfg["size"],
+                                sampling=SamplingSettings(steps=cfg["steps"], seed=1), memory=memory)
+    read0, start = bytes_read(), time.perf_counter()
+    result = generate(models, request, device)
+    whole = time.perf_counter() - start
+    steps = result.step_seconds[1:] or result.step_seconds
+    torch.save(result.latent, cfg["latent_out"])
+    return {"s_per_step": sum(steps) / len(steps), "generation_s": whole,
+            "host_ram_peak_gb": (host_ram_peak() or 0) / 2**30,
+            "pinned_gb": max((r.pinned_bytes or 0) for r in result.report.records) / 2**30,
+            "bytes_read_gb": ((bytes_read() or 0) - (read0 or 0)) / 1e9,
+            "stages": result.report.to_dict()["stages"]}
+
+
+def run_row(cfg: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fits_table(rows: list[dict]) -> str:
+    """VRAM x RAM -> storage, expected s/step per link, from the measured rows (roofline)."""
+    out = ["| VRAM | RAM | storage | measured s/step | " + " | ".join(f"PCIe {g} GB/s" for g in LINKS_GBPS) + " |",
+           "|---|---|---|---|" + "---|" * len(LINKS_GBPS)]
+    for r in rows:
+        if "error" in r or r.get("temperature") != "warm":
+            continue
+        h2d = sum(s.get("bytes_h2d", 0) for s in r["stages"] if s["name"] == "sample") / max(1, r["steps"])
+        compute = r["s_per_step"]          # on the H200 the copies are hidden: compute-bound
+        cells = [f"{max(compute, h2d / (g * 1e9)):.2f}" for g in LINKS_GBPS]
+        out.append(f"| {r['vram_budget_gb']} GB | {r['ram_budget_gb']} GB | {r['storage']} | {compute:.2f} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", nargs="?", default="/tmp/newbie_full")
+    ap.add_argument("--child")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--ram", type=float, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--vram", type=float, nargs="+", default=[4, 8])
+    ap.add_argument("--storages", nargs="+", default=list(STORAGES))
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--fits", action="store_true")
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(one_row(json.loads(args.child))))
+        return
+    if args.smoke:
+        import tempfile
+        from newbie_core.tiny import build_tiny_checkpoints
+        sys.path.insert(0, str(ROOT / "bench"))
+        from make_gguf import main as make
+        root = Path(tempfile.mkdtemp(prefix="newbie_host_smoke_"))
+        paths = build_tiny_checkpoints(root)
+        make(["--smoke", "--types", "Q8_0", "Q4_K"])
+        smoke_root = sorted(Path(tempfile.gettempdir()).glob("newbie_gguf_smoke_*"))[-1]
+        files = {"bf16": (paths.dit, paths.gemma), "fp8": (paths.dit, paths.gemma),
+                 "gguf-q8_0": (smoke_root / "diffusion_models/NewBie-Image-Exp0.1-Q8_0.gguf",
+                               smoke_root / "text_encoders/gemma-3-4b-it-Q8_0.gguf"),
+                 "gguf-q4_k": (smoke_root / "diffusion_models/NewBie-Image-Exp0.1-Q4_K.gguf",
+                               smoke_root / "text_encoders/gemma-3-4b-it-Q4_K.gguf")}
+        jina, vae, device = paths.jina, paths.vae, "cpu"
+        args.ram, args.vram, args.steps, args.size = [8], [None], 2, 64
+    else:
+        root = Path(args.root)
+        files = {k: (root / "diffusion_models" / d, root / "text_encoders" / g) for k, (d, g, _) in STORAGES.items()}
+        jina, vae, device = root / "text_encoders/jina_clip_v2_bf16.safetensors", root / "vae/ae.safetensors", "cuda"
+    rows, refs = [], {}
+    for ram in args.ram:
+        for vram in args.vram:
+            for storage in args.storages:
+                for temperature in ("cold", "warm"):
+                    dit, gemma = files[storage]
+                    if temperature == "cold":
+                        evict([Path(p) for p in (dit, gemma, jina, vae)])
+                    latent = Path(f"/tmp/host_ram_bench_{storage}_{ram}_{vram}.pt")
+                    cfg = {"dit": str(dit), "gemma": str(gemma), "jina": str(jina), "vae": str(vae),
+                           "dtype": STORAGES[storage][2], "vram_gb": vram, "ram_gb": ram, "device": device,
+                           "steps": args.steps, "size": args.size, "latent_out": str(latent)}
+                    row = {"bench": "host_ram", "storage": storage, "ram_budget_gb": ram, "vram_budget_gb": vram,
+                           "temperature": temperature, "steps": args.steps, "size": args.size, **run_row(cfg)}
+                    if "error" not in row:
+                        import torch
+                        lat = torch.load(latent)
+                        if storage == "bf16":
+                            refs[(ram, vram)] = lat
+                        elif (ram, vram) in refs:
+                            ref = refs[(ram, vram)]
+                            row["latent_drift_vs_bf16"] = float((lat - ref).abs().max() / ref.abs().max())
+                        row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram * 1e9 / 2**30
+                    rows.append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.fits:
+        print(fits_table(rows))
+
+
+if __name__ == "__main__":
+    main()

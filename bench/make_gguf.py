@@ -1,0 +1,110 @@
+"""Convert the full-size random safetensors (bench/full_size.py) into GGUF DiT and Gemma files.
+
+The DiT follows ComfyUI-GGUF's tool (arch lumina2, official names; embedders, refiners, final
+layer and 1-D tensors unquantised; F16 where a K-quant block does not divide a row). Gemma
+follows llama.cpp's converter (llama.cpp names, norms +1, tokenizer in the metadata).
+Quantisation: newbie_core.models.gguf.quantize (gguf.quants, plus a plain K-quant packer).
+
+    python bench/make_gguf.py /tmp/newbie_full --types Q8_0 Q4_K Q6_K
+    python bench/make_gguf.py --smoke            # tiny files on the CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as T, GGUFWriter
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from newbie_core.models.dit.loading import AXES_METADATA_KEY  # noqa: E402
+from newbie_core.tiny.gguf_files import (_gemma_gguf_name, add_tensor, dit_tensor_type,  # noqa: E402
+                                         spm_vocabulary)
+
+
+def convert_dit(src: Path, dst: Path, qtype: T) -> Path:
+    writer = GGUFWriter(str(dst), "lumina2")
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata() or {}
+        if AXES_METADATA_KEY in meta:
+            writer.add_string(AXES_METADATA_KEY, meta[AXES_METADATA_KEY])
+        for key in f.keys():
+            t = f.get_tensor(key)
+            add_tensor(writer, key, t, dit_tensor_type(key, tuple(t.shape), qtype))
+    return _finish(writer, dst)
+
+
+def convert_gemma(src: Path, dst: Path, qtype: T) -> Path:
+    writer = GGUFWriter(str(dst), "gemma3")
+    with safe_open(str(src), "pt") as f:
+        spm = f.get_tensor("spiece_model").numpy().tobytes()
+        with tempfile.NamedTemporaryFile(suffix=".model") as tmp:
+            tmp.write(spm)
+            tmp.flush()
+            tokens, scores, types = spm_vocabulary(Path(tmp.name))
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        for add, i in ((writer.add_pad_token_id, 0), (writer.add_eos_token_id, 1), (writer.add_bos_token_id, 2),
+                       (writer.add_unk_token_id, 3)):
+            add(i)
+        for key, value in (f.metadata() or {}).items():
+            if key.startswith("newbie.gemma."):
+                writer.add_string(key, value)
+        for key in f.keys():
+            if key == "spiece_model" or not key.startswith("model."):
+                continue
+            t = f.get_tensor(key)
+            name = _gemma_gguf_name(key)
+            if key.endswith("norm.weight"):
+                add_tensor(writer, name, t.float() + 1.0, T.F32)
+            else:
+                per = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
+                add_tensor(writer, name, t, qtype if t.shape[-1] % per == 0 else T.F16)
+    return _finish(writer, dst)
+
+
+def _finish(writer: GGUFWriter, dst: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", nargs="?", default="/tmp/newbie_full", help="folder of bench/full_size.py's files")
+    ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_K", "Q6_K"])
+    ap.add_argument("--smoke", action="store_true", help="tiny checkpoints on the CPU instead")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        from newbie_core.tiny import build_tiny_checkpoints
+        root = Path(tempfile.mkdtemp(prefix="newbie_gguf_smoke_"))
+        paths = build_tiny_checkpoints(root)
+        dit, gemma = Path(paths.dit), Path(paths.gemma)
+    else:
+        root = Path(args.root)
+        dit = root / "diffusion_models" / "NewBie-Image-Exp0.1-bf16.safetensors"
+        gemma = root / "text_encoders" / "gemma_3_4b_it_bf16.safetensors"
+    for name in args.types:
+        qtype = T[name]
+        for kind, src, convert, folder in (("dit", dit, convert_dit, "diffusion_models"),
+                                           ("gemma", gemma, convert_gemma, "text_encoders")):
+            dst = root / folder / f"{'NewBie-Image-Exp0.1' if kind == 'dit' else 'gemma-3-4b-it'}-{name}.gguf"
+            if dst.exists():
+                continue
+            start = time.perf_counter()
+            convert(src, dst, qtype)
+            print(f"{kind} {name}: {dst.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s -> {dst}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

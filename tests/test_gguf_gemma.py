@@ -1,0 +1,66 @@
+"""Gemma 3 from a llama.cpp GGUF: names and norms back to transformers', the tokenizer rebuilt from
+the metadata gives the SentencePiece model's ids, and the encoder's output matches the bf16 file."""
+
+from __future__ import annotations
+
+import pytest
+import sentencepiece
+import torch
+from gguf import GGMLQuantizationType as T
+
+from newbie_core.models.checkpoint import CheckpointError
+from newbie_core.models.gemma_loading import open_gemma
+from newbie_core.tiny.gguf_files import write_gguf, write_tiny_gemma_gguf
+from newbie_core.tiny.text_encoders import FIXTURES
+
+TEXTS = ["a girl with long silver hair, (masterpiece:1.2), 1girl solo",
+         "  leading and  double  spaces\tand tabs\nnew line",
+         "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n",
+         "日本語のテキスト, émojis 🎨 and bytes \x7f ẞ", ""]
+
+
+@pytest.fixture(scope="module")
+def gguf_gemma(tmp_path_factory):
+    return open_gemma(write_tiny_gemma_gguf(tmp_path_factory.mktemp("gg") / "gemma-3-tiny-Q8_0.gguf", T.Q8_0))
+
+
+def test_tokenizer_from_gguf_metadata_gives_the_sentencepiece_ids(gguf_gemma):
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(FIXTURES / "gemma_tiny.model"))
+    for text in TEXTS:
+        assert gguf_gemma.tokenizer.pieces.encode(text) == list(sp.encode(text)), text
+    batch = gguf_gemma.tokenizer(TEXTS[:2])
+    assert batch.input_ids[0, 0].item() == 2          # <bos>
+
+
+def test_names_shapes_and_norm_offset_map_back(gguf_gemma, tiny_models):
+    ref = tiny_models.encoders.gemma
+    assert gguf_gemma.config.num_hidden_layers == ref.config.num_hidden_layers
+    assert gguf_gemma.config.sliding_window == ref.config.sliding_window
+    assert gguf_gemma.source.shapes() == {k: v for k, v in ref.source.shapes().items()}
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.allclose(gguf_gemma.source.get(norm), ref.source.get(norm).float(), atol=1e-2)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert gguf_gemma.source.qtype(q) is T.Q8_0
+    assert (gguf_gemma.source.get(q) - ref.source.get(q).float()).abs().max() < 0.02 * ref.source.get(q).abs().max()
+    assert gguf_gemma.is_packed
+
+
+def test_other_architectures_are_refused(tmp_path):
+    path = write_gguf(tmp_path / "llama.gguf", "llama", {"blk.0.attn_q.weight": torch.zeros(32, 32)},
+                      {"blk.0.attn_q.weight": T.F16})
+    with pytest.raises(CheckpointError, match="architecture 'llama'.*Gemma 3 4B"):
+        open_gemma(path)
+
+
+def test_encoder_features_from_gguf_match_the_bf16_file(gguf_gemma, tiny_models):
+    from newbie_core.pipeline import MemorySettings
+    from newbie_core.pipeline.encode import run_gemma
+    from newbie_core.pipeline.handles import TextEncoderHandle
+    from newbie_core.placement import Report
+    handle = TextEncoderHandle(gguf_gemma, tiny_models.encoders.jina)
+    cpu = torch.device("cpu")
+    ours = run_gemma(handle, TEXTS[:1], MemorySettings(), cpu, Report(), None)[0]
+    ref = run_gemma(tiny_models.encoders, TEXTS[:1], MemorySettings(), cpu, Report(), None)[0]
+    assert ours.shape == ref.shape
+    rel = (ours.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 0.05, f"relative error {rel:.4f}"
