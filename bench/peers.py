@@ -65,6 +65,7 @@ from newbie_core.models.dit import DiTConfig, NextDiT, build_dit, estimate_activ
 from newbie_core.models.dit.fused import EAGER, kernels  # noqa: E402
 
 GB = 2**30
+FULL_WEIGHT_BYTES = 3_486_636_096 * 2          # NewBie DiT in bf16
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ROW_TAG = "PEERS_ROW "
 T_FLOW = 0.625                      # ours: 0 = noise, 1 = clean; ComfyUI gets 1 - t = 0.375 (exact)
@@ -309,10 +310,14 @@ def build_peer(peer: Peer, ours: NextDiT, config: DiTConfig, device: torch.devic
         torch.cuda.set_per_process_memory_fraction(fraction, device)
         notes.append(f"capped at {peer.budget_gb} GiB (fraction {fraction:.4f})")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=cpu)
-    budget = lowvram_weight_bytes(config, first, opts.cap_valid, peer.budget_gb, opts.allowance_gb)
+    total = patcher.model_size()
+    if opts.smoke:   # tiny weights fit any real budget: keep the same share resident as at full size
+        budget = int(total * peer.budget_gb / (FULL_WEIGHT_BYTES / GB))
+    else:
+        budget = lowvram_weight_bytes(config, first, opts.cap_valid, peer.budget_gb, opts.allowance_gb)
     patcher.patch_model(device_to=device, lowvram_model_memory=budget, load_weights=True)
-    notes.append(f"lowvram_model_memory {budget / GB:.2f} GiB, resident weights "
-                 f"{patcher.loaded_size() / GB:.2f} GiB, NUM_STREAMS {mm.NUM_STREAMS}")
+    notes.append(f"lowvram_model_memory {budget / 2**20:.1f} MiB, resident weights "
+                 f"{patcher.loaded_size() / 2**20:.1f} of {total / 2**20:.1f} MiB, NUM_STREAMS {mm.NUM_STREAMS}")
     return Built(comfy_forward(model), notes, lambda: torch.cuda.set_per_process_memory_fraction(1.0, device)
                  if device.type == "cuda" else None)
 
@@ -388,7 +393,8 @@ def repro_commands(opts, names: list[str]) -> list[str]:
     """The command lines that reproduce this run: the driver, then one per peer process."""
     driver = [Path(sys.executable).name, "bench/peers.py", "--out", str(opts.out), "--peers", ",".join(names),
               "--device", opts.device, "--dtype", opts.dtype, "--passes", opts.passes, "--cap-len", str(opts.cap_len),
-              "--cap-valid", str(opts.cap_valid), "--comfy", str(opts.comfy)] + (["--smoke"] if opts.smoke else [])
+              "--cap-valid", str(opts.cap_valid), "--n", str(opts.n), "--n-slow", str(opts.n_slow),
+              "--warmup", str(opts.warmup), "--seed", str(opts.seed), "--comfy", str(opts.comfy)] + (["--smoke"] if opts.smoke else [])
     return [shlex.join(driver)] + [shlex.join(child_argv(n, opts)) for n in names]
 
 
