@@ -28,7 +28,7 @@ def _warm_resident_whole(rows: list[dict], size: str, cfg: bool) -> float:
     """The whole-generation time of the fastest all-resident bf16 row: the resident row itself
     may carry a host-cache rebuild (the cache keeps one copy per model file, see BENCHMARKS.md)."""
     return min(r["whole_s"] for r in rows if r["size"] == size and r["cfg"] == cfg and r["dtype"] == "bf16"
-               and r["resident_blocks"] == 40 and r["row"] in ("resident", "ours"))
+               and r["resident_blocks"] == r.get("n_blocks", 40) and r["row"] in ("resident", "ours"))
 
 
 def rows_table(rows: list[dict], size: str, cfg: bool) -> list[str]:
@@ -45,7 +45,8 @@ def rows_table(rows: list[dict], size: str, cfg: bool) -> list[str]:
             f"{r['s_per_step']:.4f} | {r['ratio_to_resident']:.3f} | {r['roofline_s_per_step']:.4f} | "
             f"{r['s_per_step'] / r['roofline_s_per_step']:.3f} | {r['tflops']:.0f} | {r['whole_s']:.2f} | "
             f"{r['whole_s'] / warm:.3f} | {r['peak_vram_gb']:.2f} | {_peaks(r)} | {_pred(r)} | "
-            f"{r['resident_blocks']}/40 ({r.get('materialized_blocks', 0) if r['dtype'] == 'fp8' else r['resident_blocks']}) | "
+            f"{r['resident_blocks']}/{r.get('n_blocks', 40)} "
+            f"({r.get('materialized_blocks', 0) if r['dtype'] == 'fp8' else r['resident_blocks']}) | "
             f"{'on' if r.get('cuda_graphs') else 'off'} | {r['bitwise_equal_to_resident']} |")
     return out
 

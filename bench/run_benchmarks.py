@@ -61,6 +61,11 @@ def pinned_bandwidth(device: torch.device, nbytes: int = GB) -> float:
     return nbytes / statistics.median(times[1:])
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def reset_host_peak() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -88,25 +93,37 @@ def streamed_bytes_per_forward(models: Models, plan, compute: str) -> int:
     return sum(sizes[i].storage_bytes(plan.storage[i]) for i in plan.streamed)
 
 
+def steady_steps(seconds: list[float]) -> list[float]:
+    """The steps a steady state is measured on: without the first (weight uploads, eager warm-up)
+    and, from 6 steps on, without the second too (with CUDA graphs it captures every block)."""
+    skip = 2 if len(seconds) >= 6 else 1
+    return seconds[skip:] or seconds
+
+
 def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | None, dtype: str, steps: int,
-            compute: str = "bf16", chunks: tuple[int, int] = (0, 0), graphs: bool | None = None) -> dict:
+            compute: str = "bf16", chunks: tuple[int, int] = (0, 0), graphs: bool | None = None,
+            vae_tile: int = 0) -> dict:
     CONDITIONING_CACHE.clear()
-    torch.cuda.empty_cache()
-    set_budget(device, budget_gb)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        set_budget(device, budget_gb)
     reset_host_peak()
     memory = MemorySettings(vram_budget_gb=budget_gb, compute_dtype=compute, attention_chunk=chunks[0],
-                            ffn_chunk=chunks[1], fp8_streaming=dtype == "fp8", cuda_graphs=graphs)
+                            ffn_chunk=chunks[1], fp8_streaming=dtype == "fp8", cuda_graphs=graphs,
+                            vae_tile_px=vae_tile)
     request = GenerationRequest(prompt=PROMPT, width=size, height=size,
                                 sampling=SamplingSettings(steps=steps, cfg=cfg, seed=0), memory=memory)
-    torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     result = generate(models, request, device)
-    torch.cuda.synchronize()
+    sync(device)
     whole = time.perf_counter() - start
-    set_budget(device, None)
+    if cuda:
+        set_budget(device, None)
     plan = result.sample_plan
-    per_step = result.step_seconds[1:] or result.step_seconds
-    s_step = statistics.mean(per_step)
+    steady = steady_steps(result.step_seconds)
+    s_step = statistics.median(steady)
     cap = int(models.encoders.gemma.tokenizer([prepare_texts(PROMPT).gemma_pos]).attention_mask.sum())
     batch = 2 if cfg != 1.0 else 1
     flops = flops_per_forward(models.dit.ckpt.config, batch, cap, (size // 16) ** 2)
@@ -114,15 +131,16 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
     return {
         "row": "ours", "dtype": dtype if compute == "bf16" else compute, "size": f"{size}x{size}",
         "cfg": cfg != 1.0, "budget_gb": budget_gb,
-        "peak_vram_gb": max(r.peak_reserved for r in recs.values()) / GB,
-        "stage_peaks_gb": {k: r.peak_reserved / GB for k, r in recs.items()},
-        "stage_peaks_allocated_gb": {k: r.peak_allocated / GB for k, r in recs.items()},
+        "peak_vram_gb": max(r.peak_reserved or 0 for r in recs.values()) / GB,
+        "stage_peaks_gb": {k: (r.peak_reserved or 0) / GB for k, r in recs.items()},
+        "stage_peaks_allocated_gb": {k: (r.peak_allocated or 0) / GB for k, r in recs.items()},
         "predicted_peaks_gb": {k: (r.predicted_peak or 0) / GB for k, r in recs.items()},
         "stage_seconds": {k: r.seconds for k, r in recs.items()},
-        "s_per_step": s_step, "whole_s": whole, "tflops": flops / s_step / 1e12,
+        "s_per_step": s_step, "s_step_min": min(steady), "s_step_max": max(steady), "steady_steps": len(steady),
+        "whole_s": whole, "tflops": flops / s_step / 1e12,
         "host_ram_peak_gb": max((r.host_ram_peak or 0) for r in recs.values()) / GB,
         "streamed_bytes_per_step": streamed_bytes_per_forward(models, plan, compute),
-        "resident_blocks": len(plan.resident), "chunks": [plan.attn_chunk, plan.ffn_chunk],
+        "resident_blocks": len(plan.resident), "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk],
         "slots": plan.slots, "materialized_blocks": len(plan.materialized),
         "cuda_graphs": use_graphs(memory, batch, cap + (size // 16) ** 2, device),
         "_latent": result.latent, "_step_seconds": list(result.step_seconds),
@@ -163,8 +181,9 @@ def resident_with_chunks(models: Models, device, size: int, cfg: float, chunks, 
     return run_sampling(models.dit, pos, neg, start, sampling, memory, device, Report(), 100 * GB).latent
 
 
-def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: float, steps: int = 4) -> dict:
-    """Where a streamed step's time goes: GPU kernel time vs host-to-device copy time."""
+def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: float | None, steps: int = 4) -> dict:
+    """Where a step's time goes: GEMM / attention / elementwise / copies / idle, and the top kernels."""
+    from forward_bench import breakdown, top_kernels
     texts = prepare_texts(PROMPT)
     pos, neg = encode_texts(models.encoders, texts, MemorySettings(), device, Report(), None)
     start = torch.zeros(1, 16, size // 8, size // 8)
@@ -173,7 +192,7 @@ def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: f
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
         run_sampling(models.dit, pos, neg, start, SamplingSettings(steps=steps, cfg=cfg), MemorySettings(), device,
-                     Report(), int(budget_gb * GB))
+                     Report(), None if budget_gb is None else int(budget_gb * GB))
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     set_budget(device, None)
@@ -188,7 +207,10 @@ def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: f
     storage = "fp8" if models.dit.storage is StorageDType.FP8 else "bf16"
     return {"size": f"{size}x{size}", "cfg": cfg != 1.0, "budget_gb": budget_gb, "storage": storage,
             "steps": steps, "wall_s": wall,
-            "kernel_s": kernels, "h2d_copy_s": h2d, "top": [[round(t, 4), k[:90]] for t, k in top]}
+            "kernel_s": kernels, "h2d_copy_s": h2d, "top": [[round(t, 4), k[:90]] for t, k in top],
+            "per_step_ms": {k: round(v / steps, 2) if isinstance(v, float) else v // steps
+                            for k, v in breakdown(prof, wall).items()},
+            "top_per_step": top_kernels(prof, per=steps)}
 
 
 # (size, cfg, budget GB, storage, CUDA graphs); the first row of a size is its resident base.
@@ -259,9 +281,10 @@ def calibration_rows(models: dict, device) -> list[dict]:
 
 
 def table_rows(models: dict, device, bandwidth: float, size: int, cfg: float, budgets: list, steps: int,
-               bf16_budgets: list | None = None) -> list[dict]:
+               bf16_budgets: list | None = None, repeat_resident: bool = False) -> list[dict]:
     """One size: resident and budgeted rows in bf16 and fp8, each checked bitwise against resident.
-    ``bf16_budgets`` (default ``budgets``) must start with None: the resident row is the base."""
+    ``bf16_budgets`` (default ``budgets``) must start with None: the resident row is the base.
+    ``repeat_resident`` runs the bf16 resident row twice and records the run-to-run spread."""
     rows, resident = [], {}
     for dtype in ("bf16", "fp8"):
         # Warm this dtype's host cache and kernels right before its rows: the host cache keeps one
@@ -274,6 +297,10 @@ def table_rows(models: dict, device, bandwidth: float, size: int, cfg: float, bu
             if budget is None:
                 resident[dtype] = row
                 row["row"] = "resident" if dtype == "bf16" else "ours"
+                if repeat_resident and dtype == "bf16":
+                    again = run_row(models[dtype], device, size, cfg, None, dtype, steps)
+                    row["repeat_s_per_step"] = again["s_per_step"]
+                    row["repeat_bitwise_equal"] = bool(torch.equal(again["_latent"], row["_latent"]))
             compare_to(row, resident["bf16"], bandwidth)
             same = resident[dtype]
             ref = same["_latent"] if row["chunks"] == same["chunks"] else \
@@ -313,9 +340,77 @@ def cold_row(models: dict, device, steps: int) -> dict:
     return row
 
 
+# The seed article's recipes on our pipeline, with the article's own figures beside them
+# (RTX 3090, 50 steps, CFG 7): peak GB and seconds per image.
+SEED_ARTICLE = {"seed-staged-bf16": (14.1, 51.6), "seed-cpu-offload-fp16": (13.0, 56.3), "seed-full-gpu": (15.8, 48.2)}
+
+
+def seed_rows(models: dict, device, steps: int) -> list[dict]:
+    """seed-staged-bf16: encode, free the encoders, sample with attention slicing, decode with VAE
+    slicing (tiles); seed-cpu-offload-fp16: each model moved whole to the GPU for its stage, fp16.
+    seed-full-gpu (every model resident at once) has no equivalent in a staged pipeline: its
+    sampling step is the resident row's, its peak the sum of all four models."""
+    rows = []
+    for name, kwargs in (("seed-staged-bf16", dict(chunks=(1024, 0), vae_tile=512)),
+                         ("seed-cpu-offload-fp16", dict(compute="fp16"))):
+        row = try_row(models["bf16"], device, 1024, 5.0, None, "bf16", steps, **kwargs)
+        if row is None:
+            continue
+        gb, sec = SEED_ARTICLE[name]
+        row.update(row=name, seed_article_peak_gb=gb, seed_article_s_per_image=sec,
+                   notes="our pipeline with the recipe's settings; the article's figures are an RTX 3090, "
+                         "50 steps, CFG 7")
+        print(summary(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def cold_first_row(models: dict, device, steps: int) -> dict:
+    """The very first generation of the process, with an empty inductor cache: torch.compile
+    builds the DiT's fused kernels inside it (the first-call cost), then the same row warm."""
+    row = run_row(models["bf16"], device, 1024, 5.0, None, "bf16", steps)
+    row["row"] = "resident (first run: compiles, cold inductor cache)"
+    warm = run_row(models["bf16"], device, 1024, 5.0, None, "bf16", steps)
+    row["compile_s"] = row["whole_s"] - warm["whole_s"]
+    print(f"first run {row['whole_s']:.2f} s, warm {warm['whole_s']:.2f} s: compile and first-use cost "
+          f"{row['compile_s']:.2f} s", flush=True)
+    return row
+
+
+def smoke(out: Path) -> None:
+    """Every code path of one benchmark row on tiny models and the CPU (what CI runs)."""
+    from newbie_core.tiny import default_tiny_checkpoints
+    tiny = default_tiny_checkpoints()
+    models = Models(load_dit_handle(tiny.dit), load_text_encoder_handle(tiny.gemma, tiny.jina),
+                    load_vae_handle(tiny.vae))
+    device = torch.device("cpu")
+    row = run_row(models, device, 64, 5.0, None, "bf16", 2)
+    row.pop("_latent")
+    row.pop("_step_seconds")
+    compare_to(row, row, 1e9)
+    row["bitwise_equal_to_resident"] = True          # it is the resident row
+    print(summary(row), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([row], indent=1))
+
+
+def final_rows(models: dict, device, bandwidth: float, steps: int, save) -> list[dict]:
+    """One GPU visit: the cold first run, the main rows at both sizes (the resident row twice, for
+    its spread), the seed recipes and the profiles, saved after every group."""
+    rows = [cold_first_row(models, device, steps)]
+    save(rows)
+    rows += table_rows(models, device, bandwidth, 1024, 5.0, [None, 4, 2], steps, repeat_resident=True)
+    save(rows)
+    rows += table_rows(models, device, bandwidth, 512, 1.0, [None, 2], steps)
+    save(rows)
+    rows += seed_rows(models, device, steps)
+    save(rows)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--models", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=28)
@@ -323,10 +418,18 @@ def main() -> None:
     parser.add_argument("--focus", action="store_true", help="only the rows that missed their targets, 12 steps")
     parser.add_argument("--upload", action="store_true",
                         help="only the sampling stage's time outside its steps (weight uploads), into upload.json")
+    parser.add_argument("--final", action="store_true",
+                        help="the reduced set for one visit: first run (compile), 1024² none/4/2 GB and 512² none/2 GB "
+                             "in bf16 and fp8, the seed recipes, the profiles")
+    parser.add_argument("--smoke", action="store_true", help="one tiny row on the CPU (CI)")
     parser.add_argument("--fp8-1024", action="store_true",
                         help="only the 1024² CFG fp8 rows and their resident base, into results_fp8_1024.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.smoke:
+        return smoke(args.out)
+    if args.models is None:
+        parser.error("--models is required (except with --smoke)")
     device = torch.device("cuda", torch.cuda.current_device())
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = pinned_bandwidth(device)
@@ -347,6 +450,19 @@ def main() -> None:
     def save(rows: list[dict], name: str = "results.json") -> None:   # after every group: a cut-short run keeps its rows
         clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
         (args.out / name).write_text(json.dumps(clean, indent=1))
+    if args.final:
+        rows = final_rows(models, device, bandwidth, steps, save)
+        profiles = [profile_sampling(models[d], device, 1024, 5.0, b) for d, b in (("bf16", None), ("bf16", 2),
+                                                                                  ("fp8", 2))]
+        for p in profiles:
+            print("profile:", json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
+        drift, fp16 = drift_vs_bf16(models, device, rows, 1024, 5.0, steps)
+        print("drift vs bf16:", json.dumps(drift), flush=True)
+        extra = {"bandwidth_gbps": bandwidth / 1e9, "drift": drift, "profiles": profiles, "torch": torch.__version__}
+        (args.out / "extra.json").write_text(json.dumps(extra, indent=1))
+        rows.append(fp16)
+        save(rows)
+        return None
     if args.fp8_1024:
         save(table_rows(models, device, bandwidth, 1024, 5.0, budgets, steps, bf16_budgets=[None]),
              "results_fp8_1024.json")
