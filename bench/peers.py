@@ -332,6 +332,8 @@ def run_peer(name: str, opts) -> list[dict]:
     """Rows for one peer (one per pass). Failures become rows with "error"."""
     peer = PEERS[name]
     device = torch.device(opts.device)
+    if device.type == "cuda" and device.index is None:     # ComfyUI's memory calls need an index
+        device = torch.device("cuda", torch.cuda.current_device())
     config = DiTConfig.tiny() if opts.smoke else DiTConfig.newbie_exp01()
     passes = [Pass.parse(s) for s in opts.passes.split(",")]
     warmup, n = (1, opts.n_slow) if peer.slow else (opts.warmup, opts.n)
