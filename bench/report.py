@@ -1,4 +1,5 @@
-"""Render the benchmark JSON (results.json, extra.json, calibration.json) as BENCHMARKS.md.
+"""Render the benchmark JSON (results.json, peers.json, extra.json, calibration.json) as
+BENCHMARKS.md, and the chart docs/benchmark_chart.png.
 
     python bench/report.py > BENCHMARKS.md
 """
@@ -63,34 +64,143 @@ def calibration_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _ms(x: float) -> str:
+    return f"{1e3 * x:.1f}"
+
+
+def peers_table(peers: list[dict], rows: list[dict]) -> list[str]:
+    """Forward-only peer rows next to our resident forward and our sampling steps, 1024² CFG."""
+    ours_fwd = next((p for p in peers if p["row"] == "ours-resident-forward" and "error" not in p), None)
+    comfy = next((p for p in peers if p["row"] == "comfyui-full" and "error" not in p), None)
+    out = ["| row | what is timed | budget GB | ms/step (median) | min-max, n | TFLOP/s | peak reserved / allocated GB | "
+           "× ours resident | × comfyui-full | rel L2 vs ours | bitwise = ours |", "|" + "---|" * 11]
+    for p in peers:
+        if "error" in p:
+            out.append(f"| {p['row']} | forward | {p.get('budget_gb') or 'none'} | failed: {p['error'][:90]} |"
+                       + " |" * 7)
+            continue
+        out.append(f"| {p['row']} | forward | {p.get('budget_gb') or 'none'} | {p['ms_per_step']:.1f} | "
+                   f"{p['ms_min']:.1f}-{p['ms_max']:.1f}, {p['n']} | {p['tflops']:.0f} | "
+                   f"{p['peak_reserved_gb']:.2f} / {p['peak_allocated_gb']:.2f} | "
+                   f"{p['ms_per_step'] / ours_fwd['ms_per_step']:.3f} | "
+                   f"{p['ms_per_step'] / comfy['ms_per_step']:.3f} | {p['rel_l2_vs_ours']:.1e} | "
+                   f"{p['bitwise_equal_to_ours']} |")
+    for r in rows:
+        if r["size"] != "1024x1024" or not r["cfg"] or r["row"] not in ("resident", "ours"):
+            continue
+        ms = 1e3 * r["s_per_step"]
+        out.append(f"| ours pipeline, {r['dtype']} | sampling step | {r['budget_gb'] or 'none'} | {ms:.1f} | "
+                   f"{_ms(r['s_step_min'])}-{_ms(r['s_step_max'])}, {r['steady_steps']} | {r['tflops']:.0f} | "
+                   f"{r['stage_peaks_gb']['sample']:.2f} / {r['stage_peaks_allocated_gb']['sample']:.2f} | "
+                   f"{r['ratio_to_resident']:.3f} | {ms / comfy['ms_per_step']:.3f} | - | "
+                   f"{r['bitwise_equal_to_resident']} (vs resident) |")
+    return out
+
+
+def targets(rows: list[dict], peers: list[dict]) -> list[str]:
+    """Issue 10's targets beside what this visit measured."""
+    def row(size, dtype, budget, name=("resident", "ours")):
+        return next((r for r in rows if r["size"] == size and r["dtype"] == dtype and r["budget_gb"] == budget
+                     and r["row"] in name and r["cfg"] == (size == "1024x1024")), None)
+    comfy = next((p for p in peers if p["row"] == "comfyui-full" and "error" not in p), None)
+    res, fp8_2 = row("1024x1024", "bf16", None), row("1024x1024", "fp8", 2)
+    out = ["| target | measured | met |", "|---|---|---|"]
+    if res and comfy:
+        ms = 1e3 * res["s_per_step"]
+        out.append(f"| resident 1024² CFG bf16 <= 105 ms/step | {ms:.1f} ms ({res['tflops']:.0f} TFLOP/s) | "
+                   f"{'yes' if ms <= 105 else f'no, {ms / 105:.2f}x'} |")
+        out.append(f"| resident <= 0.75x comfyui-full (same visit) | {ms / comfy['ms_per_step']:.3f}x "
+                   f"({comfy['ms_per_step']:.1f} ms) | {'yes' if ms <= 0.75 * comfy['ms_per_step'] else 'no'} |")
+    if res and fp8_2 and comfy:
+        ms8 = 1e3 * fp8_2["s_per_step"]
+        out.append(f"| fp8 under 2 GB: sampling <= 1.05x resident | {fp8_2['ratio_to_resident']:.3f}x | "
+                   f"{'yes' if fp8_2['ratio_to_resident'] <= 1.05 else 'no'} |")
+        out.append(f"| fp8 under 2 GB: faster than comfyui-full | {ms8:.1f} vs {comfy['ms_per_step']:.1f} ms | "
+                   f"{'yes' if ms8 < comfy['ms_per_step'] else 'no'} |")
+        out.append(f"| fp8 under 2 GB: whole generation <= 1.08x | {fp8_2['whole_ratio_to_resident']:.3f}x | "
+                   f"{'yes' if fp8_2['whole_ratio_to_resident'] <= 1.08 else 'no'} |")
+    ours = [r for r in rows if r["row"] in ("resident", "ours") and r["dtype"] in ("bf16", "fp8")]
+    worst = max(ours, key=lambda r: r["s_per_step"] / r["roofline_s_per_step"])
+    out.append(f"| every ours row within 1.05x of its roofline | worst {worst['s_per_step'] / worst['roofline_s_per_step']:.3f}x "
+               f"({worst['size']} {worst['dtype']} {worst['budget_gb']} GB) | "
+               f"{'yes' if worst['s_per_step'] / worst['roofline_s_per_step'] <= 1.05 else 'no'} |")
+    over = [r for r in ours if r["budget_gb"] and r["peak_vram_gb"] > r["budget_gb"]]
+    out.append(f"| peak never above the budget | {'none above' if not over else len(over)} | {'yes' if not over else 'no'} |")
+    failed = [p["row"] for p in peers if "error" in p]
+    out.append(f"| faster than every peer at an equal or higher peak | comfyui-full only; not measured: "
+               f"{', '.join(failed) or '-'}, diffusers-group-block/leaf, accelerate-sequential | not shown |")
+    return out
+
+
+def chart(rows: list[dict], peers: list[dict], path: Path) -> None:
+    """Peak VRAM against ms per step at 1024² CFG: our rows, and the peers apart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for r in rows:
+        if r["size"] == "1024x1024" and r["cfg"] and r["row"] in ("resident", "ours"):
+            x, y = r["stage_peaks_gb"]["sample"], 1e3 * r["s_per_step"]
+            ax.scatter(x, y, c="tab:blue" if r["dtype"] == "bf16" else "tab:green", marker="o", s=50, zorder=3)
+            ax.annotate(f"ours {r['dtype']} {r['budget_gb'] or 'resident'}", (x, y), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    for p in peers:
+        if "error" in p or p["row"].startswith("ours"):
+            continue
+        x, y = p["peak_reserved_gb"], p["ms_per_step"]
+        ax.scatter(x, y, c="tab:red", marker="s", s=50, zorder=3)
+        ax.annotate(p["row"], (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set_xlabel("peak reserved VRAM of the sampling stage (GiB)")
+    ax.set_ylabel("ms per sampling step (1024², CFG batch 2)")
+    ax.set_title("NewBie DiT on an H200: ours (circles) vs peers (red squares, forward only)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> None:
     rows = json.loads((HERE / "results.json").read_text())
     extra = json.loads((HERE / "extra.json").read_text())
+    peers_path = HERE / "peers.json"
+    peers = json.loads(peers_path.read_text())["rows"] if peers_path.exists() else []
     calib_path = HERE / "calibration.json"
     calib = json.loads(calib_path.read_text()) if calib_path.exists() else []
+    if peers:
+        chart(rows, peers, HERE.parent / "docs" / "benchmark_chart.png")
     first = rows[0]
     lines = [
         "# Benchmarks",
         "",
-        f"Generated by `python bench/report.py` from `bench/results.json`. Machine: {first['machine']} "
-        f"(one GPU, 16 CPU cores), torch {extra['torch']}, date {first['date']}. Commands:",
+        f"Generated by `python bench/report.py > BENCHMARKS.md` from `bench/results.json`, `bench/peers.json` and "
+        f"`bench/extra.json`. Machine: {first['machine']} (one GPU, 16 CPU cores), torch {extra['torch']}, "
+        f"date {first['date']}; every row below comes from ONE GPU visit. Commands:",
         "",
         "```",
         "python bench/full_size.py /tmp/full          # full-size random-weight checkpoints, real layouts",
-        "python bench/run_benchmarks.py --models /tmp/full --out $OUT",
-        "python bench/run_benchmarks.py --models /tmp/full --out $OUT --calibrate",
-        "python bench/upcast_kernel.py",
+        "python bench/run_benchmarks.py --models /tmp/full --out $OUT --final",
+        "python bench/peers.py --out $OUT --with-ours --passes 1024x2",
+        "python bench/forward_bench.py --out $OUT [--parts]   # forward breakdown (earlier visit, same day)",
         "```",
         "",
-        "Every row is a whole generation (encode + sample + decode), 28 steps, Euler, with the host cache warm "
-        "and the conditioning cache cold. The budget is enforced with `torch.cuda.set_per_process_memory_fraction`. "
-        "Peaks are torch's peak *reserved* bytes per stage (CUDA context excluded), in GiB. `s/step` is the mean "
-        "over steps after the first. Roofline = max(resident s/step, streamed bytes per step / measured pinned "
-        f"bandwidth), with the bandwidth measured in the same run: **{extra['bandwidth_gbps']:.1f} GB/s**. "
-        "Resident = all 40 blocks on the GPU through the same runner and kernels as every other row. "
-        "TFLOP/s counts the DiT's matmul and attention FLOPs. `×warm resident (whole)` divides by the fastest "
-        "all-resident bf16 row of the same size (its plan equals the resident row's); see the notes for why. "
-        "CUDA graphs: `auto` turns them on up to 6144 tokens per forward (512² here), off at 1024² with CFG.",
+        "Pipeline rows are whole generations (encode + sample + decode), 28 steps, Euler, host cache warm, "
+        "conditioning cache cold; the budget is enforced with `torch.cuda.set_per_process_memory_fraction`. "
+        "`s/step` is the median over the steady steps (the first two left out: uploads, eager warm-up, graph "
+        "captures), with min-max. Peaks are torch's peak *reserved* bytes per stage (CUDA context excluded), GiB. "
+        "Roofline = max(resident s/step, streamed bytes per step / pinned bandwidth measured in the same run: "
+        f"**{extra['bandwidth_gbps']:.1f} GB/s**). TFLOP/s counts the DiT's matmul and attention FLOPs. "
+        "Peer rows are forward passes of the same seeded weights (`forward_only`), timed in the same visit.",
+        "",
+        "![peak VRAM vs ms per step](docs/benchmark_chart.png)",
+        "",
+        "## Issue 10's targets",
+        "",
+        *targets(rows, peers),
+        "",
+        "## Against the peers (1024×1024, CFG batch 2, 256 caption tokens)",
+        "",
+        *peers_table(peers, rows),
         "",
         "## 1024×1024, CFG 5 (cond + uncond in one batch)",
         "",
@@ -99,38 +209,62 @@ def main() -> None:
         "## 512×512, no CFG (transfer-bound when streaming)",
         "",
         *rows_table(rows, "512x512", False),
-        "",
-        "## Numerical drift against bf16 (same seed, 1024² CFG 5, 28 steps, final latent)",
-        "",
-        "| compute / storage | max abs err / latent RMS | mean abs err / latent RMS | ‖Δ‖ / ‖latent‖ |",
-        "|---|---|---|---|",
     ]
-    for name, d in extra["drift"].items():
-        lines.append(f"| {name} | {d['max_abs_rel']:.3f} | {d['mean_abs_rel']:.4f} | {d['rel_l2']:.4f} |")
-    lines += ["", "Random weights say nothing about image quality; these are drifts of the final latent only.", "",
-              "## Where streamed time goes (torch profiler, 2 GB budget)", "",
-              "Wall time includes the profiler's own overhead and the first (eager, capturing) steps; compare the "
-              "kernel and copy columns with each other.", "",
-              "| size | cfg | storage | steps | wall s | GPU kernel s | H2D copy s (copy engine, overlapped) |",
-              "|---|---|---|---|---|---|---|"]
-    for p in extra["profiles"]:
-        lines.append(f"| {p['size']} | {p['cfg']} | {p.get('storage', 'bf16')} | {p['steps']} | {p['wall_s']:.3f} | "
-                     f"{p['kernel_s']:.3f} | {p['h2d_copy_s']:.3f} |")
-    rerun_path = HERE / "results_fp8_1024.json"
-    if rerun_path.exists():
-        rerun = json.loads(rerun_path.read_text())
-        lines += ["", "## 1024×1024 CFG 5, fp8 rows re-run on the final code "
-                  "(`run_benchmarks.py --fp8-1024`, `bench/results_fp8_1024.json`)", "",
-                  *rows_table(rerun, "1024x1024", True)]
-    cold = [r for r in rows if "cold" in r["row"]]
+    cold = [r for r in rows if "first run" in r["row"]]
     if cold:
         c = cold[0]
-        lines += ["", "## Cold run (empty host cache, page cache dropped, files read from disk)", "",
-                  f"1024² CFG 5, resident bf16: whole generation {c['whole_s']:.2f} s; stage seconds "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in c["stage_seconds"].items())
-                  + f"; host RAM peak (VmHWM) {c['host_ram_peak_gb']:.1f} GiB."]
+        lines += ["", "## First run: torch.compile of the fused kernels (cold inductor cache)", "",
+                  f"1024² CFG 5, resident bf16, the first generation of a fresh process with an empty cache: "
+                  f"**{c['whole_s']:.1f} s** whole, of which **{c['compile_s']:.1f} s** is compilation and first "
+                  f"use (the same row warm: {c['whole_s'] - c['compile_s']:.2f} s). The cache lives in the user "
+                  "cache dir (`TORCHINDUCTOR_CACHE_DIR` overrides it), so later processes pay a cache read; "
+                  "`--compile off` runs the eager bodies instead."]
+    resident = next((r for r in rows if r["row"] == "resident" and r["size"] == "1024x1024"), None)
+    if resident and "repeat_s_per_step" in resident:
+        lines += ["", f"Resident row repeated in the same visit: {_ms(resident['s_per_step'])} and "
+                      f"{_ms(resident['repeat_s_per_step'])} ms/step (bitwise equal: "
+                      f"{resident['repeat_bitwise_equal']})."]
+    seeds = [r for r in rows if r["row"].startswith("seed-")]
+    if seeds:
+        lines += ["", "## The seed article's recipes on our pipeline", "",
+                  "| recipe | ms/step | whole s (28 steps) | peak GB | article: peak GB / s per image (RTX 3090, 50 steps, CFG 7) |",
+                  "|---|---|---|---|---|"]
+        for r in seeds:
+            lines.append(f"| {r['row']} | {_ms(r['s_per_step'])} | {r['whole_s']:.2f} | {r['peak_vram_gb']:.2f} | "
+                         f"{r['seed_article_peak_gb']} / {r['seed_article_s_per_image']} |")
+        lines += ["", "seed-full-gpu (every model on the GPU at once) has no staged equivalent: its step is the "
+                      "resident row's, its peak the sum of the four models (about 16 GB of weights)."]
+    lines += ["", "## Where the resident forward's time goes (torch profiler, ms per forward, 1024² CFG)", "",
+              extra.get("forward_breakdown_note", ""), "",
+              "| forward | ms | GEMM | attention | elementwise | copies | idle | kernels |", "|---|---|---|---|---|---|---|---|"]
+    for f in extra.get("forward_breakdown", []):
+        pr = f.get("profile_ms", {})
+        lines.append(f"| {f['row']} {f['size']} cfg={f['cfg']} | {f['ms']:.1f} | {pr.get('gemm')} | {pr.get('attention')} | "
+                     f"{pr.get('elementwise')} | {pr.get('copies')} | {pr.get('idle')} | {pr.get('kernels')} |")
+    parts = extra.get("parts", {})
+    if parts:
+        lines += ["", "One sample's attention at 1024² (24 query heads, 8 KV heads, 4352 tokens):", "",
+                  "| SDPA backend | K/V | ms | TFLOP/s |", "|---|---|---|---|"]
+        for a in parts["attention"]:
+            lines.append(f"| {a['backend']} | {a['mode']} | {a.get('ms', float('nan')):.3f} | "
+                         f"{a.get('tflops', 0):.0f} |" if "ms" in a else f"| {a['backend']} | {a['mode']} | no kernel | |")
+        lines += ["", "Each fused block function at 1024² CFG sizes:", "", "| function | variant | µs | TB/s |",
+                  "|---|---|---|---|"]
+        for f in parts["fused"]:
+            lines.append(f"| {f['fn']} | {f['variant']} | {f.get('us')} | {f.get('tb_s')} |")
+    par = extra.get("official_parity_cuda", [])
+    if par:
+        lines += ["", "## Numerics against the official `NextDiT_CLIP` (`bench/official_parity.py`, padded CFG pair)", "",
+                  "| model | device | fp32 ours vs official (rel L2) | bf16 official vs fp32 (rel L2, max/RMS) | "
+                  "bf16 ours vs fp32 (rel L2, max/RMS) |", "|---|---|---|---|---|"]
+        for r in par:
+            o, u = r["bf16_official_vs_fp32"], r["bf16_ours_vs_fp32"]
+            lines.append(f"| {r['model']} | {r['device']} ({r['kernels']}) | {r['fp32_ours_vs_official']['rel_l2']:.1e} | "
+                         f"{o['rel_l2']:.2e}, {o['max_abs_over_rms']:.2e} | {u['rel_l2']:.2e}, {u['max_abs_over_rms']:.2e} |")
     if calib:
-        lines += ["", "## Predicted vs measured stage peaks (`--calibrate`, 3 steps each)", "",
+        lines += ["", "## Predicted vs measured stage peaks (`--calibrate`, 2026-11-29, before the fused kernels)", "",
+                  "The fused kernels hold fewer float32 temporaries, so today's measured peaks sit further under these "
+                  "predictions (see each row's measured/predicted columns above).", "",
                   *calibration_table(calib)]
     print("\n".join(lines))
 
