@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-renorm", type=float, default=0.0, help="official CFG renormalisation (0 = off)")
     g.add_argument("--cfg-trunc", type=float, default=1.0, help="CFG only while t < this (1 = always)")
     g.add_argument("--compat", action="store_true", help="send Jina the same text as Gemma, as ComfyUI does")
+    g.add_argument("--weighting", choices=["official", "off"], default="official",
+                   help="prompt weighting syntax (text:1.2), (text), [text], {text}, \\( as the official NewBie "
+                        "nodes read it (default), or off: the prompt goes to the encoders verbatim")
+    g.add_argument("--system-prompt", default="auto", metavar="TEXT",
+                   help="'auto' (default): the training prefix; '' for none (the official node's default); "
+                        "any other text is put in front of both prompts")
     for name in ("dit", "gemma", "jina", "vae"):
         g.add_argument(f"--{name}", help=f"path of the {name} checkpoint (file or HF folder)")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp8"],
@@ -108,7 +114,8 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
     elif args.denoise < 1.0:
         raise ValueError("--denoise below 1 needs --init-image (there is nothing to keep otherwise).")
     return GenerationRequest(prompt=prompt, negative=args.negative, width=width, height=height, sampling=sampling,
-                             memory=memory, compat=args.compat, init_image=init)
+                             memory=memory, compat=args.compat, init_image=init,
+                             weighting=args.weighting, system_prompt=args.system_prompt)
 
 
 def run_generate(args: argparse.Namespace) -> int:

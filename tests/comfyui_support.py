@@ -161,8 +161,8 @@ def _node_inputs(node: Mapping, class_def: Any, resolve, strict: bool) -> dict[s
 # Stand-ins for the core nodes our workflows use, so the CPU tier can convert them
 # ----------------------------------------------------------------------------------------------
 
-def _stub(name: str, spec: dict) -> type:
-    return type(name, (), {"INPUT_TYPES": classmethod(lambda cls: copy.deepcopy(spec))})
+def _stub(name: str, spec: dict, returns: tuple = ()) -> type:
+    return type(name, (), {"INPUT_TYPES": classmethod(lambda cls: copy.deepcopy(spec)), "RETURN_TYPES": returns})
 
 
 CORE_NODE_STUBS: dict[str, type] = {
@@ -182,6 +182,14 @@ CORE_NODE_STUBS: dict[str, type] = {
         "images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}),
     "PreviewImage": _stub("PreviewImage", {"required": {"images": ("IMAGE",)}}),
     "LoadImage": _stub("LoadImage", {"required": {"image": (["example.png"], {"image_upload": True})}}),
+    "ModelSamplingAuraFlow": _stub("ModelSamplingAuraFlow", {"required": {
+        "model": ("MODEL",), "shift": ("FLOAT", {"default": 1.73, "min": 0.0, "max": 100.0})}}, ("MODEL",)),
+    "KSampler": _stub("KSampler", {"required": {
+        "model": ("MODEL",), "seed": ("INT", {"default": 0, "control_after_generate": True}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 10000}), "cfg": ("FLOAT", {"default": 8.0}),
+        "sampler_name": (["euler", "res_multistep", "dpmpp_2m"],), "scheduler": (["simple", "beta", "karras"],),
+        "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0})}}, ("LATENT",)),
 }
 
 

@@ -306,3 +306,135 @@ def test_frontend_loads_workflows_without_missing_nodes(comfy_env, pack, http_se
         ours = cs.ui_to_api(workflow, comfy_env.nodes.NODE_CLASS_MAPPINGS)
         theirs = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["prompt"].items()}
         assert ours == theirs, "converter and frontend disagree on the API prompt"
+
+
+# ------------------------------------------------------------------ the pack's MODEL under core samplers
+
+TINY_LOADERS = {
+    "1": {"class_type": "NewBieDiTLoader", "inputs": {"dit_name": "NewBie-Image-Exp0.1-bf16.safetensors",
+                                                      "storage": "bf16"}},
+    "2": {"class_type": "NewBieTextEncoderLoader", "inputs": {"gemma_name": "gemma_3_4b_it_bf16.safetensors",
+                                                              "jina_name": "jina_clip_v2_bf16.safetensors",
+                                                              "gemma_storage": "bf16"}},
+    "3": {"class_type": "NewBieTextEncode", "inputs": {"text_encoders": ["2", 0], "positive": "a cat on a mat",
+                                                       "negative": "blurry, low quality", "compat": False}},
+    "4": {"class_type": "NewBieDiTToModel", "inputs": {"dit": ["1", 0]}},
+    "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 48, "batch_size": 1}},
+}
+
+
+def _saved_latent(comfy_env, outputs: dict, node_id: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+    entry = outputs[node_id]["latents"][0]
+    path = Path(comfy_env.folder_paths.get_output_directory()) / entry["subfolder"] / entry["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+def _model_prompt(sampler_nodes: dict) -> dict:
+    prompt = json.loads(json.dumps(TINY_LOADERS))
+    prompt.update(sampler_nodes)
+    return prompt
+
+
+def test_core_ksampler_on_pack_model_matches_pack_sampler(comfy_env, pack):
+    """Core KSampler (euler, simple) on the pack's MODEL and the pack's sampler fed the same
+    sigmas through SIGMAS give the same latent; so do KSamplerAdvanced and SamplerCustomAdvanced
+    with ModelSamplingAuraFlow at the default shift."""
+    common = {"seed": 7, "cfg": 4.0}
+    prompt = _model_prompt({
+        "10": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                    "latent_image": ["5", 0], "steps": 4, "sampler_name": "euler",
+                                                    "scheduler": "simple", "denoise": 1.0, **common}},
+        "11": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "simple", "steps": 4,
+                                                          "denoise": 1.0}},
+        "12": {"class_type": "NewBieSampler", "inputs": {"dit": ["1", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                         "latent": ["5", 0], "steps": 4, "sampler": "euler",
+                                                         "shift": 6.0, "denoise": 1.0, "sigmas": ["11", 0], **common}},
+        "13": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["4", 0], "shift": 6.0}},
+        "14": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["13", 0], "add_noise": "enable", "noise_seed": 7, "steps": 4, "cfg": 4.0,
+            "sampler_name": "euler", "scheduler": "simple", "positive": ["3", 0], "negative": ["3", 1],
+            "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}},
+        "15": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "16": {"class_type": "CFGGuider", "inputs": {"model": ["13", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                     "cfg": 4.0}},
+        "17": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "18": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["15", 0], "guider": ["16", 0],
+                                                                 "sampler": ["17", 0], "sigmas": ["11", 0],
+                                                                 "latent_image": ["5", 0]}},
+        "19": {"class_type": "NewBieSampler", "inputs": {"dit": ["1", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                         "latent": ["5", 0], "steps": 4, "sampler": "euler",
+                                                         "shift": 6.0, "denoise": 1.0, "core_sampler": ["17", 0],
+                                                         **common}},
+        **{f"2{i}": {"class_type": "SaveLatent", "inputs": {"samples": [src, 0], "filename_prefix": f"eq{i}"}}
+           for i, src in enumerate(["10", "12", "14", "18", "19"])},
+    })
+    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    result = cs.run_prompt(comfy_env, executor, prompt)
+    assert result.success, result.message("execution_error")
+    core, ours, advanced, custom, ours_core = (_saved_latent(comfy_env, result.outputs, f"2{i}") for i in range(5))
+    assert core.shape == ours.shape == (1, 16, 6, 8)
+    assert torch.isfinite(core).all() and core.std() > 0.1
+    scale = float(ours.abs().max())
+    assert torch.allclose(core, ours, rtol=0, atol=1e-5 * scale), float((core - ours).abs().max())
+    for other in (advanced, custom, ours_core):
+        assert torch.allclose(core, other, rtol=0, atol=1e-5 * scale), float((core - other).abs().max())
+    # A different seed must change the image: the comparison above is not vacuous.
+    prompt["10"]["inputs"]["seed"] = 8
+    again = cs.run_prompt(comfy_env, executor, prompt)
+    assert again.success and not torch.allclose(_saved_latent(comfy_env, again.outputs, "20"), core, atol=1e-2)
+
+
+def test_pack_model_holds_no_weights_and_releases_its_session(comfy_env, pack):
+    mappings = comfy_env.nodes.NODE_CLASS_MAPPINGS
+    dit = mappings["NewBieDiTLoader"]().load("NewBie-Image-Exp0.1-bf16.safetensors", "bf16")[0]
+    model = mappings["NewBieDiTToModel"]().convert(dit)[0]
+    assert model.model_size() < 1 << 16, "the MODEL must not carry the DiT's weights"
+    assert not any(p.device.type != "meta" and p.numel() > 0 for p in model.model.parameters())
+    clone = model.clone()
+    assert type(clone) is type(model) and clone.model is model.model and clone.is_dynamic() is False
+    te = mappings["NewBieTextEncoderLoader"]().load("gemma_3_4b_it_bf16.safetensors", "jina_clip_v2_bf16.safetensors",
+                                                    "bf16")[0]
+    pos, neg = mappings["NewBieTextEncode"]().encode(te, "a cat", "")
+    latent = {"samples": torch.zeros(1, 16, 4, 4)}
+    with torch.inference_mode():
+        out = mappings["KSampler"]().sample(clone, 3, 2, 3.0, "euler", "simple", pos, neg, latent)[0]
+    placed = model.model.placed
+    assert out["samples"].shape == (1, 16, 4, 4) and placed.opened == 1 and placed.forwards == 2
+    assert placed.last_plan is not None
+    assert not placed.is_open, "the placement session must close when sampling ends"
+    assert placed.shape is None
+    with pytest.raises(ValueError, match="LoRA"):
+        clone.add_patches({"diffusion_model.layers.0.attention.qkv.weight": (torch.zeros(1),)}, 1.0)
+
+
+def test_cancel_from_core_ksampler_interrupts_and_releases(comfy_env, pack):
+    prompt = _model_prompt({
+        "10": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                    "latent_image": ["5", 0], "seed": 3, "steps": 5, "cfg": 4.0,
+                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "20": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "cancel"}},
+    })
+    from comfy_execution.utils import get_executing_context
+    hits = []
+
+    def hook(value, total, preview, node_id=None, prompt_id=None):
+        ctx = get_executing_context()
+        if (node_id or (ctx.node_id if ctx else None)) == "10":
+            hits.append(value)
+            comfy_env.mm.interrupt_current_processing(True)   # what POST /interrupt does
+
+    previous = comfy_env.comfy_utils.PROGRESS_BAR_HOOK
+    comfy_env.comfy_utils.set_progress_bar_global_hook(hook)
+    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    try:
+        result = cs.run_prompt(comfy_env, executor, prompt)
+    finally:
+        comfy_env.comfy_utils.set_progress_bar_global_hook(previous)
+    assert hits == [1], f"KSampler kept stepping after Cancel: progress {hits}"
+    interrupted = result.message("execution_interrupted")
+    assert interrupted is not None and interrupted["node_id"] == "10", result.messages
+    assert not comfy_env.mm.processing_interrupted()
+    assert _handles(comfy_env) == [], "the DiT's handle must be gone after a cancelled run"
+    again = cs.run_prompt(comfy_env, executor, prompt)
+    assert again.success, again.message("execution_error")

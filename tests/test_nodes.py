@@ -92,7 +92,7 @@ def empty(nodes, w=32, h=32, batch=1):
 # ---------------------------------------------------------------------------------- declarations
 
 def test_every_node_declares_a_consistent_v1_interface(pack, nodes, adapter):
-    assert len(nodes) == 12
+    assert len(nodes) == 13
     for node_id, cls in nodes.items():
         assert node_id.startswith("NewBie") and node_id == cls.__name__
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id] == cls.TITLE and cls.TITLE.startswith("NewBie")
