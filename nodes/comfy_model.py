@@ -148,6 +148,15 @@ def _classes() -> Any:
         def is_dynamic(self) -> bool:     # newer ComfyUI (Dynamic VRAM): placement owns the weights
             return False
 
+        def clone(self, *args, **kwargs):
+            # Some ComfyUI versions build clones as plain ModelPatcher(...), others via
+            # self.__class__ with extra keywords (disable_dynamic, model_override, ...): pass
+            # whatever comes, and keep our class either way (its cleanup closes the session).
+            n = super().clone(*args, **kwargs)
+            if not isinstance(n, NewBieModelPatcher):
+                n.__class__ = NewBieModelPatcher
+            return n
+
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
             return core_lora_patches(self, patches, strength_patch, strength_model)
 

@@ -483,3 +483,45 @@ def frontend_check(url: str, workflow: dict, png_path: os.PathLike | str) -> dic
 
 def iter_workflows(folder: Path) -> Iterator[Path]:
     yield from sorted(folder.glob("*.json")) if folder.is_dir() else iter(())
+
+
+_RUN_JS = """async (prompt) => {
+  await window.app.loadApiJson(prompt, "tier.json");
+  await new Promise(r => setTimeout(r, 300));
+  await window.app.queuePrompt(0, 1);
+  return true;
+}"""
+
+_WIDGET_JS = """([type, name]) => {
+  const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
+  const node = nodes.find(n => n.type === type);
+  const w = node?.widgets?.find(w => w.name === name);
+  return w ? String(w.value ?? "") : null;
+}"""
+
+
+def frontend_run_and_read(url: str, prompt: dict, node_type: str, widget: str, png_path: os.PathLike | str,
+                          timeout_ms: int = 240_000) -> str:
+    """Queue an API prompt from the real UI, wait until `node_type` shows a non-empty `widget`
+    (a frontend extension fills it from the node's ui output), screenshot, return the text."""
+    import tempfile
+    from playwright.sync_api import sync_playwright
+    http_json(url + "/settings/Comfy.TutorialCompleted", True)
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium_path(), args=CHROMIUM_FLAGS,
+                                                    headless=True, viewport={"width": 1600, "height": 1000})
+        try:
+            page = ctx.new_page()
+            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_function("window.app && window.app.graph && window.app.graph.nodes !== undefined",
+                                   timeout=120_000)
+            page.keyboard.press("Escape")
+            page.evaluate(_RUN_JS, prompt)
+            page.wait_for_function(f"(() => {{ const f = {_WIDGET_JS}; const v = f({json.dumps([node_type, widget])});"
+                                   f" return v && v.length > 0; }})()", timeout=timeout_ms)
+            text = page.evaluate(_WIDGET_JS, [node_type, widget])
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(png_path))
+        finally:
+            ctx.close()
+    return text

@@ -438,3 +438,17 @@ def test_cancel_from_core_ksampler_interrupts_and_releases(comfy_env, pack):
     assert _handles(comfy_env) == [], "the DiT's handle must be gone after a cancelled run"
     again = cs.run_prompt(comfy_env, executor, prompt)
     assert again.success, again.message("execution_error")
+
+
+@needs_workflows
+@pytest.mark.skipif(cs.chromium_path() is None or importlib.util.find_spec("playwright") is None,
+                    reason="needs Debian chromium and the playwright package")
+def test_memory_report_shows_on_the_canvas(comfy_env, pack, http_server, tmp_path):
+    """Frontend 1.27 (the one this snapshot ships): after a run queued from the UI, the Memory
+    Report node displays the plans and measured peaks (js/newbie_report.js)."""
+    wf_path = next(p for p in WORKFLOWS if p.stem == "newbie_t2i_16gb_1024")
+    prompt, _ = _prompt(comfy_env, wf_path, http_server.base_dir / "input")
+    folder = Path(os.environ.get("NEWBIE_SCREENSHOT_DIR") or tmp_path)
+    text = cs.frontend_run_and_read(http_server.url, prompt, "NewBieMemoryReport", "report",
+                                    folder / "memory_report_on_canvas.png")
+    assert "== plan: sample ==" in text and "== measured ==" in text, text[:500]

@@ -347,3 +347,28 @@ def test_rerunning_a_workflow_does_not_rerun_the_encoders(mappings):
     prompt[next(n for n, v in prompt.items() if v["class_type"] == "NewBieXMLPromptBuilder")]["inputs"]["caption"] = "new"
     execute(prompt, mappings, targets=encode)
     assert pipeline.ENCODER_CALLS["gemma"] == calls["gemma"] + 1
+
+
+# The frontend's fit-to-view (litegraph fitToBounds) zooms to 0.75 of the scale that fits the
+# graph's bounding box; below about 0.6 node text stops being drawn. Title bars sit above pos.
+FIT_VIEW_FACTOR = 0.75
+TITLE_HEIGHT = 30
+WINDOW = (1600, 1000)
+
+
+def _boxes(wf: dict) -> list[tuple[int, float, float, float, float]]:
+    return [(n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in wf["nodes"]]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_fits_a_1600x1000_window_above_60_percent_zoom(path):
+    boxes = _boxes(load(path))
+    width = max(b[3] for b in boxes) - min(b[1] for b in boxes)
+    height = max(b[4] for b in boxes) - min(b[2] for b in boxes)
+    zoom = FIT_VIEW_FACTOR * min(WINDOW[0] / width, WINDOW[1] / height)
+    assert zoom > 0.6, f"{path.stem}: {width:.0f}x{height:.0f} px fits at {zoom:.0%} zoom"
+    for i, a in enumerate(boxes):                       # and no node hides another
+        for b in boxes[i + 1:]:
+            overlap = min(a[3], b[3]) > max(a[1], b[1]) and min(a[4], b[4]) > max(a[2], b[2])
+            assert not overlap, f"{path.stem}: nodes {a[0]} and {b[0]} overlap"
