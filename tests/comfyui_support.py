@@ -520,6 +520,11 @@ def frontend_run_and_read(url: str, prompt: dict, node_type: str, widget: str, p
             page.wait_for_function(f"(() => {{ const f = {_WIDGET_JS}; const v = f({json.dumps([node_type, widget])});"
                                    f" return v && v.length > 0; }})()", timeout=timeout_ms)
             text = page.evaluate(_WIDGET_JS, [node_type, widget])
+            page.evaluate("""(type) => {
+              const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
+              const node = nodes.find(n => n.type === type);
+              window.app.canvas.centerOnNode?.(node); window.app.canvas.setDirty(true, true);
+            }""", node_type)
             page.wait_for_timeout(500)
             page.screenshot(path=str(png_path))
         finally:
