@@ -397,10 +397,28 @@ def test_pack_model_holds_no_weights_and_releases_its_session(comfy_env, pack):
                                                     "bf16")[0]
     pos, neg = mappings["NewBieTextEncode"]().encode(te, "a cat", "")
     latent = {"samples": torch.zeros(1, 16, 4, 4)}
+    placed = model.model.placed
+    handles_during, scope = [], placed.budget_scope
+
+    class Recording:                      # how many pack handles ComfyUI sees while the session is open
+        def __init__(self, *args):
+            self.inner = scope(*args)
+
+        def __enter__(self):
+            value = self.inner.__enter__()
+            handles_during.append(len(_handles(comfy_env)))
+            return value
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    placed.budget_scope = Recording
     with torch.inference_mode():
         out = mappings["KSampler"]().sample(clone, 3, 2, 3.0, "euler", "simple", pos, neg, latent)[0]
-    placed = model.model.placed
     assert out["samples"].shape == (1, 16, 4, 4) and placed.opened == 1 and placed.forwards == 2
+    # On a GPU the placed weights are announced by one handle for the run; the CPU has no VRAM to share.
+    assert handles_during == [1 if torch.cuda.is_available() else 0]
+    assert _handles(comfy_env) == [], "the handle must go when the session closes"
     assert placed.last_plan is not None
     assert not placed.is_open, "the placement session must close when sampling ends"
     assert placed.shape is None
