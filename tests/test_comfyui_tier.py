@@ -40,6 +40,16 @@ MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae")
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFY_ROOT, reason="COMFYUI_PATH not set (ComfyUI tier)")]
+CORE_SAMPLER_NODES = {"KSampler", "KSamplerAdvanced", "SamplerCustomAdvanced", "SamplerCustom"}
+
+
+def _uses_pack_sampler(path: Path) -> bool:
+    types = {n["type"] for n in json.loads(path.read_text())["nodes"]}
+    return any("Sampler" in t and t not in CORE_SAMPLER_NODES for t in types)
+
+
+# The first workflow driven by the pack's own sampler (others use core KSampler on its MODEL).
+PACK_SAMPLER_WORKFLOWS = [p for p in WORKFLOWS if _uses_pack_sampler(p)] or WORKFLOWS
 needs_workflows = pytest.mark.skipif(
     not WORKFLOWS, reason=f"{PACK_DIR / 'workflows'} has no *.json yet: nothing to run in ComfyUI")
 
@@ -211,7 +221,7 @@ def _sampler_id(prompt: dict, pack) -> str:
 
 @needs_workflows
 def test_cancel_during_sampler_interrupts_and_releases(comfy_env, pack):
-    prompt, _ = _prompt(comfy_env, WORKFLOWS[0])
+    prompt, _ = _prompt(comfy_env, PACK_SAMPLER_WORKFLOWS[0])
     sampler = _sampler_id(prompt, pack)
     from comfy_execution.utils import get_executing_context
     hits = []
@@ -245,7 +255,7 @@ def test_cancel_during_sampler_interrupts_and_releases(comfy_env, pack):
 
 @needs_workflows
 def test_conditioning_cache_skips_encoders_on_rerun(comfy_env, pack):
-    prompt, _ = _prompt(comfy_env, WORKFLOWS[0])
+    prompt, _ = _prompt(comfy_env, PACK_SAMPLER_WORKFLOWS[0])
     make = lambda: comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
     first_executor = make()
     before = _encoder_runs(pack)
@@ -281,7 +291,7 @@ def http_server(comfy_env, tiny_models, tmp_path_factory):
 
 @needs_workflows
 def test_http_prompt_roundtrip(comfy_env, pack, http_server):
-    prompt, workflow = _prompt(comfy_env, WORKFLOWS[0], http_server.base_dir / "input")
+    prompt, workflow = _prompt(comfy_env, PACK_SAMPLER_WORKFLOWS[0], http_server.base_dir / "input")
     assert f"{PACK_DIR.name}" in http_server.log() and "IMPORT FAILED" not in http_server.log()
     entry = cs.wait_history(http_server.url, cs.post_prompt(http_server.url, prompt, workflow))
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -470,3 +480,20 @@ def test_memory_report_shows_on_the_canvas(comfy_env, pack, http_server, tmp_pat
     text = cs.frontend_run_and_read(http_server.url, prompt, "NewBieMemoryReport", "report",
                                     folder / "memory_report_on_canvas.png")
     assert "== plan: sample ==" in text and "== measured ==" in text, text[:500]
+
+
+def test_core_samplers_and_schedulers_run_on_pack_model(comfy_env, pack):
+    combos = [("res_multistep", "simple"), ("dpmpp_2m", "beta"), ("euler", "karras"), ("heun", "normal")]
+    nodes = {"13": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["4", 0], "shift": 3.0}}}
+    for i, (sampler, scheduler) in enumerate(combos):
+        nodes[f"3{i}"] = {"class_type": "KSampler", "inputs": {
+            "model": ["13", 0], "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["5", 0], "seed": 1,
+            "steps": 3, "cfg": 3.0, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}}
+        nodes[f"4{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"3{i}", 0], "filename_prefix": f"c{i}"}}
+    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    result = cs.run_prompt(comfy_env, executor, _model_prompt(nodes))
+    assert result.success, result.message("execution_error")
+    latents = [_saved_latent(comfy_env, result.outputs, f"4{i}") for i in range(len(combos))]
+    for combo, lat in zip(combos, latents):
+        assert lat.shape == (1, 16, 6, 8) and torch.isfinite(lat).all() and lat.std() > 0.1, combo
+    assert not torch.allclose(latents[0], latents[1], atol=1e-3), "different samplers gave the same latent"
