@@ -43,14 +43,16 @@ LORA_NODE_HINT = ("NewBie LoRAs on the pack's MODEL go through the pack's LoRA l
 def core_lora_patches(patcher: Any, patches: dict, strength_patch: float, strength_model: float) -> list:
     """>>> LoRA seam (branch lora12): core `add_patches` on the pack's MODEL lands here.
 
-    Until the LoRA library function is merged, any real patch is refused with a clear message,
-    so a core LoRA loader never yields a silently unpatched image. Returns the keys taken, like
-    `ModelPatcher.add_patches`.
+    Until the LoRA library function is merged, every patch is refused with a clear message, so a
+    core LoRA loader never yields a silently unpatched image. That includes an empty `patches`:
+    the core loaders call `add_patches` even when their key map matched nothing (our MODEL
+    exposes no weights), which would otherwise leave the image unpatched with only log lines.
+    Returns the keys taken, like `ModelPatcher.add_patches`.
     """
-    if patches:
-        raise ValueError(f"{len(patches)} weight patches (a LoRA or model merge) were sent to the NewBie MODEL. "
-                         + LORA_NODE_HINT)
-    return []
+    if strength_patch == 0:
+        return []
+    what = f"{len(patches)} weight patches" if patches else "a LoRA (none of whose keys matched any weight)"
+    raise ValueError(f"{what} reached the NewBie MODEL through a core node. " + LORA_NODE_HINT)
 
 
 def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -436,6 +436,24 @@ def test_pack_model_holds_no_weights_and_releases_its_session(comfy_env, pack):
         clone.add_patches({"diffusion_model.layers.0.attention.qkv.weight": (torch.zeros(1),)}, 1.0)
 
 
+def test_core_lora_loader_on_pack_model_fails_clearly(comfy_env, pack, tiny_models, tmp_path):
+    """Core LoraLoaderModelOnly on the pack's MODEL must not give a silently unpatched image."""
+    from safetensors.torch import save_file
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_file({"diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.zeros(4, 64),
+               "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.zeros(192, 4)},
+              str(folder / "tiny_lora.safetensors"))
+    comfy_env.folder_paths.add_model_folder_path("loras", str(folder))
+    mappings = comfy_env.nodes.NODE_CLASS_MAPPINGS
+    dit = mappings["NewBieDiTLoader"]().load("NewBie-Image-Exp0.1-bf16.safetensors", "bf16")[0]
+    model = mappings["NewBieDiTToModel"]().convert(dit)[0]
+    with pytest.raises(ValueError, match="pack's LoRA loader"):
+        mappings["LoraLoaderModelOnly"]().load_lora_model_only(model, "tiny_lora.safetensors", 0.8)
+    same = mappings["LoraLoaderModelOnly"]().load_lora_model_only(model, "tiny_lora.safetensors", 0.0)[0]
+    assert same is model                                  # strength 0: ComfyUI returns the input untouched
+
+
 def test_cancel_from_core_ksampler_interrupts_and_releases(comfy_env, pack):
     prompt = _model_prompt({
         "10": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["3", 0], "negative": ["3", 1],
