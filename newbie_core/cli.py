@@ -59,6 +59,12 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-renorm", type=float, default=0.0, help="official CFG renormalisation (0 = off)")
     g.add_argument("--cfg-trunc", type=float, default=1.0, help="CFG only while t < this (1 = always)")
     g.add_argument("--compat", action="store_true", help="send Jina the same text as Gemma, as ComfyUI does")
+    g.add_argument("--weighting", choices=["official", "off"], default="official",
+                   help="prompt weighting syntax (text:1.2), (text), [text], {text}, \\( as the official NewBie "
+                        "nodes read it (default), or off: the prompt goes to the encoders verbatim")
+    g.add_argument("--system-prompt", default="auto", metavar="TEXT",
+                   help="'auto' (default): the training prefix; '' for none (the official node's default); "
+                        "any other text is put in front of both prompts")
     for name in ("dit", "gemma", "jina", "vae"):
         g.add_argument(f"--{name}", help=f"path of the {name} checkpoint (.safetensors file or HF folder"
                        + ("; .gguf files too" if name in ("dit", "gemma") else "") + ")")
@@ -187,7 +193,8 @@ def _request(args: argparse.Namespace, checked: CheckedArgs):
             raise v.InputError("--init-image", f"the image is {iw}x{ih} but the size is {width}x{height}; resize "
                                                "the image or give --size to match it.")
     return GenerationRequest(prompt=checked.prompt, negative=checked.negative, width=width, height=height,
-                             sampling=sampling, memory=memory, compat=args.compat, init_image=init)
+                             sampling=sampling, memory=memory, compat=args.compat, init_image=init,
+                             weighting=args.weighting, system_prompt=args.system_prompt)
 
 
 def save_image_atomic(image, out: Path) -> None:

@@ -3,6 +3,7 @@
 from .encode_node import NewBieTextEncode
 from .latent_node import NewBieEmptyLatent
 from .loaders import NewBieDiTLoader, NewBieLoraLoader, NewBieTextEncoderLoader, NewBieVAELoader
+from .model_node import NewBieDiTToModel
 from .prompt_nodes import NewBieCharacter, NewBieXMLPromptBuilder
 from .report_node import NewBieMemoryReport
 from .sampler_node import NewBieSampler
@@ -12,7 +13,7 @@ from .vae_nodes import NewBieVAEDecode, NewBieVAEEncode
 NODE_CLASSES = [
     NewBieDiTLoader, NewBieTextEncoderLoader, NewBieVAELoader, NewBieMemorySettings, NewBieCharacter,
     NewBieXMLPromptBuilder, NewBieTextEncode, NewBieEmptyLatent, NewBieSampler, NewBieVAEDecode,
-    NewBieVAEEncode, NewBieMemoryReport, NewBieLoraLoader,
+    NewBieVAEEncode, NewBieMemoryReport, NewBieLoraLoader, NewBieDiTToModel,
 ]
 
 # The key is the class_type in saved workflows: never rename one once published.

@@ -193,6 +193,21 @@ class ComfyAdapter:
             return None
         return previewer.decode_latent_to_preview_image("JPEG", latent[:1])
 
+    def comfy_modules(self) -> Any:
+        """ComfyUI's modules the MODEL glue builds on (nodes/comfy_model.py imports none itself)."""
+        import types
+        import comfy.conds
+        import comfy.model_base
+        import comfy.model_management
+        import comfy.model_patcher
+        import comfy.model_sampling
+        import comfy.samplers
+        import comfy.supported_models
+        return types.SimpleNamespace(conds=comfy.conds, model_base=comfy.model_base,
+                                     model_management=comfy.model_management, model_patcher=comfy.model_patcher,
+                                     model_sampling=comfy.model_sampling, samplers=comfy.samplers,
+                                     supported_models=comfy.supported_models)
+
 
 @functools.lru_cache(maxsize=1)
 def _flux_latent_format():
@@ -289,3 +304,11 @@ def check_interrupted() -> None:
 
 def preview_image_from_latent(latent: torch.Tensor) -> Any:
     return get_adapter().preview_image_from_latent(latent)
+
+
+def comfy_modules() -> Any:
+    """The comfy.* modules for the MODEL glue; raises outside ComfyUI (there is no MODEL there)."""
+    impl = get_adapter()
+    if not hasattr(impl, "comfy_modules"):
+        raise RuntimeError("a ComfyUI MODEL exists only inside ComfyUI; use the NewBie sampler outside it.")
+    return impl.comfy_modules()

@@ -15,10 +15,9 @@ import torch
 
 from ..newbie_core.pipeline import (CONDITIONING_CACHE, Conditioning, MemorySettings, TextEncoderHandle,
                                     encode_texts)
-from ..newbie_core.pipeline.conditioning import conditioning_key
-from ..newbie_core.pipeline.encode import GEMMA_MAX_TOKENS, JINA_MAX_TOKENS, ENCODER_DTYPE, plan_gemma, plan_jina
+from ..newbie_core.pipeline.encode import conditioning_keys, plan_gemma, plan_jina
 from ..newbie_core.placement import Report
-from ..newbie_core.prompt import EncoderTexts, prepare_texts
+from ..newbie_core.prompt import AUTO_SYSTEM_PROMPT, EncoderTexts, PromptWeights, WeightingMode, prepare_weighted_texts
 from . import comfy_adapter as adapter
 from .settings_node import resolve_memory, plan_weight_bytes, vram_for_stage
 from ..newbie_core.validate import check_budget, check_prompt
@@ -73,12 +72,9 @@ def from_comfy_conditioning(conditioning, which: str, cap_dim: int | None = None
     return Conditioning(feats.float(), pooled.float())
 
 
-def _cached(handle: TextEncoderHandle, texts: EncoderTexts) -> bool:
+def _cached(handle: TextEncoderHandle, texts: EncoderTexts, weights: PromptWeights | None = None) -> bool:
     """True when both prompts are in the conditioning cache (then no GPU work happens)."""
-    pairs = [(texts.gemma_pos, texts.jina_pos), (texts.gemma_neg, texts.jina_neg)]
-    return all(CONDITIONING_CACHE.get(conditioning_key(
-        g, j, gemma_max=GEMMA_MAX_TOKENS, jina_max=JINA_MAX_TOKENS, dtype=str(ENCODER_DTYPE),
-        encoder_files=list(handle.files))) is not None for g, j in pairs)
+    return all(CONDITIONING_CACHE.get(key) is not None for key in conditioning_keys(handle, texts, weights))
 
 
 class NewBieTextEncode:
@@ -112,6 +108,13 @@ class NewBieTextEncode:
                 "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 0.25, "tooltip":
                                    "Overrides the memory settings' VRAM budget for this node. 0 = use the settings "
                                    "(or auto)."}),
+                "weighting": ([m.value for m in WeightingMode], {"default": WeightingMode.OFFICIAL.value, "tooltip":
+                              "official: (text:1.2), (text) = x1.1, [text] = x0.9, {text} = x1.2, \\( \\) for "
+                              "literal parentheses, as the official NewBie nodes read them (weights act on the "
+                              "Gemma features). off: the text goes to the encoders verbatim."}),
+                "system_prompt": ("STRING", {"multiline": True, "default": AUTO_SYSTEM_PROMPT, "tooltip":
+                                  "auto: the training prefix (XML or text, by the prompt). Empty: no system prompt, "
+                                  "as the official node's default. Other text: put in front of both prompts."}),
             },
         }
 
@@ -126,15 +129,19 @@ class NewBieTextEncode:
         return queue_check(cls, {"vram_budget_gb": vram_budget_gb}, *checks)
 
     def encode(self, text_encoders: TextEncoderHandle, positive: str, negative: str, compat: bool = False,
-               memory: MemorySettings | None = None, vram_budget_gb: float = 0.0) -> tuple[list, list]:
+               memory: MemorySettings | None = None, vram_budget_gb: float = 0.0,
+               weighting: str = WeightingMode.OFFICIAL.value,
+               system_prompt: str = AUTO_SYSTEM_PROMPT) -> tuple[list, list]:
         if not isinstance(text_encoders, TextEncoderHandle):
             raise ValueError("text_encoders must come from NewBie Text Encoder Loader.")
         settings = resolve_memory(memory, vram_budget_gb)
-        texts = prepare_texts(positive, negative, compat=compat)   # PromptSyntaxError names line and column
+        # PromptSyntaxError names line and column
+        texts, weights = prepare_weighted_texts(positive, negative, compat=compat, weighting=weighting,
+                                                system_prompt=system_prompt)
         device = adapter.compute_device()
         report = Report()
-        if _cached(text_encoders, texts):
-            pos, neg = encode_texts(text_encoders, texts, settings, device, report, None)
+        if _cached(text_encoders, texts, weights):
+            pos, neg = encode_texts(text_encoders, texts, settings, device, report, None, weights=weights)
         else:
             def plans(budget):
                 gemma = plan_gemma(text_encoders, [texts.gemma_pos, texts.gemma_neg], settings, budget)[2]
@@ -144,6 +151,6 @@ class NewBieTextEncode:
             with vram_for_stage("NewBie text encoders", device, settings,
                                 lambda: max(p.predicted_peak for p in plans(None)),
                                 lambda budget: max(plan_weight_bytes(p) for p in plans(budget))) as budget:
-                pos, neg = encode_texts(text_encoders, texts, settings, device, report, budget)
+                pos, neg = encode_texts(text_encoders, texts, settings, device, report, budget, weights=weights)
         out = adapter.intermediate_device()
         return to_comfy_conditioning(pos, out), to_comfy_conditioning(neg, out)

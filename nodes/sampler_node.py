@@ -13,7 +13,7 @@ import torch
 from ..newbie_core.pipeline import DiTHandle, MemorySettings, SamplingSettings, run_sampling
 from ..newbie_core.pipeline.sample import plan_sampling
 from ..newbie_core.placement import Report
-from ..newbie_core.sampling import sampler_names, validate_size
+from ..newbie_core.sampling import flow_sigmas, sampler_names, validate_size
 from ..newbie_core.validate import check_budget, check_sampling
 from . import comfy_adapter as adapter
 from .encode_node import from_comfy_conditioning
@@ -87,6 +87,11 @@ class NewBieSampler:
                                       "Overrides the settings' attention slicing: auto, off, or query rows per chunk."}),
                 "ffn_chunking": ([FROM_SETTINGS] + FFN_CHOICES, {"default": FROM_SETTINGS, "tooltip":
                                  "Overrides the settings' feed-forward chunking: auto, off, or tokens per chunk."}),
+                "sigmas": ("SIGMAS", {"tooltip": "Optional schedule from a core scheduler node (BasicScheduler, "
+                                                 "BetaSamplingScheduler, ...). Replaces steps, shift and denoise; a "
+                                                 "first sigma below 1 re-noises the input latent that far."}),
+                "core_sampler": ("SAMPLER", {"tooltip": "Optional core sampler (KSamplerSelect, ...). Replaces the "
+                                                        "sampler widget; the DiT still runs under this node's plan."}),
             },
         }
 
@@ -103,10 +108,16 @@ class NewBieSampler:
     def sample(self, dit: DiTHandle, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
                sampler: str, shift: float, denoise: float, memory: MemorySettings | None = None,
                vram_budget_gb: float = 0.0, attention_slicing: str = FROM_SETTINGS,
-               ffn_chunking: str = FROM_SETTINGS) -> tuple[dict, StageReport]:
+               ffn_chunking: str = FROM_SETTINGS, sigmas: torch.Tensor | None = None,
+               core_sampler=None) -> tuple[dict, StageReport]:
         if not isinstance(dit, DiTHandle):
             raise ValueError("dit must come from NewBie DiT Loader.")
         settings = resolve_memory(memory, vram_budget_gb, attention_slicing, ffn_chunking)
+        if sigmas is not None:
+            sigmas = checked_sigmas(sigmas)
+        if core_sampler is not None:
+            return self._sample_core(dit, positive, negative, latent, seed, steps, cfg, shift, denoise, settings,
+                                     sigmas, core_sampler)
         sampling = SamplingSettings(steps=steps, cfg=cfg, shift=shift, sampler=sampler, seed=seed, denoise=denoise)
         config = dit.ckpt.config
         pos = from_comfy_conditioning(positive, "positive", config.cap_feat_dim, config.clip_text_dim)
@@ -124,11 +135,42 @@ class NewBieSampler:
         with vram_for_stage("NewBie DiT", device, settings, lambda: plan(None).predicted_peak,
                             lambda budget: plan_weight_bytes(plan(budget))) as budget:
             result = run_sampling(dit, pos, neg, raw, sampling, settings, device, report, budget,
-                                  callback=_step_reporter(steps))
+                                  callback=_step_reporter(steps if sigmas is None else len(sigmas) - 1),
+                                  sigmas=sigmas)
         out = dict(latent)
         out["samples"] = result.latent.to(adapter.intermediate_device())
         note = budget_note("sample", device, budget)
         return out, StageReport.from_run("sample", result.plan.render(), report, note)
+
+
+    def _sample_core(self, dit, positive, negative, latent, seed, steps, cfg, shift, denoise, settings, sigmas,
+                     core_sampler) -> tuple[dict, StageReport]:
+        """A core SAMPLER drives the DiT through the pack's MODEL (same placement, same budget)."""
+        from .comfy_model import make_model, sample_with_core_sampler
+        raw = raw_samples(latent)
+        if sigmas is None:
+            sigmas = flow_sigmas(steps, shift, denoise)
+        report = Report()
+        model = make_model(dit, settings, report)
+        samples = sample_with_core_sampler(model, positive, negative, cfg, core_sampler, sigmas, raw, seed)
+        out = dict(latent)
+        out["samples"] = samples.to(adapter.intermediate_device())
+        placed = model.model.placed
+        plan_text = placed.last_plan.render() if placed.last_plan is not None else "(no forward ran)"
+        note = budget_note("sample (core sampler)", adapter.compute_device(), placed.last_budget)
+        return out, StageReport.from_run("sample", plan_text, report, note)
+
+
+def checked_sigmas(sigmas) -> torch.Tensor:
+    """A SIGMAS input as a float32 CPU tensor, or one clear error in sigma units."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError("sigmas must be a SIGMAS tensor with at least 2 values (from a core scheduler node).")
+    values = sigmas.detach().float().cpu()
+    if not bool((values[1:] < values[:-1]).all()) or float(values[0]) > 1.0 or float(values[-1]) < 0.0:
+        raise ValueError(f"sigmas must strictly decrease within [0, 1] (a flow schedule); got "
+                         f"{[round(float(v), 4) for v in values[:3]]} ... {[round(float(v), 4) for v in values[-2:]]}. "
+                         "Use a scheduler node on the NewBie MODEL (NewBie DiT to MODEL).")
+    return values
 
 
 def _step_reporter(steps: int):

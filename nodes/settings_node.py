@@ -9,7 +9,7 @@ free what the plan needs, and register a weightless handle for the weights we pl
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -79,20 +79,21 @@ def budget_note(stage: str, device: torch.device, budget: int | None) -> str:
 
 @contextmanager
 def vram_for_stage(name: str, device: torch.device, memory: MemorySettings, ideal_peak: Callable[[], int],
-                   weight_bytes: Callable[[int | None], int]) -> Iterator[int | None]:
+                   weight_bytes: Callable[[int | None], int], keep: Sequence = ()) -> Iterator[int | None]:
     """Yield the stage's VRAM budget, with ComfyUI told about the memory the stage will use.
 
     On a GPU: ask ComfyUI to evict its models until the stage's need is free (the explicit budget,
     or with an auto budget the all-resident peak), measure the budget, then register a weightless
     handle sized to the weights the plan places (so ComfyUI's accounting sees them). The stage
     frees its own weights when it ends (stage_guard on failure), so the handle is dropped after.
-    On the CPU there is no VRAM to share: nothing is asked or registered.
+    On the CPU there is no VRAM to share: nothing is asked or registered. ``keep``: ComfyUI
+    models that must stay loaded while freeing (the pack's own MODEL during a core sampler run).
     """
     if device.type == "cpu":
         yield stage_budget(memory, device)
         return
     need = memory.vram_budget_bytes if memory.vram_budget_bytes is not None else ideal_peak()
-    adapter.free_vram(need, device)
+    adapter.free_vram(need, device, keep)
     budget = stage_budget(memory, device)
 
     def evicted() -> None:

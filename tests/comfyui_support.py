@@ -161,8 +161,8 @@ def _node_inputs(node: Mapping, class_def: Any, resolve, strict: bool) -> dict[s
 # Stand-ins for the core nodes our workflows use, so the CPU tier can convert them
 # ----------------------------------------------------------------------------------------------
 
-def _stub(name: str, spec: dict) -> type:
-    return type(name, (), {"INPUT_TYPES": classmethod(lambda cls: copy.deepcopy(spec))})
+def _stub(name: str, spec: dict, returns: tuple = ()) -> type:
+    return type(name, (), {"INPUT_TYPES": classmethod(lambda cls: copy.deepcopy(spec)), "RETURN_TYPES": returns})
 
 
 CORE_NODE_STUBS: dict[str, type] = {
@@ -182,6 +182,14 @@ CORE_NODE_STUBS: dict[str, type] = {
         "images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}),
     "PreviewImage": _stub("PreviewImage", {"required": {"images": ("IMAGE",)}}),
     "LoadImage": _stub("LoadImage", {"required": {"image": (["example.png"], {"image_upload": True})}}),
+    "ModelSamplingAuraFlow": _stub("ModelSamplingAuraFlow", {"required": {
+        "model": ("MODEL",), "shift": ("FLOAT", {"default": 1.73, "min": 0.0, "max": 100.0})}}, ("MODEL",)),
+    "KSampler": _stub("KSampler", {"required": {
+        "model": ("MODEL",), "seed": ("INT", {"default": 0, "control_after_generate": True}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 10000}), "cfg": ("FLOAT", {"default": 8.0}),
+        "sampler_name": (["euler", "res_multistep", "dpmpp_2m"],), "scheduler": (["simple", "beta", "karras"],),
+        "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0})}}, ("LATENT",)),
 }
 
 
@@ -475,3 +483,50 @@ def frontend_check(url: str, workflow: dict, png_path: os.PathLike | str) -> dic
 
 def iter_workflows(folder: Path) -> Iterator[Path]:
     yield from sorted(folder.glob("*.json")) if folder.is_dir() else iter(())
+
+
+_RUN_JS = """async (prompt) => {
+  await window.app.loadApiJson(prompt, "tier.json");
+  await new Promise(r => setTimeout(r, 300));
+  await window.app.queuePrompt(0, 1);
+  return true;
+}"""
+
+_WIDGET_JS = """([type, name]) => {
+  const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
+  const node = nodes.find(n => n.type === type);
+  const w = node?.widgets?.find(w => w.name === name);
+  return w ? String(w.value ?? "") : null;
+}"""
+
+
+def frontend_run_and_read(url: str, prompt: dict, node_type: str, widget: str, png_path: os.PathLike | str,
+                          timeout_ms: int = 240_000) -> str:
+    """Queue an API prompt from the real UI, wait until `node_type` shows a non-empty `widget`
+    (a frontend extension fills it from the node's ui output), screenshot, return the text."""
+    import tempfile
+    from playwright.sync_api import sync_playwright
+    http_json(url + "/settings/Comfy.TutorialCompleted", True)
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium_path(), args=CHROMIUM_FLAGS,
+                                                    headless=True, viewport={"width": 1600, "height": 1000})
+        try:
+            page = ctx.new_page()
+            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_function("window.app && window.app.graph && window.app.graph.nodes !== undefined",
+                                   timeout=120_000)
+            page.keyboard.press("Escape")
+            page.evaluate(_RUN_JS, prompt)
+            page.wait_for_function(f"(() => {{ const f = {_WIDGET_JS}; const v = f({json.dumps([node_type, widget])});"
+                                   f" return v && v.length > 0; }})()", timeout=timeout_ms)
+            text = page.evaluate(_WIDGET_JS, [node_type, widget])
+            page.evaluate("""(type) => {
+              const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
+              const node = nodes.find(n => n.type === type);
+              window.app.canvas.centerOnNode?.(node); window.app.canvas.setDirty(true, true);
+            }""", node_type)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(png_path))
+        finally:
+            ctx.close()
+    return text

@@ -40,6 +40,16 @@ MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae")
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFY_ROOT, reason="COMFYUI_PATH not set (ComfyUI tier)")]
+CORE_SAMPLER_NODES = {"KSampler", "KSamplerAdvanced", "SamplerCustomAdvanced", "SamplerCustom"}
+
+
+def _uses_pack_sampler(path: Path) -> bool:
+    types = {n["type"] for n in json.loads(path.read_text())["nodes"]}
+    return any("Sampler" in t and t not in CORE_SAMPLER_NODES for t in types)
+
+
+# The first workflow driven by the pack's own sampler (others use core KSampler on its MODEL).
+PACK_SAMPLER_WORKFLOWS = [p for p in WORKFLOWS if _uses_pack_sampler(p)] or WORKFLOWS
 needs_workflows = pytest.mark.skipif(
     not WORKFLOWS, reason=f"{PACK_DIR / 'workflows'} has no *.json yet: nothing to run in ComfyUI")
 
@@ -211,7 +221,7 @@ def _sampler_id(prompt: dict, pack) -> str:
 
 @needs_workflows
 def test_cancel_during_sampler_interrupts_and_releases(comfy_env, pack):
-    prompt, _ = _prompt(comfy_env, WORKFLOWS[0])
+    prompt, _ = _prompt(comfy_env, PACK_SAMPLER_WORKFLOWS[0])
     sampler = _sampler_id(prompt, pack)
     from comfy_execution.utils import get_executing_context
     hits = []
@@ -245,7 +255,7 @@ def test_cancel_during_sampler_interrupts_and_releases(comfy_env, pack):
 
 @needs_workflows
 def test_conditioning_cache_skips_encoders_on_rerun(comfy_env, pack):
-    prompt, _ = _prompt(comfy_env, WORKFLOWS[0])
+    prompt, _ = _prompt(comfy_env, PACK_SAMPLER_WORKFLOWS[0])
     make = lambda: comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
     first_executor = make()
     before = _encoder_runs(pack)
@@ -281,7 +291,7 @@ def http_server(comfy_env, tiny_models, tmp_path_factory):
 
 @needs_workflows
 def test_http_prompt_roundtrip(comfy_env, pack, http_server):
-    prompt, workflow = _prompt(comfy_env, WORKFLOWS[0], http_server.base_dir / "input")
+    prompt, workflow = _prompt(comfy_env, PACK_SAMPLER_WORKFLOWS[0], http_server.base_dir / "input")
     assert f"{PACK_DIR.name}" in http_server.log() and "IMPORT FAILED" not in http_server.log()
     entry = cs.wait_history(http_server.url, cs.post_prompt(http_server.url, prompt, workflow))
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -306,3 +316,202 @@ def test_frontend_loads_workflows_without_missing_nodes(comfy_env, pack, http_se
         ours = cs.ui_to_api(workflow, comfy_env.nodes.NODE_CLASS_MAPPINGS)
         theirs = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["prompt"].items()}
         assert ours == theirs, "converter and frontend disagree on the API prompt"
+
+
+# ------------------------------------------------------------------ the pack's MODEL under core samplers
+
+TINY_LOADERS = {
+    "1": {"class_type": "NewBieDiTLoader", "inputs": {"dit_name": "NewBie-Image-Exp0.1-bf16.safetensors",
+                                                      "storage": "bf16"}},
+    "2": {"class_type": "NewBieTextEncoderLoader", "inputs": {"gemma_name": "gemma_3_4b_it_bf16.safetensors",
+                                                              "jina_name": "jina_clip_v2_bf16.safetensors",
+                                                              "gemma_storage": "bf16"}},
+    "3": {"class_type": "NewBieTextEncode", "inputs": {"text_encoders": ["2", 0], "positive": "a cat on a mat",
+                                                       "negative": "blurry, low quality", "compat": False}},
+    "4": {"class_type": "NewBieDiTToModel", "inputs": {"dit": ["1", 0]}},
+    "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 48, "batch_size": 1}},
+}
+
+
+def _saved_latent(comfy_env, outputs: dict, node_id: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+    entry = outputs[node_id]["latents"][0]
+    path = Path(comfy_env.folder_paths.get_output_directory()) / entry["subfolder"] / entry["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+def _model_prompt(sampler_nodes: dict) -> dict:
+    prompt = json.loads(json.dumps(TINY_LOADERS))
+    prompt.update(sampler_nodes)
+    return prompt
+
+
+def test_core_ksampler_on_pack_model_matches_pack_sampler(comfy_env, pack):
+    """Core KSampler (euler, simple) on the pack's MODEL and the pack's sampler fed the same
+    sigmas through SIGMAS give the same latent; so do KSamplerAdvanced and SamplerCustomAdvanced
+    with ModelSamplingAuraFlow at the default shift."""
+    common = {"seed": 7, "cfg": 4.0}
+    prompt = _model_prompt({
+        "10": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                    "latent_image": ["5", 0], "steps": 4, "sampler_name": "euler",
+                                                    "scheduler": "simple", "denoise": 1.0, **common}},
+        "11": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "simple", "steps": 4,
+                                                          "denoise": 1.0}},
+        "12": {"class_type": "NewBieSampler", "inputs": {"dit": ["1", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                         "latent": ["5", 0], "steps": 4, "sampler": "euler",
+                                                         "shift": 6.0, "denoise": 1.0, "sigmas": ["11", 0], **common}},
+        "13": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["4", 0], "shift": 6.0}},
+        "14": {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["13", 0], "add_noise": "enable", "noise_seed": 7, "steps": 4, "cfg": 4.0,
+            "sampler_name": "euler", "scheduler": "simple", "positive": ["3", 0], "negative": ["3", 1],
+            "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}},
+        "15": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "16": {"class_type": "CFGGuider", "inputs": {"model": ["13", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                     "cfg": 4.0}},
+        "17": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "18": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["15", 0], "guider": ["16", 0],
+                                                                 "sampler": ["17", 0], "sigmas": ["11", 0],
+                                                                 "latent_image": ["5", 0]}},
+        "19": {"class_type": "NewBieSampler", "inputs": {"dit": ["1", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                         "latent": ["5", 0], "steps": 4, "sampler": "euler",
+                                                         "shift": 6.0, "denoise": 1.0, "core_sampler": ["17", 0],
+                                                         **common}},
+        **{f"2{i}": {"class_type": "SaveLatent", "inputs": {"samples": [src, 0], "filename_prefix": f"eq{i}"}}
+           for i, src in enumerate(["10", "12", "14", "18", "19"])},
+    })
+    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    result = cs.run_prompt(comfy_env, executor, prompt)
+    assert result.success, result.message("execution_error")
+    core, ours, advanced, custom, ours_core = (_saved_latent(comfy_env, result.outputs, f"2{i}") for i in range(5))
+    assert core.shape == ours.shape == (1, 16, 6, 8)
+    assert torch.isfinite(core).all() and core.std() > 0.1
+    scale = float(ours.abs().max())
+    assert torch.allclose(core, ours, rtol=0, atol=1e-5 * scale), float((core - ours).abs().max())
+    for other in (advanced, custom, ours_core):
+        assert torch.allclose(core, other, rtol=0, atol=1e-5 * scale), float((core - other).abs().max())
+    # A different seed must change the image: the comparison above is not vacuous.
+    prompt["10"]["inputs"]["seed"] = 8
+    again = cs.run_prompt(comfy_env, executor, prompt)
+    assert again.success and not torch.allclose(_saved_latent(comfy_env, again.outputs, "20"), core, atol=1e-2)
+
+
+def test_pack_model_holds_no_weights_and_releases_its_session(comfy_env, pack):
+    mappings = comfy_env.nodes.NODE_CLASS_MAPPINGS
+    dit = mappings["NewBieDiTLoader"]().load("NewBie-Image-Exp0.1-bf16.safetensors", "bf16")[0]
+    model = mappings["NewBieDiTToModel"]().convert(dit)[0]
+    assert model.model_size() < 1 << 16, "the MODEL must not carry the DiT's weights"
+    assert not any(p.device.type != "meta" and p.numel() > 0 for p in model.model.parameters())
+    clone = model.clone()
+    assert type(clone) is type(model) and clone.model is model.model and clone.is_dynamic() is False
+    te = mappings["NewBieTextEncoderLoader"]().load("gemma_3_4b_it_bf16.safetensors", "jina_clip_v2_bf16.safetensors",
+                                                    "bf16")[0]
+    pos, neg = mappings["NewBieTextEncode"]().encode(te, "a cat", "")
+    latent = {"samples": torch.zeros(1, 16, 4, 4)}
+    placed = model.model.placed
+    handles_during, scope = [], placed.budget_scope
+
+    class Recording:                      # how many pack handles ComfyUI sees while the session is open
+        def __init__(self, *args):
+            self.inner = scope(*args)
+
+        def __enter__(self):
+            value = self.inner.__enter__()
+            handles_during.append(len(_handles(comfy_env)))
+            return value
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    placed.budget_scope = Recording
+    with torch.inference_mode():
+        out = mappings["KSampler"]().sample(clone, 3, 2, 3.0, "euler", "simple", pos, neg, latent)[0]
+    assert out["samples"].shape == (1, 16, 4, 4) and placed.opened == 1 and placed.forwards == 2
+    # On a GPU the placed weights are announced by one handle for the run; the CPU has no VRAM to share.
+    assert handles_during == [1 if torch.cuda.is_available() else 0]
+    assert _handles(comfy_env) == [], "the handle must go when the session closes"
+    assert placed.last_plan is not None
+    assert not placed.is_open, "the placement session must close when sampling ends"
+    assert placed.shape is None
+    with pytest.raises(ValueError, match="LoRA"):
+        clone.add_patches({"diffusion_model.layers.0.attention.qkv.weight": (torch.zeros(1),)}, 1.0)
+
+
+def test_core_lora_loader_on_pack_model_fails_clearly(comfy_env, pack, tiny_models, tmp_path):
+    """Core LoraLoaderModelOnly on the pack's MODEL must not give a silently unpatched image."""
+    from safetensors.torch import save_file
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_file({"diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.zeros(4, 64),
+               "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.zeros(192, 4)},
+              str(folder / "tiny_lora.safetensors"))
+    comfy_env.folder_paths.add_model_folder_path("loras", str(folder))
+    mappings = comfy_env.nodes.NODE_CLASS_MAPPINGS
+    dit = mappings["NewBieDiTLoader"]().load("NewBie-Image-Exp0.1-bf16.safetensors", "bf16")[0]
+    model = mappings["NewBieDiTToModel"]().convert(dit)[0]
+    with pytest.raises(ValueError, match="pack's LoRA loader"):
+        mappings["LoraLoaderModelOnly"]().load_lora_model_only(model, "tiny_lora.safetensors", 0.8)
+    same = mappings["LoraLoaderModelOnly"]().load_lora_model_only(model, "tiny_lora.safetensors", 0.0)[0]
+    assert same is model                                  # strength 0: ComfyUI returns the input untouched
+
+
+def test_cancel_from_core_ksampler_interrupts_and_releases(comfy_env, pack):
+    prompt = _model_prompt({
+        "10": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                    "latent_image": ["5", 0], "seed": 3, "steps": 5, "cfg": 4.0,
+                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "20": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "cancel"}},
+    })
+    from comfy_execution.utils import get_executing_context
+    hits = []
+
+    def hook(value, total, preview, node_id=None, prompt_id=None):
+        ctx = get_executing_context()
+        if (node_id or (ctx.node_id if ctx else None)) == "10":
+            hits.append(value)
+            comfy_env.mm.interrupt_current_processing(True)   # what POST /interrupt does
+
+    previous = comfy_env.comfy_utils.PROGRESS_BAR_HOOK
+    comfy_env.comfy_utils.set_progress_bar_global_hook(hook)
+    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    try:
+        result = cs.run_prompt(comfy_env, executor, prompt)
+    finally:
+        comfy_env.comfy_utils.set_progress_bar_global_hook(previous)
+    assert hits == [1], f"KSampler kept stepping after Cancel: progress {hits}"
+    interrupted = result.message("execution_interrupted")
+    assert interrupted is not None and interrupted["node_id"] == "10", result.messages
+    assert not comfy_env.mm.processing_interrupted()
+    assert _handles(comfy_env) == [], "the DiT's handle must be gone after a cancelled run"
+    again = cs.run_prompt(comfy_env, executor, prompt)
+    assert again.success, again.message("execution_error")
+
+
+@needs_workflows
+@pytest.mark.skipif(cs.chromium_path() is None or importlib.util.find_spec("playwright") is None,
+                    reason="needs Debian chromium and the playwright package")
+def test_memory_report_shows_on_the_canvas(comfy_env, pack, http_server, tmp_path):
+    """Frontend 1.27 (the one this snapshot ships): after a run queued from the UI, the Memory
+    Report node displays the plans and measured peaks (js/newbie_report.js)."""
+    wf_path = next(p for p in WORKFLOWS if p.stem == "newbie_t2i_16gb_1024")
+    prompt, _ = _prompt(comfy_env, wf_path, http_server.base_dir / "input")
+    folder = Path(os.environ.get("NEWBIE_SCREENSHOT_DIR") or tmp_path)
+    text = cs.frontend_run_and_read(http_server.url, prompt, "NewBieMemoryReport", "report",
+                                    folder / "memory_report_on_canvas.png")
+    assert "== plan: sample ==" in text and "== measured ==" in text, text[:500]
+
+
+def test_core_samplers_and_schedulers_run_on_pack_model(comfy_env, pack):
+    combos = [("res_multistep", "simple"), ("dpmpp_2m", "beta"), ("euler", "karras"), ("heun", "normal")]
+    nodes = {"13": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["4", 0], "shift": 3.0}}}
+    for i, (sampler, scheduler) in enumerate(combos):
+        nodes[f"3{i}"] = {"class_type": "KSampler", "inputs": {
+            "model": ["13", 0], "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["5", 0], "seed": 1,
+            "steps": 3, "cfg": 3.0, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}}
+        nodes[f"4{i}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"3{i}", 0], "filename_prefix": f"c{i}"}}
+    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
+    result = cs.run_prompt(comfy_env, executor, _model_prompt(nodes))
+    assert result.success, result.message("execution_error")
+    latents = [_saved_latent(comfy_env, result.outputs, f"4{i}") for i in range(len(combos))]
+    for combo, lat in zip(combos, latents):
+        assert lat.shape == (1, 16, 6, 8) and torch.isfinite(lat).all() and lat.std() > 0.1, combo
+    assert not torch.allclose(latents[0], latents[1], atol=1e-3), "different samplers gave the same latent"

@@ -52,7 +52,7 @@ def test_validate_size_message_names_nearest_sizes_and_round_up_option():
     with pytest.raises(ValueError) as err:
         validate_size(1000, 1530)
     msg = str(err.value)
-    assert "992x1520" in msg and "1008x1536" in msg and "round-up" in msg
+    assert "992x1520" in msg and "1008x1536" in msg and "--round-up" in msg and "round-up option" not in msg
     assert validate_size(1000, 1530, round_up=True) == (1008, 1536)
     assert round_up_size(1, 16) == (16, 16)
     for bad in [(0, 1024), (-16, 16), (1024.0, 1024), (True, 16)]:

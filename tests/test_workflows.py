@@ -26,7 +26,9 @@ MODEL_FILES = {"diffusion_models": "NewBie-Image-Exp0.1-bf16.safetensors",
                "text_encoders": ("gemma_3_4b_it_bf16.safetensors", "jina_clip_v2_bf16.safetensors"),
                "vae": "ae.safetensors"}
 EXPECTED = {"newbie_img2img", "newbie_t2i_16gb_1024", "newbie_t2i_8gb_1024x1536", "newbie_two_characters_xml",
-            "newbie_with_core_nodes"}
+            "newbie_with_core_nodes", "newbie_core_ksampler"}
+# Core nodes that only real ComfyUI can run (the ComfyUI tier executes these workflows).
+COMFY_ONLY = {"KSampler", "ModelSamplingAuraFlow"}
 
 import comfyui_support as cs  # tests/ is on pytest's pythonpath (pyproject)
 
@@ -89,7 +91,7 @@ class PreviewImage(SaveImage):
 
 
 CORE = {"LoadImage": LoadImage, "EmptySD3LatentImage": EmptySD3LatentImage, "SaveImage": SaveImage,
-        "PreviewImage": PreviewImage}
+        "PreviewImage": PreviewImage, **{name: cs.CORE_NODE_STUBS[name] for name in COMFY_ONLY}}
 VIRTUAL = {"Note", "MarkdownNote"}
 
 
@@ -130,7 +132,7 @@ def spec_inputs(cls) -> dict:
 
 # ---------------------------------------------------------------------------------- static checks
 
-def test_the_five_workflows_and_their_thumbnails_exist():
+def test_the_six_workflows_and_their_thumbnails_exist():
     from PIL import Image
     assert {p.stem for p in WORKFLOWS} == EXPECTED
     for path in WORKFLOWS:
@@ -240,6 +242,13 @@ def test_each_workflow_shows_what_its_name_promises(mappings):
     assert core[nodes_of("newbie_with_core_nodes", "NewBieSampler")[0]["inputs"]["latent"][0]]["class_type"] == \
         "EmptySD3LatentImage"
     assert {"SaveImage", "PreviewImage"} <= {n["class_type"] for n in core.values()}
+    ks = api["newbie_core_ksampler"]
+    sampler = nodes_of("newbie_core_ksampler", "KSampler")[0]["inputs"]
+    shift = ks[sampler["model"][0]]
+    assert shift["class_type"] == "ModelSamplingAuraFlow" and ks[shift["inputs"]["model"][0]]["class_type"] == \
+        "NewBieDiTToModel"
+    assert ks[sampler["positive"][0]]["class_type"] == "NewBieTextEncode"
+    assert not nodes_of("newbie_core_ksampler", "NewBieSampler")
 
 
 # ---------------------------------------------------------------------------------- execution
@@ -311,6 +320,8 @@ def test_workflow_executes_through_the_nodes(path, mappings):
     SaveImage.saved.clear()
     PreviewImage.saved.clear()
     prompt = shrink(cs.ui_to_api(load(path), mappings))
+    if COMFY_ONLY & {n["class_type"] for n in prompt.values()}:
+        pytest.skip("core KSampler runs only inside ComfyUI: test_comfyui_tier.py::test_workflow_executes runs it")
     ui = execute(prompt, mappings)
     assert SaveImage.saved, "nothing was saved"
     for _, images in SaveImage.saved + PreviewImage.saved:
@@ -336,3 +347,28 @@ def test_rerunning_a_workflow_does_not_rerun_the_encoders(mappings):
     prompt[next(n for n, v in prompt.items() if v["class_type"] == "NewBieXMLPromptBuilder")]["inputs"]["caption"] = "new"
     execute(prompt, mappings, targets=encode)
     assert pipeline.ENCODER_CALLS["gemma"] == calls["gemma"] + 1
+
+
+# The frontend's fit-to-view (litegraph fitToBounds) zooms to 0.75 of the scale that fits the
+# graph's bounding box; below about 0.6 node text stops being drawn. Title bars sit above pos.
+FIT_VIEW_FACTOR = 0.75
+TITLE_HEIGHT = 30
+WINDOW = (1600, 1000)
+
+
+def _boxes(wf: dict) -> list[tuple[int, float, float, float, float]]:
+    return [(n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in wf["nodes"]]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_fits_a_1600x1000_window_above_60_percent_zoom(path):
+    boxes = _boxes(load(path))
+    width = max(b[3] for b in boxes) - min(b[1] for b in boxes)
+    height = max(b[4] for b in boxes) - min(b[2] for b in boxes)
+    zoom = FIT_VIEW_FACTOR * min(WINDOW[0] / width, WINDOW[1] / height)
+    assert zoom > 0.6, f"{path.stem}: {width:.0f}x{height:.0f} px fits at {zoom:.0%} zoom"
+    for i, a in enumerate(boxes):                       # and no node hides another
+        for b in boxes[i + 1:]:
+            overlap = min(a[3], b[3]) > max(a[1], b[1]) and min(a[4], b[4]) > max(a[2], b[2])
+            assert not overlap, f"{path.stem}: nodes {a[0]} and {b[0]} overlap"

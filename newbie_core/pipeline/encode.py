@@ -16,7 +16,7 @@ import torch
 from ..models.gemma import GemmaTextEncoder, estimate_gemma_activation_bytes
 from ..models.jina import JinaTextEncoder
 from ..placement import Report, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
-from ..prompt import EncoderTexts
+from ..prompt import EncoderTexts, PromptWeights, WeightedText
 from .conditioning import CONDITIONING_CACHE, Conditioning, ConditioningCache, conditioning_key
 from .handles import TextEncoderHandle
 from .host_ram import host_budget
@@ -36,18 +36,31 @@ ENCODER_FIXED_BYTES = 48 * 2**20
 ENCODER_CALLS = {"gemma": 0, "jina": 0}
 
 
-def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemorySettings, device: torch.device,
-                 report: Report, budget: int | None, cache: ConditioningCache = CONDITIONING_CACHE
-                 ) -> tuple[Conditioning, Conditioning]:
-    """(positive, negative) conditioning, from the cache when every input is unchanged."""
+def conditioning_keys(handle: TextEncoderHandle, texts: EncoderTexts,
+                      weights: PromptWeights | None = None) -> list[str]:
+    """Cache keys of the positive and negative conditioning: texts, weights, lengths, files."""
     pairs = [(texts.gemma_pos, texts.jina_pos), (texts.gemma_neg, texts.jina_neg)]
-    keys = [conditioning_key(g, j, gemma_max=GEMMA_MAX_TOKENS, jina_max=JINA_MAX_TOKENS, dtype=str(ENCODER_DTYPE),
-                             encoder_files=list(handle.files)) for g, j in pairs]
+    tags = [w.key() for w in weights] if weights is not None else ["", ""]
+    return [conditioning_key(g + (f"\x00weights:{tag}" if tag else ""), j, gemma_max=GEMMA_MAX_TOKENS,
+                             jina_max=JINA_MAX_TOKENS, dtype=str(ENCODER_DTYPE), encoder_files=list(handle.files))
+            for (g, j), tag in zip(pairs, tags)]
+
+
+def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemorySettings, device: torch.device,
+                 report: Report, budget: int | None, cache: ConditioningCache = CONDITIONING_CACHE,
+                 weights: PromptWeights | None = None) -> tuple[Conditioning, Conditioning]:
+    """(positive, negative) conditioning, from the cache when every input is unchanged.
+    ``weights`` (from ``prepare_weighted_texts``) are applied to the Gemma features."""
+    pairs = [(texts.gemma_pos, texts.jina_pos), (texts.gemma_neg, texts.jina_neg)]
+    keys = conditioning_keys(handle, texts, weights)
     folder = memory.conditioning_cache_dir
     found = [cache.get(k, folder) for k in keys]
     todo = [i for i, c in enumerate(found) if c is None]
     if todo:
         feats = run_gemma(handle, [pairs[i][0] for i in todo], memory, device, report, budget)
+        if weights is not None:
+            feats = _weighted_features(handle, [pairs[i][0] for i in todo], [weights[i] for i in todo], feats,
+                                       memory, device, report, budget)
         pooled = run_jina(handle, [pairs[i][1] for i in todo], memory, device, report, budget)
         for i, f, p in zip(todo, feats, pooled):
             found[i] = Conditioning(f, p)
@@ -55,6 +68,54 @@ def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemoryS
     else:
         log.info("conditioning cache hit: both encoders skipped")
     return found[0], found[1]
+
+
+def token_weights(handle: TextEncoderHandle, text: str, spans: WeightedText, n_tokens: int) -> torch.Tensor:
+    """(n_tokens,) weight per Gemma token (BOS first). A span's tokens are found by tokenising the
+    text up to its start and its end: the official node uses the tokenizer's offset mapping,
+    which gives the same tokens except where a token straddles a span edge."""
+    pieces = handle.gemma.tokenizer.pieces
+    out = torch.ones(n_tokens)
+    for start, end, weight in spans.spans:
+        first = 1 + len(pieces.encode(text[:start]))
+        last = 1 + len(pieces.encode(text[:end]))
+        out[first:min(last, n_tokens)] = weight
+    return out
+
+
+# The official node's default ("compel") baseline: weights below 1 blend towards the features
+# of a re-encode with those tokens hidden, weights above 1 push away from the BOS state.
+LOW_WEIGHT_POWER = 0.7
+HIGH_WEIGHT_POWER = 0.8
+
+
+def apply_token_weights(feats: torch.Tensor, weights: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """Weighted (L, H) features. ``hidden``: the features re-encoded with the 0 < w < 1 tokens
+    masked (None when there are none). e0 = the BOS state (position 0, the same for any text)."""
+    w = weights.to(feats.dtype)[:, None]                                          # (L, 1)
+    e0 = feats[:1]
+    if hidden is None:
+        return torch.where(w > 1, (feats - e0) * w + e0, feats)
+    low = (w > 0) & (w < 1)
+    alpha = w.clamp_min(0) ** LOW_WEIGHT_POWER
+    out = torch.where(low, feats * alpha + hidden * (1 - alpha), feats)
+    out = torch.where(w <= 0, hidden, out)
+    return torch.where(w > 1, (feats - e0) * w.clamp_min(1) ** HIGH_WEIGHT_POWER + e0, out)
+
+
+def _weighted_features(handle: TextEncoderHandle, texts: list[str], spans: list[WeightedText],
+                       feats: list[torch.Tensor], memory: MemorySettings, device: torch.device, report: Report,
+                       budget: int | None) -> list[torch.Tensor]:
+    weights = [token_weights(handle, t, s, f.shape[0]) for t, s, f in zip(texts, spans, feats)]
+    need = [i for i, w in enumerate(weights) if bool(((w > 0) & (w < 1)).any())]
+    hidden: dict[int, torch.Tensor] = {}
+    if need:
+        masked = [torch.nonzero((weights[i] > 0) & (weights[i] < 1)).flatten().tolist() for i in need]
+        for i, h in zip(need, run_gemma(handle, [texts[i] for i in need], memory, device, report, budget,
+                                        masked=masked)):
+            hidden[i] = h
+    return [f if not s.weighted else apply_token_weights(f, w, hidden.get(i))
+            for i, (f, w, s) in enumerate(zip(feats, weights, spans))]
 
 
 def _storage(handle: TextEncoderHandle, memory: MemorySettings) -> StorageChoice:
@@ -79,10 +140,16 @@ def plan_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySe
 
 
 def run_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,
-              report: Report, budget: int | None) -> list[torch.Tensor]:
-    """Gemma ``hidden_states[-2]`` per text, trimmed to its valid tokens, on the CPU."""
+              report: Report, budget: int | None, masked: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+    """Gemma ``hidden_states[-2]`` per text, trimmed to its valid tokens, on the CPU.
+    ``masked``: per text, token positions hidden from attention (the weighting's re-encode)."""
     def features(encoder: GemmaTextEncoder, tokens) -> list[torch.Tensor]:
-        feats = encoder(tokens.input_ids, tokens.attention_mask)                   # (B, L, H)
+        mask = tokens.attention_mask
+        if masked is not None:
+            mask = mask.clone()
+            for row, positions in enumerate(masked):
+                mask[row, list(positions)] = False
+        feats = encoder(tokens.input_ids, mask)                                    # (B, L, H)
         return [feats[i, : int(n)].float().cpu() for i, n in enumerate(tokens.attention_mask.sum(1))]
 
     return _run_encoder("gemma", lambda b: plan_gemma(handle, texts, memory, b), handle.gemma.source,

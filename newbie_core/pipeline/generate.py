@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..placement import Report, StagePlan, auto_budget
-from ..prompt import EncoderTexts, prepare_texts
+from ..prompt import AUTO_SYSTEM_PROMPT, EncoderTexts, WeightingMode, prepare_weighted_texts
 from ..sampling import validate_size
 from .encode import encode_texts, plan_gemma, plan_jina
 from .handles import DiTHandle, TextEncoderHandle, VaeHandle
@@ -43,6 +43,8 @@ class GenerationRequest:
     memory: MemorySettings = field(default_factory=MemorySettings)
     compat: bool = False
     init_image: torch.Tensor | None = None    # IMAGE (1, H, W, 3) in [0, 1], for img2img
+    weighting: str = WeightingMode.OFFICIAL.value     # prompt weighting syntax: "official" or "off"
+    system_prompt: str = AUTO_SYSTEM_PROMPT           # "auto" = training prefix, "" = none
 
     def __post_init__(self) -> None:
         validate_size(self.width, self.height)
@@ -76,10 +78,12 @@ def generate(models: Models, request: GenerationRequest, device: torch.device | 
              callback: StepCallback | None = None) -> GenerationResult:
     device = device or default_device()
     memory = request.memory
-    texts = prepare_texts(request.prompt, request.negative, compat=request.compat)
+    texts, weights = prepare_weighted_texts(request.prompt, request.negative, compat=request.compat,
+                                            weighting=request.weighting, system_prompt=request.system_prompt)
     report = Report()
     log.info("encoding the prompt (Gemma 3 + Jina CLIP v2)")
-    pos, neg = encode_texts(models.encoders, texts, memory, device, report, stage_budget(memory, device))
+    pos, neg = encode_texts(models.encoders, texts, memory, device, report, stage_budget(memory, device),
+                            weights=weights)
     raw = start_latent(models.vae, request, device, report)
     log.info("sampling %d steps at %dx%d (%s, cfg %g)", request.sampling.steps, request.width, request.height,
              request.sampling.sampler, request.sampling.cfg)
@@ -108,7 +112,9 @@ def describe_plan(models: Models, request: GenerationRequest, device: torch.devi
     device = device or default_device()
     memory = request.memory
     budget = stage_budget(memory, device)
-    texts: EncoderTexts = prepare_texts(request.prompt, request.negative, compat=request.compat)
+    texts: EncoderTexts = prepare_weighted_texts(request.prompt, request.negative, compat=request.compat,
+                                                 weighting=request.weighting,
+                                                 system_prompt=request.system_prompt)[0]
     g_model, g_inputs, gemma, gemma_tokens = plan_gemma(models.encoders, [texts.gemma_pos, texts.gemma_neg],
                                                         memory, budget)
     j_model, j_inputs, jina, _ = plan_jina(models.encoders, [texts.jina_pos, texts.jina_neg], memory, budget)

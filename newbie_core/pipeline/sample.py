@@ -152,9 +152,12 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
 
 def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioning, raw_latent: torch.Tensor,
                  sampling: SamplingSettings, memory: MemorySettings, device: torch.device, report: Report,
-                 budget: int | None, callback: StepCallback | None = None) -> SampleResult:
+                 budget: int | None, callback: StepCallback | None = None,
+                 sigmas: torch.Tensor | None = None) -> SampleResult:
     """Sample a raw latent. ``raw_latent`` is the start (zeros for text-to-image, a VAE-encoded
-    image for img2img with ``denoise < 1``); its shape fixes batch and size."""
+    image for img2img with ``denoise < 1``); its shape fixes batch and size. ``sigmas`` (e.g. from a
+    ComfyUI scheduler node) replaces the schedule built from steps, shift and denoise; a first
+    sigma below 1 then re-noises the input latent that far, as img2img does."""
     b, c, h, w = raw_latent.shape
     width, height = w * 8, h * 8
     guided = sampling.cfg != 1.0
@@ -173,7 +176,7 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
             with placed_blocks(model, handle.ckpt.source, inputs, plan, device, host_budget(memory)) as session:
                 guard.hold(session)
                 latent, steps = _sample_loop(model, positive, negative, raw_latent, sampling, device,
-                                             inputs.compute_dtype, callback)
+                                             inputs.compute_dtype, callback, sigmas)
             rec.bytes_h2d = session.bytes_h2d     # resident loads + streamed copies, complete once closed
             model.to_empty(device="meta")
         return SampleResult(latent, plan, steps)
@@ -183,7 +186,8 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
 
 def _sample_loop(model, positive: Conditioning, negative: Conditioning, raw_latent: torch.Tensor,
                  sampling: SamplingSettings, device: torch.device, dtype: torch.dtype,
-                 callback: StepCallback | None) -> tuple[torch.Tensor, list[float]]:
+                 callback: StepCallback | None, sigmas: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, list[float]]:
     """The sampler loop; returns the raw latent (CPU, fp32) and the per-step seconds."""
     b = raw_latent.shape[0]
     pair = batch_conditionings([positive] * b + [negative] * b, device, dtype)
@@ -198,10 +202,15 @@ def _sample_loop(model, positive: Conditioning, negative: Conditioning, raw_late
     trunc = sampling.cfg_trunc if sampling.cfg_trunc < 1.0 else None
     velocity = GuidedVelocity(batched_model, single_model,
                               GuidanceConfig(scale=sampling.cfg, renorm=sampling.cfg_renorm, trunc=trunc))
-    sigmas = flow_sigmas(sampling.steps, sampling.shift, sampling.denoise)
+    if sigmas is None:
+        sigmas = flow_sigmas(sampling.steps, sampling.shift, sampling.denoise)
+        partial = sampling.denoise < 1.0
+    else:
+        sigmas = sigmas.detach().float().cpu()
+        partial = float(sigmas[0]) < 1.0
     noise = initial_noise(sampling.seed, tuple(raw_latent.shape)).to(device)
     x0 = normalize_latent(raw_latent.to(device=device, dtype=torch.float32))
-    x = noise_latent(x0, noise, float(sigmas[0])) if sampling.denoise < 1.0 else noise
+    x = noise_latent(x0, noise, float(sigmas[0])) if partial else noise
 
     clock = _StepClock(device)
 

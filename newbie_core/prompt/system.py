@@ -13,6 +13,7 @@ import logging
 from typing import NamedTuple
 
 from .parser import is_xml_prompt, parse_prompt
+from .weighting import WeightedText, WeightingMode, weighted_text
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +89,51 @@ def prepare_texts(prompt: str, negative: str = "", compat: bool = False,
     gemma_pos, jina_pos = _prepare_one(prompt, compat, negative=False)
     gemma_neg, jina_neg = _prepare_one(negative, compat, negative=True)
     return EncoderTexts(gemma_pos, jina_pos, gemma_neg, jina_neg)
+
+
+# "auto": the training prefixes above (XML or text, by the prompt); "" = no system prompt, as
+# the official ComfyUI node's default; any other text is put in front of both prompts.
+AUTO_SYSTEM_PROMPT = "auto"
+
+
+class PromptWeights(NamedTuple):
+    """Weighted character spans of the positive and negative Gemma texts (empty = unweighted)."""
+    positive: WeightedText
+    negative: WeightedText
+
+    def key(self, mode: str) -> tuple[str, str]:
+        return (f"{mode}|{self.positive.key()}", f"{mode}|{self.negative.key()}")
+
+
+def _with_system(text: str, system_prompt: str, compat: bool, negative: bool) -> tuple[str, str]:
+    if system_prompt == AUTO_SYSTEM_PROMPT:
+        return _prepare_one(text, compat, negative)
+    text = text.strip()
+    if not text:
+        return "", ""
+    if not negative and is_xml_prompt(text):
+        parse_prompt(text)
+    system = system_prompt.strip()
+    gemma = f"{system} {text}" if system else text
+    return gemma, (gemma if compat else text)
+
+
+def prepare_weighted_texts(prompt: str, negative: str = "", compat: bool = False,
+                           weighting: WeightingMode | str = WeightingMode.OFFICIAL,
+                           system_prompt: str = AUTO_SYSTEM_PROMPT) -> tuple[EncoderTexts, PromptWeights]:
+    """:func:`prepare_texts` with the official weighting syntax and a chosen system prompt.
+
+    The syntax is removed from what both encoders read; the weights are returned as spans of
+    the Gemma texts (the system prefix is never weighted). With ``weighting="off"`` and the
+    "auto" system prompt this is exactly :func:`prepare_texts`.
+    """
+    texts, spans = [], []
+    for text, neg in ((prompt, False), (negative, True)):
+        weighted = weighted_text(text.strip(), weighting)
+        gemma, jina = _with_system(weighted.text, system_prompt, compat, neg)
+        offset = len(gemma) - len(weighted.text.strip())
+        ok = weighted.weighted and gemma.endswith(weighted.text.strip())
+        lead = len(weighted.text) - len(weighted.text.lstrip())
+        texts += [gemma, jina]
+        spans.append(weighted.shifted(offset - lead) if ok else WeightedText(gemma, ()))
+    return EncoderTexts(*texts), PromptWeights(*spans)

@@ -97,8 +97,9 @@ def validate_size(w: int, h: int, round_up: bool = False) -> tuple[int, int]:
     raise ValueError(
         f"image size {w}x{h} is not a multiple of {SIZE_MULTIPLE} px on both sides (the DiT "
         f"works on 2x2 patches of the x8 VAE latent). Nearest valid sizes: "
-        f"{down[0]}x{down[1]} (rounded down) or {up[0]}x{up[1]} (rounded up); "
-        f"or enable the round-up option to use {up[0]}x{up[1]} automatically.")
+        f"{down[0]}x{down[1]} (rounded down) or {up[0]}x{up[1]} (rounded up). Set one of them as the "
+        f"width/height of the latent node (or the --size of the CLI, whose --round-up picks "
+        f"{up[0]}x{up[1]} automatically).")
 
 
 def latent_shape(w: int, h: int) -> tuple[int, int, int]:
