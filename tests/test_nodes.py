@@ -92,7 +92,7 @@ def empty(nodes, w=32, h=32, batch=1):
 # ---------------------------------------------------------------------------------- declarations
 
 def test_every_node_declares_a_consistent_v1_interface(pack, nodes, adapter):
-    assert len(nodes) == 13
+    assert len(nodes) == 14          # 12 + the LoRA Loader (issue 12) + DiT to MODEL (issue 12)
     for node_id, cls in nodes.items():
         assert node_id.startswith("NewBie") and node_id == cls.__name__
         assert pack.NODE_DISPLAY_NAME_MAPPINGS[node_id] == cls.TITLE and cls.TITLE.startswith("NewBie")

@@ -67,7 +67,29 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-class TensorSource:
+class OfficialKeys:
+    """What every weight source shares: ``stored`` maps official keys to what the files hold,
+    and another mapping gives another view of the same open files."""
+    stored: dict
+
+    def with_mapping(self, stored: Mapping) -> "OfficialKeys":
+        """The same files seen through another key mapping (no file is reopened)."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.stored = dict(stored)
+        return other
+
+    def keys(self) -> list[str]:
+        return list(self.stored)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.stored
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+
+class TensorSource(OfficialKeys):
     """A read-only mapping of official key -> tensor over lazily opened safetensors files.
 
     ``stored`` maps each official key to the stored key it comes from, or to a
@@ -103,22 +125,6 @@ class TensorSource:
         return self._info[raw_key]["dtype"]
 
     # -- the official view ----------------------------------------------------------------
-    def with_mapping(self, stored: Mapping[str, str | Derived]) -> "TensorSource":
-        """The same files seen through another key mapping (no file is reopened)."""
-        other = object.__new__(TensorSource)
-        other.__dict__.update(self.__dict__)
-        other.stored = dict(stored)
-        return other
-
-    def keys(self) -> list[str]:
-        return list(self.stored)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.stored
-
-    def __len__(self) -> int:
-        return len(self.stored)
-
     def shape(self, key: str) -> tuple[int, ...]:
         src = self.stored[key]
         return src.shape if isinstance(src, Derived) else self.raw_shape(src)

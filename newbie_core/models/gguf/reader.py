@@ -23,7 +23,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFValueType
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, OfficialKeys
 from .dequant import BLOCK_DECODERS, QUANTISED, dequantize
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def read_fields(reader: GGUFReader) -> dict[str, Any]:
     return out
 
 
-class GGUFSource:
+class GGUFSource(OfficialKeys):
     """A read-only mapping of official key -> tensor over one GGUF file (see module docstring)."""
 
     def __init__(self, path: os.PathLike | str, stored: Mapping[str, str] | None = None):
@@ -92,21 +92,6 @@ class GGUFSource:
         return counts
 
     # -- the official view ----------------------------------------------------------------
-    def with_mapping(self, stored: Mapping[str, str]) -> "GGUFSource":
-        other = object.__new__(GGUFSource)
-        other.__dict__.update(self.__dict__)
-        other.stored = dict(stored)
-        return other
-
-    def keys(self) -> list[str]:
-        return list(self.stored)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.stored
-
-    def __len__(self) -> int:
-        return len(self.stored)
-
     def shape(self, key: str) -> tuple[int, ...]:
         return self.raw_shape(self.stored[key])
 
