@@ -5,13 +5,15 @@ RoPE and the SwiGLU product. Written op by op that was ~90 launches per block, e
 through memory, several in float32: measured on an H200 at 1024² with CFG, about 51 ms of a
 203 ms step, against 91 ms for all the GEMMs and attention together (issue 10).
 
-Each group below is a function of plain tensors whose body is the reference math: float32 inside,
-one rounding to the compute dtype at the end (the official code rounds after every norm; one
-rounding is closer to its float32 forward, see docs/numerics.md). :class:`Kernels` hands the
-blocks either those bodies as they are, or the same bodies through ``torch.compile``, which turns
-each into one Triton kernel. Weights come in as arguments, so wherever placement put them
-(resident, a ring slot, an fp8 upcast) the same kernel runs on the same values: a streamed run
-stays bitwise equal to a resident one with the same setting.
+Each group below is a function of plain tensors with two bodies. The reference body is the maths
+in float32 with one rounding to the compute dtype at the end (the official code rounds after every
+norm; one rounding is closer to its float32 forward, BENCHMARKS.md has the drift), and
+``torch.compile`` turns it into one Triton kernel. The eager body computes the same from torch's
+own fused ops (``F.rms_norm``, ``addcmul``) for runs without torch.compile: the CPU, machines
+without Triton, ``--compile off``. :class:`Kernels` hands the blocks one of the two sets. Weights
+come in as arguments, so wherever placement put them (resident, a ring slot, an fp8 upcast) the
+same kernel runs on the same values: a streamed run stays bitwise equal to a resident one with the
+same setting.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # -- eager bodies: the same maths from torch's own fused ops, for runs without torch.compile ----
-# (CPU, no Triton, --compile off). Op by op in float32 the reference bodies cost 230 ms of
-# eager forward at 1024² CFG on an H200; these round after the norm, as the official code does.
+# (CPU, no Triton, --compile off). Run op by op, the reference bodies' float32 temporaries made
+# the eager forward at 1024² CFG 230 ms on an H200; these bodies measured 155 ms there. They round
+# after the norm, as the official code does.
 
 def norm_scale_eager(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
     y = F.rms_norm(finite_fp16(x, x.dtype), (x.shape[-1],), weight, eps)
