@@ -13,7 +13,7 @@ from newbie_core.models.dit.attention import sdpa_attention
 from newbie_core.models.dit.fused import finite_fp16, qkv_norm_rope
 from newbie_core.models.dit.embedders import patchify, timestep_features, unpatchify
 from newbie_core.models.dit.estimate import AttentionKernel
-from newbie_core.models.dit.model import _pack
+from newbie_core.models.dit.model import _joint_positions, _pack_tokens
 from newbie_core.models.dit.rope import image_positions, rope_cos_sin
 
 CFG = DiTConfig.tiny()
@@ -61,14 +61,15 @@ def test_rope_positions_for_padded_cfg_batch():
     assert img_pos[:, :, 0].tolist() == [[9] * n_img, [5] * n_img]
     assert img_pos[0, 7].tolist() == [9, 1, 1]              # token 7 = row 1, col 1 of a 6-wide grid
     cap, img = torch.randn(2, 11, 4), torch.randn(2, n_img, 4)
-    joint, mask, pos = _pack(cap, img, lens, img_pos)
+    mask, pos = _joint_positions(lens, img_pos)
+    joint = _pack_tokens(cap, img, lens)
     assert joint.shape[1] == 9 + n_img
     # sample 1: caption 0..4, image right after its valid caption, then padding
     assert pos[1, :5, 0].tolist() == list(range(5))
     assert torch.equal(joint[1, 5:5 + n_img], img[1]) and torch.equal(joint[1, :5], cap[1, :5])
     assert mask[1].tolist() == [True] * (5 + n_img) + [False] * 4
     assert not joint[1, 5 + n_img:].any() and mask[0].all()
-    _, no_mask, _ = _pack(cap, img, [9, 9], img_pos)
+    no_mask, _ = _joint_positions([9, 9], img_pos)
     assert no_mask is None                                  # nothing padded: no mask, fast kernels
 
 

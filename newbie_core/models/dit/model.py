@@ -232,9 +232,3 @@ def _pack_tokens(cap: torch.Tensor, img: torch.Tensor, cap_lens: list[int] | tup
         joint[i, n:n + n_img] = img[i]
     return joint
 
-
-def _pack(cap: torch.Tensor, img: torch.Tensor, cap_lens: list[int],
-          img_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Tokens, key mask and positions of the joint sequence (both helpers above, for tests)."""
-    mask, pos = _joint_positions(cap_lens, img_pos)
-    return _pack_tokens(cap, img, cap_lens), mask, pos
