@@ -144,7 +144,7 @@ def peer_notes(peers: list[dict]) -> list[str]:
     missing = [name for name in expected if not any(p["row"] == name for p in peers)]
     if missing:
         out.append(f"Not measured in this visit (its time ran out first): {', '.join(missing)}.")
-    return [""] + out if out else []
+    return [line for note in out for line in ("", note)]
 
 
 def chart(rows: list[dict], peers: list[dict], path: Path) -> None:
