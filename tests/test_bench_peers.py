@@ -55,7 +55,9 @@ def _row(tmp_path: Path, name: str) -> dict:
 @pytest.mark.parametrize("name", ["ours-resident-forward", "diffusers-group-block", "diffusers-group-leaf",
                                   "accelerate-sequential"])
 def test_our_model_under_every_hook_framework_is_bitwise_ours(tmp_path, name):
-    if name.startswith("accelerate"):
+    if name != "ours-resident-forward":
+        # diffusers' group offloading calls accelerate's send_to_device, and its import of it is
+        # guarded: without accelerate it fails with a NameError (seen in the clean CI venv).
         pytest.importorskip("accelerate")
     row = _row(tmp_path, name)
     assert row["bitwise_equal_to_ours"] and row["rel_l2_vs_ours"] == 0.0
