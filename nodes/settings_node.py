@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 FROM_SETTINGS = "from settings"
 ATTENTION_CHOICES = ["auto", "off", "4096", "2048", "1024", "512", "256"]
 FFN_CHOICES = ["auto", "off", "8192", "4096", "2048", "1024", "512"]
+SWITCHES = {"auto": None, "on": True, "off": False}
+SWITCH_CHOICES = list(SWITCHES)
 
 
 def parse_chunk(choice: str, what: str) -> int:
@@ -141,6 +143,14 @@ class NewBieMemorySettings:
                          "that does."}),
             "compute_dtype": (["bf16", "fp16"], {"default": "bf16", "tooltip":
                               "DiT compute precision. bf16 on RTX 30xx and newer; fp16 for older cards without bf16."}),
+        }, "optional": {
+            "compile": (SWITCH_CHOICES, {"default": "auto", "tooltip":
+                        "Fuse the DiT's norms, RoPE, gates and SwiGLU into Triton kernels with torch.compile. "
+                        "auto = on with a CUDA GPU and Triton. The first run compiles (under a minute, then cached "
+                        "on disk); off runs the same maths with torch's own ops (slower)."}),
+            "cuda_graphs": (SWITCH_CHOICES, {"default": "auto", "tooltip":
+                            "Replay DiT blocks as CUDA graphs. auto = where kernel launches, not the GPU, bound a "
+                            "step (small images); off if a driver misbehaves."}),
         }}
 
     @classmethod
@@ -153,7 +163,8 @@ class NewBieMemorySettings:
                                  "vae_tile": vae_tile}, *checks)
 
     def build(self, vram_budget_gb: float, ram_budget_gb: float, attention_slicing: str, ffn_chunking: str,
-              fp8_streaming: bool, vae_tile: int, compute_dtype: str) -> tuple[MemorySettings]:
+              fp8_streaming: bool, vae_tile: int, compute_dtype: str, compile: str = "auto",
+              cuda_graphs: str = "auto") -> tuple[MemorySettings]:
         if vram_budget_gb < 0 or ram_budget_gb < 0:
             raise ValueError(f"budgets must be 0 (auto/unlimited) or positive, got vram {vram_budget_gb}, "
                              f"ram {ram_budget_gb}.")
@@ -163,4 +174,5 @@ class NewBieMemorySettings:
             vram_budget_gb=float(vram_budget_gb) or None, ram_budget_gb=float(ram_budget_gb) or None,
             attention_chunk=parse_chunk(attention_slicing, "attention_slicing"),
             ffn_chunk=parse_chunk(ffn_chunking, "ffn_chunking"), fp8_streaming=bool(fp8_streaming),
-            compute_dtype=compute_dtype, vae_tile_px=int(vae_tile)),)
+            compute_dtype=compute_dtype, vae_tile_px=int(vae_tile), compile=SWITCHES[compile],
+            cuda_graphs=SWITCHES[cuda_graphs]),)
