@@ -52,13 +52,7 @@ def write_gguf(path: Path, arch: str, tensors: Mapping[str, torch.Tensor], types
     writer = GGUFWriter(str(path), arch)
     for key, value in dict(strings).items():
         writer.add_string(key, value)
-    for name, value in tensors.items():
-        add_tensor(writer, name, value, types[name])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _write_tensors(writer, tensors, types, path)
 
 
 def write_tiny_dit_gguf(path: Path, qtype: T | str, seed: int = 0, prefix: str = "",
@@ -162,6 +156,11 @@ def write_tiny_gemma_gguf(path: Path, qtype: T | str = T.Q8_0, seed: int = 0) ->
     writer.add_pad_token_id(0)
     writer.add_uint32("gemma3.attention.sliding_window", GEMMA_TINY["sliding_window"])
     writer.add_string("newbie.gemma.query_pre_attn_scalar", json.dumps(GEMMA_TINY["head_dim"]))
+    return _write_tensors(writer, tensors, types, path)
+
+
+def _write_tensors(writer: GGUFWriter, tensors: dict, types: dict, path: Path) -> Path:
+    """Add the tensors in their GGUF types, then write header, metadata and data, and close."""
     for name, value in tensors.items():
         add_tensor(writer, name, value, types[name])
     writer.write_header_to_file()
