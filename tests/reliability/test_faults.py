@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from newbie_core.pipeline import (CONDITIONING_CACHE, GenerationRequest, MemorySettings, SamplingSettings, generate)
-from newbie_core.placement import PlacementOOMError
+from newbie_core.placement import PlacementOOMError, run_with_oom_retry
 
 CPU = torch.device("cpu")
 
@@ -66,6 +66,61 @@ def test_oom_twice_is_a_clear_message_and_the_next_run_works(tiny_models, refere
     with pytest.raises(PlacementOOMError, match="out of GPU memory with a VRAM budget of 1.00 GiB and again at half"):
         generate(tiny_models, _request(), CPU)
     assert torch.equal(generate(tiny_models, _request(), CPU).latent, reference.latent)
+
+
+def _sample_minimum(tiny_models, request) -> int:
+    """About the predicted peak of the sampling stage's smallest plan for ``request`` on the CPU
+    (64 caption tokens, more than the prompt has: a little above the real minimum)."""
+    from newbie_core.pipeline.sample import plan_sampling
+    from newbie_core.placement import BudgetTooSmallError
+    with pytest.raises(BudgetTooSmallError) as small:
+        plan_sampling(tiny_models.dit, request.memory, 2, 64, request.width, request.height, CPU, 1)
+    return small.value.minimum
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_oom_when_half_the_budget_is_below_the_smallest_plan(tiny_models, reference, monkeypatch, caplog, times):
+    """The H200 failure of test_oom_in_sampling_returns_every_byte: at 0.1 GB the tiny DiT with
+    CUDA graphs plans within budget, but half of it is below the smallest sampling plan, so the
+    retry used to die in the planner (BudgetTooSmallError) instead of retrying with less memory."""
+    from newbie_core.pipeline import sample
+    generate(tiny_models, _request(sampling=SamplingSettings(steps=1, seed=3)), CPU)   # conditioning cached:
+    # encode plans nothing below, so only the sampling and decode stages see the small budget
+    minimum = _sample_minimum(tiny_models, _request())
+    budget = minimum * 3 // 2                         # fits; half of it does not
+    seen = []
+    real_plan = sample.plan_sampling
+
+    def recording(*a):
+        seen.append(a[-1])
+        return real_plan(*a)
+    monkeypatch.setattr(sample, "plan_sampling", recording)
+    _oom_once(monkeypatch, sample, "_sample_loop", times=times)
+    request = _request(memory=MemorySettings(vram_budget_gb=budget / 2**30, vae_tile_px=-1))
+    budget = request.memory.vram_budget_bytes
+    with caplog.at_level(logging.WARNING, logger="newbie_core"):
+        if times == 1:
+            result = generate(tiny_models, request, CPU)
+            assert torch.equal(result.latent, reference.latent)
+        else:
+            with pytest.raises(PlacementOOMError, match="again with its smallest plan"):
+                generate(tiny_models, request, CPU)
+    assert seen[:2] == [budget, budget // 2] and budget // 2 < seen[2] < budget and len(seen) == 3
+    assert "below the smallest plan of this stage" in caplog.text
+
+
+def test_oom_retry_without_a_smaller_plan_is_a_placement_oom_error():
+    from newbie_core.placement import BudgetTooSmallError
+    seen = []
+
+    def attempt(budget):
+        seen.append(budget)
+        if budget == 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        raise BudgetTooSmallError("too small", minimum=100)
+    with pytest.raises(PlacementOOMError, match="no smaller plan to retry with"):
+        run_with_oom_retry(attempt, 100, stage="sample", device="cpu")
+    assert seen == [100, 50]
 
 
 def test_exception_mid_sampling_and_mid_streaming_then_clean_run(tiny_models, reference):
