@@ -88,7 +88,8 @@ def stage_guard(name: str, device: torch.device | str) -> Iterator[StageGuard]:
 
 def run_with_oom_retry(fn_for_budget: Callable[[int | None], T], budget: int | None, *, stage: str = "stage",
                        device: torch.device | str = "cuda",
-                       predicted_peak: Callable[[int], int | None] | None = None) -> T:
+                       predicted_peak: Callable[[int], int | None] | None = None,
+                       advice: str | None = None) -> T:
     """Run ``fn_for_budget(budget)``; on CUDA OOM free, warn, retry once with ``budget // 2``.
 
     ``fn_for_budget`` must plan for the budget it is given (plan_stage inside), so the retry
@@ -96,7 +97,8 @@ def run_with_oom_retry(fn_for_budget: Callable[[int | None], T], budget: int | N
     planner's :class:`BudgetTooSmallError`, raised before anything is loaded), the retry uses
     that smallest plan instead, if it is below the budget that ran out; otherwise there is no
     smaller plan to try and the answer is a :class:`PlacementOOMError`. ``predicted_peak(budget)``
-    only improves the error message. ``budget=None`` (nothing budgeted, e.g. the CPU) runs once:
+    only improves the error message; ``advice`` replaces its generic "Try: ..." part with the
+    stage's own (the VAE has no fp8 streaming, but tiles). ``budget=None`` (nothing budgeted, e.g. the CPU) runs once:
     there is no budget to halve.
     """
     if budget is None:
@@ -125,7 +127,7 @@ def run_with_oom_retry(fn_for_budget: Callable[[int | None], T], budget: int | N
                 f"{stage}: out of GPU memory with a VRAM budget of {fmt_bytes(budget)}, and this stage has no "
                 f"smaller plan to retry with (its smallest needs "
                 f"{fmt_bytes(small.minimum) if small.minimum is not None else 'more than half'}). "
-                + _TRY) from small
+                + (advice or _TRY)) from small
         except torch.cuda.OutOfMemoryError as second:
             free_device_memory(device)
             pred = predicted_peak(retry) if predicted_peak else None
@@ -133,7 +135,7 @@ def run_with_oom_retry(fn_for_budget: Callable[[int | None], T], budget: int | N
                      f"again with its smallest plan ({fmt_bytes(smallest)}, half would be below it")
             raise PlacementOOMError(
                 f"{stage}: out of GPU memory with a VRAM budget of {fmt_bytes(budget)} and {again}"
-                + (f", predicted peak {fmt_bytes(pred)}" if pred is not None else "") + "). " + _TRY
+                + (f", predicted peak {fmt_bytes(pred)}" if pred is not None else "") + "). " + (advice or _TRY)
             ) from second
 
 

@@ -44,19 +44,30 @@ def _oom_once(monkeypatch, module, name, times=1):
     return calls
 
 
-@pytest.mark.parametrize("stage", ["encode", "sample"])
+@pytest.mark.parametrize("stage", ["encode", "sample", "decode"])
 def test_oom_in_a_stage_retries_at_half_budget(tiny_models, reference, monkeypatch, caplog, stage):
-    from newbie_core.pipeline import encode, sample
+    from newbie_core.pipeline import encode, sample, vae_stage
     CONDITIONING_CACHE.clear()
-    module, name = {"encode": (encode, "materialize_non_blocks"), "sample": (sample, "_sample_loop")}[stage]
+    module, name = {"encode": (encode, "materialize_non_blocks"), "sample": (sample, "_sample_loop"),
+                    "decode": (vae_stage, "_decode_on_device")}[stage]
     if not hasattr(module, name):
         pytest.skip(f"{module.__name__}.{name} moved")
     calls = _oom_once(monkeypatch, module, name)
     with caplog.at_level(logging.WARNING, logger="newbie_core"):
         result = generate(tiny_models, _request(), CPU)
     assert calls["n"] >= 2
+    assert f"{stage if stage != 'encode' else 'encode:gemma'}: CUDA out of memory" in caplog.text
     assert "retrying once with 512.0 MiB" in caplog.text
     assert torch.equal(result.latent, reference.latent)       # the retry's plan changes placement, not bits
+    assert torch.equal(result.image, reference.image)
+
+
+def test_oom_twice_in_decode_is_a_clear_message_about_tiles(tiny_models, reference, monkeypatch):
+    from newbie_core.pipeline import vae_stage
+    _oom_once(monkeypatch, vae_stage, "_decode_on_device", times=2)
+    with pytest.raises(PlacementOOMError, match=r"decode: out of GPU memory .* again at half .*smaller VAE tile"):
+        generate(tiny_models, _request(), CPU)
+    assert torch.equal(generate(tiny_models, _request(), CPU).image, reference.image)
 
 
 def test_oom_twice_is_a_clear_message_and_the_next_run_works(tiny_models, reference, monkeypatch):
