@@ -159,6 +159,50 @@ def test_interrupt_during_sampling_stops_within_one_step(tiny_models):
     assert seen == [0]
 
 
+class Cancelled(Exception):
+    """Stands for ComfyUI's InterruptProcessingException (an Exception, not a KeyboardInterrupt)."""
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Cancelled])
+def test_interrupt_during_encode_stops_within_one_block_and_leaves_nothing(tiny_models, reference, monkeypatch,
+                                                                           interrupt):
+    from newbie_core.models.blocks import run_block_directly
+    from newbie_core.models.gemma import GemmaTextEncoder
+    from newbie_core.pipeline import ENCODER_CALLS, sample
+    from newbie_core.placement import HOST_CACHE
+    from newbie_core.placement.host_budget import pinned_bytes
+    real_forward = GemmaTextEncoder.forward
+    blocks, encoders = [], []
+
+    def forward(self, *a, **k):
+        encoders.append(self)
+        runner = self.block_runner
+
+        def interrupted_at_block_1(index, *args, **kw):
+            blocks.append(index)
+            if index == 1:
+                raise interrupt()
+            return runner(index, *args, **kw)
+        self.block_runner = interrupted_at_block_1
+        return real_forward(self, *a, **k)
+    monkeypatch.setattr(GemmaTextEncoder, "forward", forward)
+    monkeypatch.setattr(sample, "_sample_loop", lambda *a, **k: pytest.fail("sampling ran after the interrupt"))
+    CONDITIONING_CACHE.clear()
+    stores, used, pinned, jina = len(HOST_CACHE), HOST_CACHE.used(), pinned_bytes(), ENCODER_CALLS["jina"]
+    request = _request(prompt="an interrupted prompt")
+    with pytest.raises(interrupt):
+        generate(tiny_models, request, CPU)
+    assert blocks == [0, 1]                                   # not one block after the interrupt
+    assert ENCODER_CALLS["jina"] == jina                      # the next encoder never started
+    encoder, = encoders
+    assert encoder.block_runner is run_block_directly          # the streaming runner was taken back
+    assert all(p.device.type == "meta" for p in encoder.parameters())   # every weight given back
+    assert (len(HOST_CACHE), HOST_CACHE.used(), pinned_bytes()) == (stores, used, pinned)   # the cache as it was
+    assert len(CONDITIONING_CACHE._items) == 0                 # no half-made conditioning kept
+    monkeypatch.undo()
+    assert torch.equal(generate(tiny_models, _request(), CPU).latent, reference.latent)   # the next run works
+
+
 def test_interrupt_during_decode_stops_within_one_tile(tiny_models, monkeypatch):
     from newbie_core.models import vae_tiling
     tiles = []
