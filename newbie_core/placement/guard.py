@@ -98,8 +98,8 @@ def run_with_oom_retry(fn_for_budget: Callable[[int | None], T], budget: int | N
     that smallest plan instead, if it is below the budget that ran out; otherwise there is no
     smaller plan to try and the answer is a :class:`PlacementOOMError`. ``predicted_peak(budget)``
     only improves the error message; ``advice`` replaces its generic "Try: ..." part with the
-    stage's own (the VAE has no fp8 streaming, but tiles). ``budget=None`` (nothing budgeted, e.g. the CPU) runs once:
-    there is no budget to halve.
+    stage's own (the VAE has no fp8 streaming, but tiles). ``budget=None`` (nothing budgeted,
+    e.g. the CPU) runs once: there is no budget to halve.
     """
     if budget is None:
         return fn_for_budget(None)
