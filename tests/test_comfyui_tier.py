@@ -515,3 +515,51 @@ def test_core_samplers_and_schedulers_run_on_pack_model(comfy_env, pack):
     for combo, lat in zip(combos, latents):
         assert lat.shape == (1, 16, 6, 8) and torch.isfinite(lat).all() and lat.std() > 0.1, combo
     assert not torch.allclose(latents[0], latents[1], atol=1e-3), "different samplers gave the same latent"
+
+
+def _width_1000(comfy_env, pack) -> tuple[dict, str]:
+    """A bundled workflow whose latent node asks for a custom 1000x1024 (not a multiple of 16)."""
+    for wf in PACK_SAMPLER_WORKFLOWS:
+        prompt, _ = _prompt(comfy_env, wf)
+        latent = [k for k, n in prompt.items() if n["class_type"] == "NewBieEmptyLatent"]
+        if latent:
+            custom = next(c for c in comfy_env.nodes.NODE_CLASS_MAPPINGS["NewBieEmptyLatent"].INPUT_TYPES()
+                          ["required"]["resolution"][0] if c.startswith("custom"))
+            prompt[latent[0]]["inputs"].update(resolution=custom, width=1000, height=1024)
+            return prompt, latent[0]
+    pytest.skip("no bundled workflow uses NewBieEmptyLatent")
+
+
+def _width_error(node_errors: dict, node_id: str) -> dict:
+    assert list(node_errors) == [node_id], node_errors            # only the latent node is refused
+    errors = node_errors[node_id]["errors"]
+    width = [e for e in errors if e["extra_info"].get("input_name") == "width"]
+    assert width, errors
+    return width[0]
+
+
+@needs_workflows
+def test_validate_prompt_refuses_width_1000_at_queue_time(comfy_env, pack):
+    import asyncio
+    prompt, node_id = _width_1000(comfy_env, pack)
+    runs = _encoder_runs(pack)
+    valid, error, _, node_errors = asyncio.run(comfy_env.execution.validate_prompt("w1000", prompt, None))
+    assert valid is False, error
+    e = _width_error(node_errors, node_id)
+    assert e["type"] == "custom_validation_failed"
+    assert "width: image size 1000x1024 is not a multiple of 16" in e["details"] and "1008x1024" in e["details"]
+    assert _encoder_runs(pack) == runs                              # refused before anything ran
+
+
+@needs_workflows
+def test_http_prompt_refuses_width_1000_with_the_widget_named(comfy_env, pack, http_server):
+    import urllib.error
+    prompt, node_id = _width_1000(comfy_env, pack)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        cs.post_prompt(http_server.url, prompt)
+    assert refused.value.code == 400
+    body = json.loads(refused.value.read())
+    e = _width_error(body["node_errors"], node_id)
+    assert "width: image size 1000x1024 is not a multiple of 16" in e["details"]
+    queue = cs.http_json(http_server.url + "/queue")
+    assert queue["queue_running"] == [] and queue["queue_pending"] == []   # nothing was queued

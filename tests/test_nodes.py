@@ -348,6 +348,30 @@ def test_sampler_cancel_stops_within_one_step(nodes, models, conds, adapter):
     assert [u[0] for u in adapter.progress_bars[-1].updates] == [1]
 
 
+def test_encode_cancel_stops_within_one_block(nodes, models, adapter, monkeypatch):
+    """ComfyUI's Cancel is a flag: the encode node polls it before every encoder block."""
+    ad = mod("nodes.comfy_adapter")
+    pipeline = mod("newbie_core.pipeline")
+    checks = []
+    original = ad.FallbackAdapter.check_interrupted
+
+    def cancel_during_the_first_block(self):
+        checks.append(1)
+        if len(checks) == 2:              # the user presses Cancel while block 0 runs
+            self.request_interrupt()
+        original(self)
+    monkeypatch.setattr(ad.FallbackAdapter, "check_interrupted", cancel_during_the_first_block)
+    counted = dict(pipeline.ENCODER_CALLS)
+    args = dict(text_encoders=models[1], positive="a prompt cancelled mid-encode", negative="", compat=False)
+    with pytest.raises(ad.ProcessingInterrupted):
+        call(nodes["NewBieTextEncode"], **args)
+    assert len(checks) == 2                                   # block 1 never started
+    assert pipeline.ENCODER_CALLS == counted                  # neither encoder finished; Jina never started
+    monkeypatch.undo()
+    call(nodes["NewBieTextEncode"], **args)                   # the next run works
+    assert pipeline.ENCODER_CALLS["gemma"] == counted["gemma"] + 1
+
+
 def test_sampler_streams_under_a_small_budget_and_matches_resident(nodes, models, conds):
     start = empty(nodes)
     resident, rep = sample(nodes, models, conds, start, cfg=1.0)     # cfg 1: one forward per step

@@ -9,7 +9,7 @@ batch. Results go to the conditioning cache, so an unchanged prompt never runs t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ ENCODER_FIXED_BYTES = 48 * 2**20
 
 # Calls that really ran an encoder (tests and the ComfyUI tier check that cache hits skip them).
 ENCODER_CALLS = {"gemma": 0, "jina": 0}
+InterruptCheck = Callable[[], None]     # raises to cancel
 
 
 def conditioning_keys(handle: TextEncoderHandle, texts: EncoderTexts,
@@ -48,20 +49,25 @@ def conditioning_keys(handle: TextEncoderHandle, texts: EncoderTexts,
 
 def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemorySettings, device: torch.device,
                  report: Report, budget: int | None, cache: ConditioningCache = CONDITIONING_CACHE,
-                 weights: PromptWeights | None = None) -> tuple[Conditioning, Conditioning]:
+                 weights: PromptWeights | None = None,
+                 interrupt_check: InterruptCheck | None = None) -> tuple[Conditioning, Conditioning]:
     """(positive, negative) conditioning, from the cache when every input is unchanged.
-    ``weights`` (from ``prepare_weighted_texts``) are applied to the Gemma features."""
+    ``weights`` (from ``prepare_weighted_texts``) are applied to the Gemma features.
+    ``interrupt_check`` runs before every encoder block and raises to cancel (ComfyUI's Cancel
+    is a flag that must be polled; a KeyboardInterrupt needs no check)."""
     pairs = [(texts.gemma_pos, texts.jina_pos), (texts.gemma_neg, texts.jina_neg)]
     keys = conditioning_keys(handle, texts, weights)
     folder = memory.conditioning_cache_dir
     found = [cache.get(k, folder) for k in keys]
     todo = [i for i, c in enumerate(found) if c is None]
     if todo:
-        feats = run_gemma(handle, [pairs[i][0] for i in todo], memory, device, report, budget)
+        feats = run_gemma(handle, [pairs[i][0] for i in todo], memory, device, report, budget,
+                          interrupt_check=interrupt_check)
         if weights is not None:
             feats = _weighted_features(handle, [pairs[i][0] for i in todo], [weights[i] for i in todo], feats,
-                                       memory, device, report, budget)
-        pooled = run_jina(handle, [pairs[i][1] for i in todo], memory, device, report, budget)
+                                       memory, device, report, budget, interrupt_check)
+        pooled = run_jina(handle, [pairs[i][1] for i in todo], memory, device, report, budget,
+                          interrupt_check=interrupt_check)
         for i, f, p in zip(todo, feats, pooled):
             found[i] = Conditioning(f, p)
             cache.put(keys[i], found[i], folder)
@@ -105,14 +111,14 @@ def apply_token_weights(feats: torch.Tensor, weights: torch.Tensor, hidden: torc
 
 def _weighted_features(handle: TextEncoderHandle, texts: list[str], spans: list[WeightedText],
                        feats: list[torch.Tensor], memory: MemorySettings, device: torch.device, report: Report,
-                       budget: int | None) -> list[torch.Tensor]:
+                       budget: int | None, interrupt_check: InterruptCheck | None = None) -> list[torch.Tensor]:
     weights = [token_weights(handle, t, s, f.shape[0]) for t, s, f in zip(texts, spans, feats)]
     need = [i for i, w in enumerate(weights) if bool(((w > 0) & (w < 1)).any())]
     hidden: dict[int, torch.Tensor] = {}
     if need:
         masked = [torch.nonzero((weights[i] > 0) & (weights[i] < 1)).flatten().tolist() for i in need]
         for i, h in zip(need, run_gemma(handle, [texts[i] for i in need], memory, device, report, budget,
-                                        masked=masked)):
+                                        masked=masked, interrupt_check=interrupt_check)):
             hidden[i] = h
     return [f if not s.weighted else apply_token_weights(f, w, hidden.get(i))
             for i, (f, w, s) in enumerate(zip(feats, weights, spans))]
@@ -140,7 +146,8 @@ def plan_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySe
 
 
 def run_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,
-              report: Report, budget: int | None, masked: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+              report: Report, budget: int | None, masked: Sequence[Sequence[int]] | None = None,
+              interrupt_check: InterruptCheck | None = None) -> list[torch.Tensor]:
     """Gemma ``hidden_states[-2]`` per text, trimmed to its valid tokens, on the CPU.
     ``masked``: per text, token positions hidden from attention (the weighting's re-encode)."""
     def features(encoder: GemmaTextEncoder, tokens) -> list[torch.Tensor]:
@@ -153,7 +160,7 @@ def run_gemma(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySet
         return [feats[i, : int(n)].float().cpu() for i, n in enumerate(tokens.attention_mask.sum(1))]
 
     return _run_encoder("gemma", lambda b: plan_gemma(handle, texts, memory, b), handle.gemma.source,
-                        "model.embed_tokens.", features, memory, device, report, budget)
+                        "model.embed_tokens.", features, memory, device, report, budget, interrupt_check)
 
 
 def plan_jina(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, budget: int | None):
@@ -174,17 +181,26 @@ def plan_jina(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySet
 
 
 def run_jina(handle: TextEncoderHandle, texts: Sequence[str], memory: MemorySettings, device: torch.device,
-             report: Report, budget: int | None) -> list[torch.Tensor]:
+             report: Report, budget: int | None, interrupt_check: InterruptCheck | None = None) -> list[torch.Tensor]:
     """Jina CLIP v2 mean-pooled text embedding per text, on the CPU."""
     def pooled(encoder: JinaTextEncoder, tokens) -> list[torch.Tensor]:
         return [p.float().cpu() for p in encoder.pooled(tokens.input_ids, tokens.attention_mask)]   # (H,) each
 
     return _run_encoder("jina", lambda b: plan_jina(handle, texts, memory, b), handle.jina.source,
-                        "embeddings.word_embeddings.", pooled, memory, device, report, budget)
+                        "embeddings.word_embeddings.", pooled, memory, device, report, budget, interrupt_check)
+
+
+def _checked(runner, interrupt_check: InterruptCheck):
+    """``runner`` with ``interrupt_check()`` before every block: a Cancel stops within one block."""
+    def checked(index, *args, **kwargs):
+        interrupt_check()
+        return runner(index, *args, **kwargs)
+    return checked
 
 
 def _run_encoder(name: str, plan_encoder, source, table_prefix: str, run, memory: MemorySettings,
-                 device: torch.device, report: Report, budget: int | None) -> list[torch.Tensor]:
+                 device: torch.device, report: Report, budget: int | None,
+                 interrupt_check: InterruptCheck | None = None) -> list[torch.Tensor]:
     """One encoder stage: plan, place (embedding table in host RAM), run, release; OOM -> retry."""
     stage = f"encode:{name}"
 
@@ -198,6 +214,8 @@ def _run_encoder(name: str, plan_encoder, source, table_prefix: str, run, memory
             encoder.compute_device = device
             with placed_blocks(encoder, source, inputs, plan, device, host_budget(memory)) as session:
                 guard.hold(session)
+                if interrupt_check is not None:
+                    encoder.block_runner = _checked(encoder.block_runner, interrupt_check)  # session restores it
                 with torch.inference_mode():
                     out = run(encoder, tokens)
             rec.bytes_h2d = session.bytes_h2d

@@ -15,7 +15,7 @@ import torch
 from ..models.vae import FluxVAE, build_vae, from_image_01, to_image_01
 from ..models.vae_memory import DEFAULT_OVERLAP_LATENT, choose_tile, estimate_decode_bytes, estimate_encode_bytes
 from ..models.vae_tiling import decode_tiled, encode_tiled
-from ..placement import Report, fmt_bytes, measure_stage, stage_guard
+from ..placement import Report, fmt_bytes, measure_stage, run_with_oom_retry, stage_guard
 from ..placement.budget import MiB, segment_bytes
 from .handles import VaeHandle
 from .settings import MemorySettings
@@ -81,42 +81,67 @@ def plan_vae(handle: VaeHandle, memory: MemorySettings, batch: int, latent_h: in
 
 def decode_latent(handle: VaeHandle, raw_latent: torch.Tensor, memory: MemorySettings, device: torch.device,
                   report: Report, budget: int | None) -> torch.Tensor:
-    """Raw latent (B, 16, h, w) -> IMAGE (B, 8h, 8w, 3) float32 in [0, 1] on the CPU."""
+    """Raw latent (B, 16, h, w) -> IMAGE (B, 8h, 8w, 3) float32 in [0, 1] on the CPU.
+    A CUDA OOM retries once at half the budget (smaller tiles), as the other stages do."""
     b, _, h, w = raw_latent.shape
-    plan = plan_vae(handle, memory, b, h, w, budget, device)
-    log.info("VAE decode plan:\n%s", plan.render())
-    with stage_guard("decode", device) as guard, measure_stage(report, "decode", device, plan.predicted_peak):
-        vae = guard.hold(_resident_vae(handle, device))
-        with torch.inference_mode():
-            latent = raw_latent.to(device=device, dtype=vae.dtype)
-            if plan.tile_latent is None:
-                image = vae.decode(latent)
-            else:
-                image = decode_tiled(vae, latent, plan.tile_latent, plan.overlap_latent)
-            out = to_image_01(image)
-        del vae, image, latent
-    return out
+
+    def attempt(budget_now: int | None) -> torch.Tensor:
+        plan = plan_vae(handle, memory, b, h, w, budget_now, device)
+        log.info("VAE decode plan:\n%s", plan.render())
+        with stage_guard("decode", device) as guard, measure_stage(report, "decode", device, plan.predicted_peak):
+            vae = guard.hold(_resident_vae(handle, device))
+            with torch.inference_mode():
+                out = _decode_on_device(vae, raw_latent, plan)
+            del vae
+        return out
+
+    return run_with_oom_retry(attempt, budget, stage="decode", device=device, advice=VAE_ADVICE)
+
+
+def _decode_on_device(vae: FluxVAE, raw_latent: torch.Tensor, plan: VaePlan) -> torch.Tensor:
+    latent = raw_latent.to(device=vae.device, dtype=vae.dtype)
+    if plan.tile_latent is None:
+        image = vae.decode(latent)
+    else:
+        image = decode_tiled(vae, latent, plan.tile_latent, plan.overlap_latent)
+    return to_image_01(image)
 
 
 def encode_image(handle: VaeHandle, image01: torch.Tensor, memory: MemorySettings, device: torch.device,
                  report: Report, budget: int | None) -> torch.Tensor:
-    """IMAGE (B, H, W, 3) in [0, 1] -> raw latent (B, 16, H/8, W/8) float32 on the CPU (posterior mode)."""
+    """IMAGE (B, H, W, 3) in [0, 1] -> raw latent (B, 16, H/8, W/8) float32 on the CPU (posterior mode).
+    A CUDA OOM retries once at half the budget (smaller tiles)."""
     b, height, width, _ = image01.shape
     if height % 16 or width % 16:
         raise ValueError(f"the init image is {width}x{height}; NewBie needs sides that are multiples of 16 px. "
                          f"Resize or crop it (e.g. to {width // 16 * 16}x{height // 16 * 16}).")
-    plan = plan_vae(handle, memory, b, height // 8, width // 8, budget, device, encode=True)
-    with stage_guard("encode:vae", device) as guard, measure_stage(report, "encode:vae", device, plan.predicted_peak):
-        vae = guard.hold(_resident_vae(handle, device))
-        with torch.inference_mode():
-            pixels = from_image_01(image01).to(device=device, dtype=vae.dtype)
-            if plan.tile_latent is None:
-                latent = vae.encode(pixels)
-            else:
-                latent = encode_tiled(vae, pixels, plan.tile_latent * 8, plan.overlap_latent * 8)
-            out = latent.float().cpu()
-        del vae, latent, pixels
-    return out
+
+    def attempt(budget_now: int | None) -> torch.Tensor:
+        plan = plan_vae(handle, memory, b, height // 8, width // 8, budget_now, device, encode=True)
+        with stage_guard("encode:vae", device) as guard, measure_stage(report, "encode:vae", device,
+                                                                       plan.predicted_peak):
+            vae = guard.hold(_resident_vae(handle, device))
+            with torch.inference_mode():
+                out = _encode_on_device(vae, image01, plan)
+            del vae
+        return out
+
+    return run_with_oom_retry(attempt, budget, stage="encode:vae", device=device, advice=VAE_ADVICE)
+
+
+def _encode_on_device(vae: FluxVAE, image01: torch.Tensor, plan: VaePlan) -> torch.Tensor:
+    pixels = from_image_01(image01).to(device=vae.device, dtype=vae.dtype)
+    if plan.tile_latent is None:
+        latent = vae.encode(pixels)
+    else:
+        latent = encode_tiled(vae, pixels, plan.tile_latent * 8, plan.overlap_latent * 8)
+    return latent.float().cpu()
+
+
+# The VAE has no streaming or fp8 to fall back on; its memory is the tile's activations.
+VAE_ADVICE = ("Something outside this stage probably holds VRAM (another program, other models). Try: a smaller "
+              "VAE tile (--vae-tile or the settings node's vae_tile, e.g. 512), a lower resolution, or closing "
+              "other GPU programs.")
 
 
 def _resident_vae(handle: VaeHandle, device: torch.device) -> FluxVAE:

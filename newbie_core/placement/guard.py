@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 
 from .budget import fmt_bytes
+from .planner import BudgetTooSmallError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,12 +88,18 @@ def stage_guard(name: str, device: torch.device | str) -> Iterator[StageGuard]:
 
 def run_with_oom_retry(fn_for_budget: Callable[[int | None], T], budget: int | None, *, stage: str = "stage",
                        device: torch.device | str = "cuda",
-                       predicted_peak: Callable[[int], int | None] | None = None) -> T:
+                       predicted_peak: Callable[[int], int | None] | None = None,
+                       advice: str | None = None) -> T:
     """Run ``fn_for_budget(budget)``; on CUDA OOM free, warn, retry once with ``budget // 2``.
 
     ``fn_for_budget`` must plan for the budget it is given (plan_stage inside), so the retry
-    really uses less memory. ``predicted_peak(budget)`` only improves the error message.
-    ``budget=None`` (nothing budgeted, e.g. the CPU) runs once: there is no budget to halve.
+    really uses less memory. When half the budget is below the stage's smallest plan (the
+    planner's :class:`BudgetTooSmallError`, raised before anything is loaded), the retry uses
+    that smallest plan instead, if it is below the budget that ran out; otherwise there is no
+    smaller plan to try and the answer is a :class:`PlacementOOMError`. ``predicted_peak(budget)``
+    only improves the error message; ``advice`` replaces its generic "Try: ..." part with the
+    stage's own (the VAE has no fp8 streaming, but tiles). ``budget=None`` (nothing budgeted,
+    e.g. the CPU) runs once: there is no budget to halve.
     """
     if budget is None:
         return fn_for_budget(None)
@@ -106,14 +113,31 @@ def run_with_oom_retry(fn_for_budget: Callable[[int | None], T], budget: int | N
     half = budget // 2
     log.warning("%s: CUDA out of memory with a budget of %s (%s); retrying once with %s",
                 stage, fmt_bytes(budget), first_msg, fmt_bytes(half))
-    try:
-        return fn_for_budget(half)
-    except torch.cuda.OutOfMemoryError as second:
-        free_device_memory(device)
-        pred = predicted_peak(half) if predicted_peak else None
-        raise PlacementOOMError(
-            f"{stage}: out of GPU memory with a VRAM budget of {fmt_bytes(budget)} and again at half "
-            f"({fmt_bytes(half)}" + (f", predicted peak {fmt_bytes(pred)}" if pred is not None else "") +
-            "). Something outside this stage probably holds VRAM (another program, other models). "
-            "Try: a lower resolution, fp8 streaming, a smaller budget number, or closing other GPU programs."
-        ) from second
+    retry, smallest = half, None
+    while True:
+        try:
+            return fn_for_budget(retry)
+        except BudgetTooSmallError as small:
+            if retry == half and small.minimum is not None and small.minimum < budget:
+                retry = smallest = small.minimum
+                log.warning("%s: half the budget (%s) is below the smallest plan of this stage; retrying with "
+                            "that plan (%s) instead", stage, fmt_bytes(half), fmt_bytes(retry))
+                continue
+            raise PlacementOOMError(
+                f"{stage}: out of GPU memory with a VRAM budget of {fmt_bytes(budget)}, and this stage has no "
+                f"smaller plan to retry with (its smallest needs "
+                f"{fmt_bytes(small.minimum) if small.minimum is not None else 'more than half'}). "
+                + (advice or _TRY)) from small
+        except torch.cuda.OutOfMemoryError as second:
+            free_device_memory(device)
+            pred = predicted_peak(retry) if predicted_peak else None
+            again = (f"again at half ({fmt_bytes(half)}" if smallest is None else
+                     f"again with its smallest plan ({fmt_bytes(smallest)}, half would be below it")
+            raise PlacementOOMError(
+                f"{stage}: out of GPU memory with a VRAM budget of {fmt_bytes(budget)} and {again}"
+                + (f", predicted peak {fmt_bytes(pred)}" if pred is not None else "") + "). " + (advice or _TRY)
+            ) from second
+
+
+_TRY = ("Something outside this stage probably holds VRAM (another program, other models). "
+        "Try: a lower resolution, fp8 streaming, a smaller budget number, or closing other GPU programs.")

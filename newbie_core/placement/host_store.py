@@ -196,6 +196,10 @@ class HostCache:
     def used(self) -> int:
         return sum(s.host_bytes for s in self._stores.values())
 
+    def __len__(self) -> int:
+        """How many model copies are held (one per model: a leak shows as a second)."""
+        return len(self._stores)
+
     def get(self, key: CacheKey, layouts: Sequence[BlockLayout], read_block: ReadBlock,
             host_budget: int | None = None, pin: bool | None = None) -> HostBlockStore:
         if key in self._stores:

@@ -49,7 +49,14 @@ ChunkPair = tuple[int | None, int | None]
 
 
 class BudgetTooSmallError(ValueError):
-    """Even the smallest plan (2 ring slots, smallest chunks, nothing resident) does not fit."""
+    """Even the smallest plan (2 ring slots, smallest chunks, nothing resident) does not fit.
+
+    ``minimum`` is that smallest plan's predicted peak: the OOM retry falls back to it when half
+    the budget is below it."""
+
+    def __init__(self, message: str, minimum: int | None = None):
+        super().__init__(message)
+        self.minimum = minimum
 
 
 def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
@@ -86,7 +93,7 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
         plan = ctx.evaluate(kind, *cfg)
         if plan.predicted_peak <= budget:
             return plan
-    raise BudgetTooSmallError(ctx.too_small_message(kind))
+    raise BudgetTooSmallError(ctx.too_small_message(kind), minimum=ctx.smallest(kind).predicted_peak)
 
 
 def resident_set(n: int, k: int) -> tuple[int, ...]:
@@ -203,8 +210,12 @@ class _Ctx:
             parts.append("largest chunks fit")
         return "; ".join(parts) + "."
 
+    def smallest(self, kind: Storage) -> StagePlan:
+        """The last configuration of the chain: nothing resident, two slots, smallest chunks."""
+        return self.evaluate(kind, 0, min(2, len(self.ring_blocks(kind, 0))), len(self.chunks) - 1, 0)
+
     def too_small_message(self, kind: Storage) -> str:
-        low = self.evaluate(kind, 0, min(2, len(self.ring_blocks(kind, 0))), len(self.chunks) - 1, 0)
+        low = self.smallest(kind)
         largest = max(range(self.n), key=lambda i: self.blocks[i].compute_bytes)
         what = ", ".join(f"{label} {fmt_bytes(b)}" for label, b in low.breakdown)
         return (f"VRAM budget {fmt_bytes(self.budget)} is too small for stage {self.stage!r}: the minimum is "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from newbie_core.pipeline import (CONDITIONING_CACHE, GenerationRequest, MemorySettings, SamplingSettings, generate)
-from newbie_core.placement import PlacementOOMError
+from newbie_core.placement import PlacementOOMError, run_with_oom_retry
 
 CPU = torch.device("cpu")
 
@@ -44,19 +44,30 @@ def _oom_once(monkeypatch, module, name, times=1):
     return calls
 
 
-@pytest.mark.parametrize("stage", ["encode", "sample"])
+@pytest.mark.parametrize("stage", ["encode", "sample", "decode"])
 def test_oom_in_a_stage_retries_at_half_budget(tiny_models, reference, monkeypatch, caplog, stage):
-    from newbie_core.pipeline import encode, sample
+    from newbie_core.pipeline import encode, sample, vae_stage
     CONDITIONING_CACHE.clear()
-    module, name = {"encode": (encode, "materialize_non_blocks"), "sample": (sample, "_sample_loop")}[stage]
+    module, name = {"encode": (encode, "materialize_non_blocks"), "sample": (sample, "_sample_loop"),
+                    "decode": (vae_stage, "_decode_on_device")}[stage]
     if not hasattr(module, name):
         pytest.skip(f"{module.__name__}.{name} moved")
     calls = _oom_once(monkeypatch, module, name)
     with caplog.at_level(logging.WARNING, logger="newbie_core"):
         result = generate(tiny_models, _request(), CPU)
     assert calls["n"] >= 2
+    assert f"{stage if stage != 'encode' else 'encode:gemma'}: CUDA out of memory" in caplog.text
     assert "retrying once with 512.0 MiB" in caplog.text
     assert torch.equal(result.latent, reference.latent)       # the retry's plan changes placement, not bits
+    assert torch.equal(result.image, reference.image)
+
+
+def test_oom_twice_in_decode_is_a_clear_message_about_tiles(tiny_models, reference, monkeypatch):
+    from newbie_core.pipeline import vae_stage
+    _oom_once(monkeypatch, vae_stage, "_decode_on_device", times=2)
+    with pytest.raises(PlacementOOMError, match=r"decode: out of GPU memory .* again at half .*smaller VAE tile"):
+        generate(tiny_models, _request(), CPU)
+    assert torch.equal(generate(tiny_models, _request(), CPU).image, reference.image)
 
 
 def test_oom_twice_is_a_clear_message_and_the_next_run_works(tiny_models, reference, monkeypatch):
@@ -66,6 +77,61 @@ def test_oom_twice_is_a_clear_message_and_the_next_run_works(tiny_models, refere
     with pytest.raises(PlacementOOMError, match="out of GPU memory with a VRAM budget of 1.00 GiB and again at half"):
         generate(tiny_models, _request(), CPU)
     assert torch.equal(generate(tiny_models, _request(), CPU).latent, reference.latent)
+
+
+def _sample_minimum(tiny_models, request) -> int:
+    """About the predicted peak of the sampling stage's smallest plan for ``request`` on the CPU
+    (64 caption tokens, more than the prompt has: a little above the real minimum)."""
+    from newbie_core.pipeline.sample import plan_sampling
+    from newbie_core.placement import BudgetTooSmallError
+    with pytest.raises(BudgetTooSmallError) as small:
+        plan_sampling(tiny_models.dit, request.memory, 2, 64, request.width, request.height, CPU, 1)
+    return small.value.minimum
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_oom_when_half_the_budget_is_below_the_smallest_plan(tiny_models, reference, monkeypatch, caplog, times):
+    """The H200 failure of test_oom_in_sampling_returns_every_byte: at 0.1 GB the tiny DiT with
+    CUDA graphs plans within budget, but half of it is below the smallest sampling plan, so the
+    retry used to die in the planner (BudgetTooSmallError) instead of retrying with less memory."""
+    from newbie_core.pipeline import sample
+    generate(tiny_models, _request(sampling=SamplingSettings(steps=1, seed=3)), CPU)   # conditioning cached:
+    # encode plans nothing below, so only the sampling and decode stages see the small budget
+    minimum = _sample_minimum(tiny_models, _request())
+    budget = minimum * 3 // 2                         # fits; half of it does not
+    seen = []
+    real_plan = sample.plan_sampling
+
+    def recording(*a):
+        seen.append(a[-1])
+        return real_plan(*a)
+    monkeypatch.setattr(sample, "plan_sampling", recording)
+    _oom_once(monkeypatch, sample, "_sample_loop", times=times)
+    request = _request(memory=MemorySettings(vram_budget_gb=budget / 2**30, vae_tile_px=-1))
+    budget = request.memory.vram_budget_bytes
+    with caplog.at_level(logging.WARNING, logger="newbie_core"):
+        if times == 1:
+            result = generate(tiny_models, request, CPU)
+            assert torch.equal(result.latent, reference.latent)
+        else:
+            with pytest.raises(PlacementOOMError, match="again with its smallest plan"):
+                generate(tiny_models, request, CPU)
+    assert seen[:2] == [budget, budget // 2] and budget // 2 < seen[2] < budget and len(seen) == 3
+    assert "below the smallest plan of this stage" in caplog.text
+
+
+def test_oom_retry_without_a_smaller_plan_is_a_placement_oom_error():
+    from newbie_core.placement import BudgetTooSmallError
+    seen = []
+
+    def attempt(budget):
+        seen.append(budget)
+        if budget == 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        raise BudgetTooSmallError("too small", minimum=100)
+    with pytest.raises(PlacementOOMError, match="no smaller plan to retry with"):
+        run_with_oom_retry(attempt, 100, stage="sample", device="cpu")
+    assert seen == [100, 50]
 
 
 def test_exception_mid_sampling_and_mid_streaming_then_clean_run(tiny_models, reference):
@@ -91,6 +157,50 @@ def test_interrupt_during_sampling_stops_within_one_step(tiny_models):
     with pytest.raises(KeyboardInterrupt):
         generate(tiny_models, _request(sampling=SamplingSettings(steps=6)), CPU, callback=cancel)
     assert seen == [0]
+
+
+class Cancelled(Exception):
+    """Stands for ComfyUI's InterruptProcessingException (an Exception, not a KeyboardInterrupt)."""
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Cancelled])
+def test_interrupt_during_encode_stops_within_one_block_and_leaves_nothing(tiny_models, reference, monkeypatch,
+                                                                           interrupt):
+    from newbie_core.models.blocks import run_block_directly
+    from newbie_core.models.gemma import GemmaTextEncoder
+    from newbie_core.pipeline import ENCODER_CALLS, sample
+    from newbie_core.placement import HOST_CACHE
+    from newbie_core.placement.host_budget import pinned_bytes
+    real_forward = GemmaTextEncoder.forward
+    blocks, encoders = [], []
+
+    def forward(self, *a, **k):
+        encoders.append(self)
+        runner = self.block_runner
+
+        def interrupted_at_block_1(index, *args, **kw):
+            blocks.append(index)
+            if index == 1:
+                raise interrupt()
+            return runner(index, *args, **kw)
+        self.block_runner = interrupted_at_block_1
+        return real_forward(self, *a, **k)
+    monkeypatch.setattr(GemmaTextEncoder, "forward", forward)
+    monkeypatch.setattr(sample, "_sample_loop", lambda *a, **k: pytest.fail("sampling ran after the interrupt"))
+    CONDITIONING_CACHE.clear()
+    stores, used, pinned, jina = len(HOST_CACHE), HOST_CACHE.used(), pinned_bytes(), ENCODER_CALLS["jina"]
+    request = _request(prompt="an interrupted prompt")
+    with pytest.raises(interrupt):
+        generate(tiny_models, request, CPU)
+    assert blocks == [0, 1]                                   # not one block after the interrupt
+    assert ENCODER_CALLS["jina"] == jina                      # the next encoder never started
+    encoder, = encoders
+    assert encoder.block_runner is run_block_directly          # the streaming runner was taken back
+    assert all(p.device.type == "meta" for p in encoder.parameters())   # every weight given back
+    assert (len(HOST_CACHE), HOST_CACHE.used(), pinned_bytes()) == (stores, used, pinned)   # the cache as it was
+    assert len(CONDITIONING_CACHE._items) == 0                 # no half-made conditioning kept
+    monkeypatch.undo()
+    assert torch.equal(generate(tiny_models, _request(), CPU).latent, reference.latent)   # the next run works
 
 
 def test_interrupt_during_decode_stops_within_one_tile(tiny_models, monkeypatch):
