@@ -73,7 +73,7 @@ def _handle_class() -> type:
         def resident(self) -> bool:
             return self.model.model_loaded_weight_memory > 0
 
-        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False, **kwargs):
             # All or nothing: the pack already placed (or is about to place) the weights.
             if self.resident:
                 return 0
@@ -81,8 +81,22 @@ def _handle_class() -> type:
             self.model.device = device_to
             return self.size
 
-        def partially_unload(self, device_to, memory_to_free=0):
-            return 0  # never partial: LoadedModel.model_unload then detaches us fully
+        def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+            # Never partial: LoadedModel.model_unload then detaches us fully. Newer ComfyUI
+            # passes force_patch_weights too; whatever comes is accepted.
+            return 0
+
+        def is_dynamic(self) -> bool:
+            # Dynamic VRAM (comfy-aimdo) must not manage these bytes: they are not in this module.
+            return False
+
+        def partially_unload_ram(self, *args, **kwargs) -> int:
+            return 0  # no pinned host copies of ours are ComfyUI's to free
+
+        def clone(self, *args, **kwargs):
+            # A handle stands for weights ComfyUI never holds; newer ComfyUI builds clones as
+            # class_(model, load_device, offload_device, size, ...), which this class cannot take.
+            return self
 
         def detach(self, unpatch_all=True):
             # unpatch_all=False comes from re-loading the same handle and from __del__:

@@ -11,8 +11,9 @@ run and closes in `ModelPatcher.cleanup`, which every core sampler path calls wh
 The comfy classes are built lazily from the modules `comfy_adapter.comfy_modules()` hands over,
 so this module imports nothing from ComfyUI and the node classes import without it. Version
 differences are feature-detected there and here (never by version number):
-`ModelPatcher.__init__`/`clone` gained keywords upstream, and newer ComfyUI asks
-`is_dynamic()` (Dynamic VRAM); we pass unknown keywords through and answer False.
+`ModelPatcher.__init__`/`clone` gained keywords upstream (disable_dynamic, model_override,
+force_deepcopy), and newer ComfyUI asks `is_dynamic()` (Dynamic VRAM); we pass unknown keywords
+through, drop force_deepcopy (nothing to copy) and answer False.
 
 Conventions bridged (comfyui-notes §2.3, lora-gguf-prompt §4): ComfyUI's flow models take
 `timestep = sigma` (multiplier 1) and return `-velocity` (denoised = x - out * sigma); the DiT
@@ -154,12 +155,21 @@ def _classes() -> Any:
             # Some ComfyUI versions build clones as plain ModelPatcher(...), others via
             # self.__class__ with extra keywords (disable_dynamic, model_override, ...): pass
             # whatever comes, and keep our class either way (its cleanup closes the session).
+            # A deep copy (force_deepcopy, newer ComfyUI) needs the loader's cached_patcher_init
+            # and would copy weights: this model has none, so a plain clone is the same thing.
+            if kwargs.pop("force_deepcopy", False):
+                log.debug("NewBie MODEL: force_deepcopy ignored (the model holds no weights)")
             n = super().clone(*args, **kwargs)
             if not isinstance(n, NewBieModelPatcher):
                 n.__class__ = NewBieModelPatcher
             return n
 
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+            return core_lora_patches(self, patches, strength_patch, strength_model)
+
+        def add_hook_patches(self, hook, patches, strength_patch=1.0, strength_model=1.0):
+            # Hook LoRAs (CreateHookLora & co.) would match no weight here and leave the image
+            # unpatched, like add_patches: refuse them the same way.
             return core_lora_patches(self, patches, strength_patch, strength_model)
 
         def cleanup(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import pytest
 import torch
 
 from newbie_core.pipeline import MemorySettings, SamplingSettings, run_sampling
@@ -11,6 +12,7 @@ from newbie_core.pipeline.conditioning import Conditioning, batch_conditionings
 from newbie_core.pipeline.dit_session import PlacedDiT
 from newbie_core.placement import Report
 from newbie_core.sampling import flow_sigmas, initial_noise
+from newbie_core.tiny.lora import write_lora
 
 CPU = torch.device("cpu")
 
@@ -26,10 +28,16 @@ def _budget(value):
     return lambda ideal_peak, weight_bytes: nullcontext(value)
 
 
-def test_core_style_euler_through_placed_dit_equals_run_sampling(tiny_models):
+@pytest.mark.parametrize("with_lora", [False, True], ids=["plain", "lora"])
+def test_core_style_euler_through_placed_dit_equals_run_sampling(tiny_models, tmp_path, with_lora):
     """An Euler loop written as ComfyUI runs it (denoised = x + sigma * v, cond and uncond in one
-    call) over PlacedDiT gives run_sampling's latent; one session serves every step."""
+    call) over PlacedDiT gives run_sampling's latent; one session serves every step. With a LoRA
+    on the trainer's targets, which include non-block modules (time_text_embed, the pooled
+    projection), the MODEL path must patch those too."""
     dit = tiny_models.dit
+    if with_lora:
+        path = write_lora(tmp_path / "peft" / "adapter_model.safetensors", dit.ckpt.config, "peft", seed=3, std=0.1)
+        dit = dit.with_lora(path, 1.0)
     pos, neg = _conds(dit)
     sampling = SamplingSettings(steps=3, cfg=4.0, seed=5)
     start = torch.zeros(1, 16, 8, 8)
@@ -47,6 +55,9 @@ def test_core_style_euler_through_placed_dit_equals_run_sampling(tiny_models):
     latent = x / 0.3611 + 0.1159
     assert placed.opened == 1 and placed.forwards == 3 and not placed.is_open
     assert torch.allclose(latent, ours, atol=1e-4 * float(ours.abs().max())), float((latent - ours).abs().max())
+    if with_lora:
+        plain = run_sampling(tiny_models.dit, pos, neg, start, sampling, MemorySettings(), CPU, Report(), None).latent
+        assert (ours - plain).abs().max() > 100 * 1e-4 * float(ours.abs().max()), "the LoRA must change the latent"
 
 
 def test_streamed_session_is_bitwise_equal_to_resident_and_replans_for_more(tiny_models):

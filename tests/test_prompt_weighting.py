@@ -3,14 +3,19 @@ Gemma features (newbie_core/prompt/weighting.py, pipeline/encode.py)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from newbie_core.pipeline import CONDITIONING_CACHE, MemorySettings
-from newbie_core.pipeline.encode import ENCODER_CALLS, apply_token_weights, conditioning_keys, encode_texts, run_gemma
+from newbie_core.models.tokenizers import GemmaSpm, piece_offsets, tokenizer_from_folder
+from newbie_core.pipeline.encode import (ENCODER_CALLS, apply_token_weights, conditioning_keys, encode_texts, run_gemma,
+                                         token_weights)
 from newbie_core.placement import Report
-from newbie_core.prompt import (TEXT_SYSTEM_PREFIX, Segment, parse_weights, prepare_texts, prepare_weighted_texts,
-                                weighted_text)
+from newbie_core.prompt import (TEXT_SYSTEM_PREFIX, Segment, WeightedText, parse_weights, prepare_texts,
+                                prepare_weighted_texts, weighted_text)
+from newbie_core.tiny.text_encoders import FIXTURES, xlmr_tokenizer_json
 
 CPU = torch.device("cpu")
 
@@ -116,3 +121,56 @@ def test_low_weights_re_encode_with_the_tokens_hidden(tiny_models):
     plain = run_gemma(enc, [texts.gemma_pos], MemorySettings(), CPU, Report(), None)[0]
     assert pos.cap_feats.shape == plain.shape and not torch.equal(pos.cap_feats, plain)
     assert torch.equal(pos.cap_feats[0], plain[0])
+
+
+# -- token weights from the tokenizer's offset mapping (what the official node does) ------------
+def _gemma_handle(pieces):
+    return SimpleNamespace(gemma=SimpleNamespace(tokenizer=SimpleNamespace(pieces=pieces)))
+
+
+@pytest.fixture(scope="module")
+def gemma_pieces():
+    return GemmaSpm((FIXTURES / "gemma_tiny.model").read_bytes())
+
+
+def test_gemma_offsets_spell_the_text_back_including_byte_fallback(gemma_pieces, tmp_path):
+    for text in ("a  cat  dog", "héllo (wörld) 日本\n x", ""):
+        offsets = piece_offsets(gemma_pieces, text)
+        assert len(offsets) == len(gemma_pieces.encode(text))
+        assert all(a <= b for a, b in offsets) and (not offsets or offsets[-1][1] == len(text))
+    # 'é' is two byte pieces: both cover the one character.
+    text = "héllo"
+    assert [text[a:b] for a, b in piece_offsets(gemma_pieces, text)][:3] == ["h", "é", "é"]
+    # tokenizer.json through the tokenizers library: its own (character) offsets.
+    xlmr_tokenizer_json(FIXTURES / "xlmr_tiny.model", tmp_path / "tokenizer.json")
+    tj = tokenizer_from_folder(tmp_path, "jina").pieces
+    text = "wörld 日本 cat"
+    spans = piece_offsets(tj, text)
+    assert len(spans) == len(tj.encode(text)) and spans[-1][1] == len(text)
+
+
+def test_a_token_straddling_a_span_edge_gets_the_character_average(gemma_pieces):
+    text = "a  cat  dog"
+    tokens = [text[a:b] for a, b in piece_offsets(gemma_pieces, text)]
+    assert tokens == ["a", " ", " c", "at", " ", " do", "g"]           # what the cases below rely on
+    # "ca" weighted 2.0: the token "at" covers 'a' (2.0) and 't' (1.0); the joins at 2 and 6 do not count.
+    spans = WeightedText(text, ((3, 5, 2.0),), (2, 6))
+    w = token_weights(_gemma_handle(gemma_pieces), text, spans, 8).tolist()
+    assert w == [1.0, 1.0, 1.0, 2.0, 1.5, 1.0, 1.0, 1.0]               # BOS, a, ' ', ' c', at, ' ', ' do', g
+    # Re-tokenising up to the edges (the fallback) cannot split "at": it gives it all or nothing.
+    class NoOffsets:
+        encode = gemma_pieces.encode
+    fallback = token_weights(_gemma_handle(NoOffsets()), text, spans, 8).tolist()
+    assert fallback[4] in (1.0, 2.0) and fallback != w
+
+
+def test_official_joins_do_not_dilute_the_weighted_word(gemma_pieces):
+    weighted = weighted_text("a (cat:1.2) dog")
+    assert weighted.text == "a  cat  dog" and weighted.joins == (2, 6)
+    w = token_weights(_gemma_handle(gemma_pieces), weighted.text, weighted, 8)
+    # ' c' covers the join (not counted) and 'c': 1.2, not the 1.1 a counted space would give.
+    assert torch.allclose(w, torch.tensor([1.0, 1.0, 1.0, 1.2, 1.2, 1.0, 1.0, 1.0]))
+    texts, weights = prepare_weighted_texts("a (cat:1.2) dog", system_prompt=TEXT_SYSTEM_PREFIX)
+    shifted = token_weights(_gemma_handle(gemma_pieces), texts.gemma_pos, weights.positive,
+                            1 + len(gemma_pieces.encode(texts.gemma_pos)))
+    assert sorted(set(shifted.tolist())) == pytest.approx([1.0, 1.2]) and (shifted > 1).sum() == 2

@@ -36,9 +36,30 @@ GEMMA_PAD, GEMMA_EOS, GEMMA_BOS, GEMMA_UNK = 0, 1, 2, 3
 
 
 class PieceEncoder(Protocol):
-    """Turns one text into ids, without any special tokens."""
+    """Turns one text into ids, without any special tokens. Encoders that can also give each
+    id's character span of the text have ``offsets(text)`` (see :func:`piece_offsets`)."""
 
     def encode(self, text: str) -> list[int]: ...
+
+
+Offsets = list[tuple[int, int]]
+
+
+def piece_offsets(pieces: PieceEncoder, text: str) -> Offsets | None:
+    """(start, end) character span of each id of ``pieces.encode(text)``, or None when the
+    encoder cannot say (no ``offsets`` method, or its pieces do not spell the text back)."""
+    offsets = getattr(pieces, "offsets", None)
+    return offsets(text) if offsets is not None else None
+
+
+def _byte_to_char_spans(text: str, byte_spans: list[tuple[int, int]]) -> Offsets:
+    """Byte spans of ``text``'s UTF-8 encoding -> character spans (a byte inside a character
+    counts as the whole character, as byte-fallback pieces of one character do)."""
+    char_of_byte: list[int] = []
+    for i, ch in enumerate(text):
+        char_of_byte += [i] * len(ch.encode("utf-8"))
+    char_of_byte.append(len(text))
+    return [(char_of_byte[a], char_of_byte[b - 1] + 1 if b > a else char_of_byte[a]) for a, b in byte_spans]
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,21 @@ class GemmaSpm:
 
     def encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
+
+    def offsets(self, text: str) -> Offsets | None:
+        """Character span of each id. Gemma's model does not normalise (spaces become ``▁``,
+        unknown characters fall back to bytes), so the pieces spell the text back byte for
+        byte; if they do not (another model, an unknown piece), None."""
+        spans, pos = [], 0
+        for i in self.sp.encode(text):
+            if self.sp.is_unknown(i):
+                return None
+            n = 1 if self.sp.is_byte(i) else len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+            spans.append((pos, pos + n))
+            pos += n
+        if pos != len(text.encode("utf-8")):
+            return None
+        return _byte_to_char_spans(text, spans)
 
 
 class XlmrSpm:
@@ -106,6 +142,10 @@ class TokenizerJson:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def offsets(self, text: str) -> Offsets:
+        """The library's own offset mapping (character spans of the original text)."""
+        return [tuple(o) for o in self.tok.encode(text, add_special_tokens=False).offsets]
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

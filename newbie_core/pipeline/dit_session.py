@@ -21,6 +21,7 @@ import torch
 from ..models.dit import ActivationChunks
 from ..placement import Report, StagePlan, measure_stage, stage_guard
 from .handles import DiTHandle
+from .lora import dit_patches
 from .placed import materialize_non_blocks, placed_blocks
 from .sample import plan_sampling
 from .settings import MemorySettings
@@ -128,8 +129,10 @@ class PlacedDiT:
             guard = outer.enter_context(stage_guard("sample", device))
             record = outer.enter_context(measure_stage(self.report, "sample", device, stage_plan.predicted_peak))
             guard.on_release(lambda: model.to_empty(device="meta"))
+            # The LoRAs' non-block patches (time_text_embed, clip_text_pooled_proj, ...) as run_sampling applies them.
+            _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
-                                   optional=lambda name, shape_: torch.ones(shape_))
+                                   optional=lambda name, shape_: torch.ones(shape_), patches=non_block_patches)
             model.set_chunking(ActivationChunks(stage_plan.attn_chunk, stage_plan.ffn_chunk))
             session = inner.enter_context(placed_blocks(model, handle.ckpt.source, inputs, stage_plan, device,
                                                         memory.ram_budget_bytes))

@@ -15,6 +15,7 @@ import torch
 
 from ..models.gemma import GemmaTextEncoder, estimate_gemma_activation_bytes
 from ..models.jina import JinaTextEncoder
+from ..models.tokenizers import piece_offsets
 from ..placement import Report, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
 from ..prompt import EncoderTexts, PromptWeights, WeightedText
 from .conditioning import CONDITIONING_CACHE, Conditioning, ConditioningCache, conditioning_key
@@ -77,16 +78,37 @@ def encode_texts(handle: TextEncoderHandle, texts: EncoderTexts, memory: MemoryS
 
 
 def token_weights(handle: TextEncoderHandle, text: str, spans: WeightedText, n_tokens: int) -> torch.Tensor:
-    """(n_tokens,) weight per Gemma token (BOS first). A span's tokens are found by tokenising the
-    text up to its start and its end: the official node uses the tokenizer's offset mapping,
-    which gives the same tokens except where a token straddles a span edge."""
+    """(n_tokens,) weight per Gemma token (BOS first), as the official node aligns them: from the
+    tokenizer's offset mapping, a token's weight is the average over the characters it covers
+    (joining spaces not counted), so a token that straddles a span edge gets a blend. Encoders
+    without offsets fall back to tokenising the text up to each span's edges."""
     pieces = handle.gemma.tokenizer.pieces
-    out = torch.ones(n_tokens)
-    for start, end, weight in spans.spans:
-        first = 1 + len(pieces.encode(text[:start]))
-        last = 1 + len(pieces.encode(text[:end]))
-        out[first:min(last, n_tokens)] = weight
-    return out
+    offsets = piece_offsets(pieces, text)
+    if offsets is None:
+        log.debug("the Gemma tokenizer gives no offsets: weights by re-tokenising to span edges")
+        out = torch.ones(n_tokens)
+        for start, end, weight in spans.spans:
+            first = 1 + len(pieces.encode(text[:start]))
+            last = 1 + len(pieces.encode(text[:end]))
+            out[first:min(last, n_tokens)] = weight
+        return out
+    weights = [1.0] + [_overlap_weight(a, b, spans) for a, b in offsets]
+    weights += [1.0] * (n_tokens - len(weights))
+    return torch.tensor(weights[:n_tokens], dtype=torch.float32)
+
+
+def _overlap_weight(start: int, end: int, spans: WeightedText) -> float:
+    """Character-overlap average weight of text[start:end]; 1 where it covers no counted character."""
+    joins = [j for j in spans.joins if start <= j < end]
+    counted = end - start - len(joins)
+    if counted <= 0:
+        return 1.0
+    total, weighted = 0.0, 0
+    for a, b, w in spans.spans:
+        n = max(0, min(b, end) - max(a, start))
+        total += w * n
+        weighted += n
+    return (total + (counted - weighted)) / counted
 
 
 # The official node's default ("compel") baseline: weights below 1 blend towards the features

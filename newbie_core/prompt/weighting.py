@@ -40,9 +40,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class WeightedText:
-    """The plain text an encoder reads, and the weight of each character span of it."""
+    """The plain text an encoder reads, and the weight of each character span of it.
+
+    ``joins`` are the spaces this module put between segments: they belong to no segment, so a
+    token's weight (the character-overlap average, as the official node computes it from the
+    tokenizer's offsets) does not count them; otherwise ``▁cat`` after a join would be diluted."""
     text: str
     spans: tuple[tuple[int, int, float], ...]      # (start, end, weight), weight != 1 only
+    joins: tuple[int, ...] = ()
 
     @property
     def weighted(self) -> bool:
@@ -50,11 +55,13 @@ class WeightedText:
 
     def shifted(self, offset: int) -> "WeightedText":
         """The same spans in a text that has ``offset`` characters in front (a system prefix)."""
-        return WeightedText(self.text, tuple((a + offset, b + offset, w) for a, b, w in self.spans))
+        return WeightedText(self.text, tuple((a + offset, b + offset, w) for a, b, w in self.spans),
+                            tuple(j + offset for j in self.joins if j + offset >= 0))
 
     def key(self) -> str:
-        """For cache keys: the spans with rounded weights."""
-        return ";".join(f"{a}-{b}:{w:.6g}" for a, b, w in self.spans)
+        """For cache keys: the spans with rounded weights, and the joins they are averaged around."""
+        spans = ";".join(f"{a}-{b}:{w:.6g}" for a, b, w in self.spans)
+        return spans + ("|" + ",".join(map(str, self.joins)) if self.spans and self.joins else "")
 
 
 def has_weighting_syntax(text: str) -> bool:
@@ -144,13 +151,14 @@ def weighted_text(text: str, mode: WeightingMode | str = WeightingMode.OFFICIAL)
     """The text to encode and its weighted spans; verbatim when off or without syntax."""
     if WeightingMode(mode) is WeightingMode.OFF or not has_weighting_syntax(text):
         return WeightedText(text, ())
-    parts, spans, pos = [], [], 0
+    parts, spans, joins, pos = [], [], [], 0
     for seg in parse_weights(text):
         piece = seg.text
         if parts:
+            joins.append(pos)
             pos += 1                                   # the joining space
         if seg.weight != 1.0 and piece.strip():
             spans.append((pos, pos + len(piece), seg.weight))
         parts.append(piece)
         pos += len(piece)
-    return WeightedText(" ".join(parts), tuple(spans))
+    return WeightedText(" ".join(parts), tuple(spans), tuple(joins))
