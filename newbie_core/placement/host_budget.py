@@ -137,7 +137,12 @@ class HostPlan:
 
 def gb(n: int) -> str:
     """Bytes in the units of --ram-budget and the node's ram_budget_gb widget (GB = 2**30 bytes)."""
-    return f"{n / GiB:.1f} GB"
+    return f"{n / GiB:.2f} GB" if n >= GiB // 10 else f"{n / MiB:.1f} MB"
+
+
+def gb_up(n: int) -> str:
+    """A budget to type in: ``n`` rounded up to 0.1 GB, so the figure given really fits."""
+    return f"{-(-n * 10 // GiB) / 10:.1f} GB"
 
 
 def plan_host(models: Sequence[HostModel], budget: int | None, *, baseline: int = PROCESS_BASELINE,
@@ -155,7 +160,7 @@ def plan_host(models: Sequence[HostModel], budget: int | None, *, baseline: int 
                 f"RAM budget {gb(budget)} is too small for {m.name}: it needs at least {gb(need)} "
                 f"(the process ~{gb(baseline)}, its other host tensors {gb(m.extra_bytes)} and one block "
                 f"buffer {gb(m.largest_block)}, streamed from disk). Set --ram-budget (CLI) or ram_budget_gb "
-                f"on the NewBie Memory Settings node to {gb(need)} or more (0 = auto), or use smaller "
+                f"on the NewBie Memory Settings node to {gb_up(need)} or more (0 = auto), or use smaller "
                 f"(fp8 or GGUF-quantised) files.")
     live: list[tuple[str, str, int]] = [(c, c, b) for c, b in cached]      # (copy id, label, bytes)
     rows, peak = [], baseline + sum(b for _, _, b in live)
