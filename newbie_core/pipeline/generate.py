@@ -157,6 +157,10 @@ def describe_plan(models: Models, request: GenerationRequest, device: torch.devi
     """Every stage's plan, from the analytic model alone: nothing is loaded or run."""
     device = device or default_device()
     budget, stages, host = _stage_plans(models, request, device, stage_budget(request.memory, device))
-    parts = [p.render() for p in stages] + [describe_host(host, request.memory).render()]
+    link = disk = None
+    if device.type == "cuda":     # the roofline from this machine's measured bandwidths (cached)
+        from ..placement.bandwidth import disk_bandwidth, link_bandwidth
+        link, disk = link_bandwidth(device), disk_bandwidth(models.dit.files[0])
+    parts = [p.render() for p in stages] + [describe_host(host, request.memory).render(link, disk)]
     header = f"device {device}, VRAM budget " + ("none (CPU)" if budget is None else f"{budget / 2**30:.2f} GiB")
     return "\n\n".join([header] + parts)

@@ -111,6 +111,14 @@ class HostRow:
     pinned_bytes: int
     disk_bytes_per_step: int
     evicted: tuple[str, ...]
+    streamed_bytes_per_step: int = 0     # copied host -> GPU per step, whatever the host mode
+
+    def roofline_s(self, link_bps: float, disk_bps: float | None = None) -> float:
+        """Seconds per step the copies need at least: the link, or the disk where blocks are
+        read from it every use (the two overlap, so the slower one bounds)."""
+        link = self.streamed_bytes_per_step / link_bps
+        disk = self.disk_bytes_per_step / disk_bps if disk_bps else 0.0
+        return max(link, disk)
 
 
 @dataclass(frozen=True)
@@ -122,15 +130,22 @@ class HostPlan:
     budget_text: str = ""
     peak_cached: int = 0      # the most host-copy bytes the cache holds at once (its own accounting)
 
-    def render(self) -> str:
+    def render(self, link_bps: float | None = None, disk_bps: float | None = None) -> str:
+        """The table; with measured bandwidths, each row's copy roofline in s/step too."""
         head = ("model", "host mode", "host bytes", "pinned", "disk read / step", "evicts")
+        if link_bps:
+            head += ("copy roofline s/step",)
         rows = [head] + [(r.name, r.mode.value, fmt_bytes(r.host_bytes), fmt_bytes(r.pinned_bytes),
-                          fmt_bytes(r.disk_bytes_per_step), ", ".join(r.evicted) or "-") for r in self.rows]
+                          fmt_bytes(r.disk_bytes_per_step), ", ".join(r.evicted) or "-")
+                         + ((f"{r.roofline_s(link_bps, disk_bps):.3f}",) if link_bps else ())
+                         for r in self.rows]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         budget = fmt_bytes(self.budget) if self.budget is not None else "none"
         top = [f"host RAM budget  {budget}" + (f" ({self.budget_text})" if self.budget_text else ""),
+               *([f"measured link {link_bps / 1e9:.1f} GB/s" + (f", disk {disk_bps / 1e9:.2f} GB/s" if disk_bps else "")]
+                 if link_bps else []),
                f"predicted host peak  {fmt_bytes(self.predicted_peak)} (process baseline {fmt_bytes(self.baseline)})"]
         return "\n".join(top + lines)
 
@@ -183,7 +198,7 @@ def plan_host(models: Sequence[HostModel], budget: int | None, *, baseline: int 
             host = m.largest_block
         pinned = host if pin and mode is not HostMode.DISK else 0
         disk = 0 if mode is HostMode.PINNED else m.streamed_bytes_per_step
-        rows.append(HostRow(m.name, mode, host, pinned, disk, tuple(evicted)))
+        rows.append(HostRow(m.name, mode, host, pinned, disk, tuple(evicted), m.streamed_bytes_per_step))
         if host:
             live.append((m.copy_id, m.name, host))
         held = sum(b for _, _, b in live)
