@@ -454,12 +454,14 @@ def test_comfyui_unloading_the_pack_frees_its_host_copies(pack, adapter, tiny_di
     files = sorted((tiny_dir / "diffusion_models").iterdir())[:1]
     layout = layout_mod.compute_layout([("w", (64, 64), torch.float32)])
     cache = placement.HOST_CACHE
+    cache.clear()                       # earlier tests' copies
     cache.get(placement.cache_key(files, ["w"], "bf16"), [layout] * 3, lambda i: {"w": torch.ones(64, 64)}, None,
               pin=False)
     other = tiny_dir / "vae"
     kept = cache.get(placement.cache_key(sorted(other.iterdir())[:1], ["w"], "bf16"), [layout],
                      lambda i: {"w": torch.ones(64, 64)}, None, pin=False)
     before = cache.used()
+    assert before == 4 * layout.nbytes
     gpu = torch.device("cuda")          # a device object only: the fallback adapter calls no CUDA
     with settings_node.vram_for_stage("NewBie DiT", gpu, memory, lambda: 0, lambda b: 0, host_files=files):
         pass
