@@ -195,7 +195,8 @@ def make_model(dit: DiTHandle, memory: MemorySettings, report: Report | None = N
         # Our MODEL (and its clones, e.g. after ModelSamplingAuraFlow) stays loaded: evicting it
         # mid-run would undo its object patches.
         ours = [lm.model for lm in mm.current_loaded_models if getattr(lm.model, "model", None) is base]
-        return vram_for_stage("NewBie DiT (MODEL)", device, memory, ideal_peak, weight_bytes, keep=ours)
+        return vram_for_stage("NewBie DiT (MODEL)", device, memory, ideal_peak, weight_bytes, keep=ours,
+                              host_files=dit.files)
 
     placed = PlacedDiT(dit, memory, device, report, budget_scope)
     base = classes.BaseModel(placed, device=mm.unet_offload_device())

@@ -150,7 +150,8 @@ class NewBieTextEncode:
 
             with vram_for_stage("NewBie text encoders", device, settings,
                                 lambda: max(p.predicted_peak for p in plans(None)),
-                                lambda budget: max(plan_weight_bytes(p) for p in plans(budget))) as budget:
+                                lambda budget: max(plan_weight_bytes(p) for p in plans(budget)),
+                                host_files=text_encoders.files) as budget:
                 pos, neg = encode_texts(text_encoders, texts, settings, device, report, budget, weights=weights,
                                         interrupt_check=adapter.check_interrupted)   # Cancel within one block
         out = adapter.intermediate_device()

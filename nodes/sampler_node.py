@@ -133,7 +133,7 @@ class NewBieSampler:
 
         report = Report()
         with vram_for_stage("NewBie DiT", device, settings, lambda: plan(None).predicted_peak,
-                            lambda budget: plan_weight_bytes(plan(budget))) as budget:
+                            lambda budget: plan_weight_bytes(plan(budget)), host_files=dit.files) as budget:
             result = run_sampling(dit, pos, neg, raw, sampling, settings, device, report, budget,
                                   callback=_step_reporter(steps if sigmas is None else len(sigmas) - 1),
                                   sigmas=sigmas)

@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from ..newbie_core.pipeline import MemorySettings, stage_budget
-from ..newbie_core.placement import StagePlan, fmt_bytes, free_device_memory
+from ..newbie_core.placement import HOST_CACHE, StagePlan, fmt_bytes, free_device_memory
 from . import comfy_adapter as adapter
 from ..newbie_core.validate import check_budget, check_vae_tile
 from .types import CATEGORY, NEWBIE_MEMORY
@@ -81,7 +81,8 @@ def budget_note(stage: str, device: torch.device, budget: int | None) -> str:
 
 @contextmanager
 def vram_for_stage(name: str, device: torch.device, memory: MemorySettings, ideal_peak: Callable[[], int],
-                   weight_bytes: Callable[[int | None], int], keep: Sequence = ()) -> Iterator[int | None]:
+                   weight_bytes: Callable[[int | None], int], keep: Sequence = (),
+                   host_files: Sequence = ()) -> Iterator[int | None]:
     """Yield the stage's VRAM budget, with ComfyUI told about the memory the stage will use.
 
     On a GPU: ask ComfyUI to evict its models until the stage's need is free (the explicit budget,
@@ -90,6 +91,9 @@ def vram_for_stage(name: str, device: torch.device, memory: MemorySettings, idea
     frees its own weights when it ends (stage_guard on failure), so the handle is dropped after.
     On the CPU there is no VRAM to share: nothing is asked or registered. ``keep``: ComfyUI
     models that must stay loaded while freeing (the pack's own MODEL during a core sampler run).
+    ``host_files``: the stage's model files; their host copies stay unloadable by ComfyUI after
+    the stage (:func:`keep_host_copies_unloadable`), and an unload during the stage frees them
+    when it ends (the stage is still streaming from them until then).
     """
     if device.type == "cpu":
         yield stage_budget(memory, device)
@@ -98,8 +102,11 @@ def vram_for_stage(name: str, device: torch.device, memory: MemorySettings, idea
     adapter.free_vram(need, device, keep)
     budget = stage_budget(memory, device)
 
+    unloaded = []
+
     def evicted() -> None:
         log.info("ComfyUI asked %s to unload; its weights are released when the stage ends", name)
+        unloaded.append(True)
         free_device_memory(device)
 
     handle = adapter.register_unloadable(name, weight_bytes(budget), evicted, device)
@@ -107,6 +114,36 @@ def vram_for_stage(name: str, device: torch.device, memory: MemorySettings, idea
         yield budget
     finally:
         adapter.unregister(handle)
+        if unloaded:
+            release_host_copies(name, host_files)
+        elif host_files:
+            keep_host_copies_unloadable(name, host_files, device)
+
+
+# One unloadable handle per model's host copies (by file set), so ComfyUI's "Unload models" and
+# its memory pressure free the pack's pinned host RAM too.
+_HOST_HANDLES: dict[tuple[str, ...], object] = {}
+
+
+def release_host_copies(name: str, files: Sequence) -> int:
+    """Free the host copies (pinned buffers included) read from ``files``; returns bytes freed."""
+    freed = HOST_CACHE.drop_files(files)
+    if freed:
+        log.info("%s: freed %s of host copies", name, fmt_bytes(freed))
+    return freed
+
+
+def keep_host_copies_unloadable(name: str, files: Sequence, device: torch.device):
+    """Register a weightless handle whose unload (ComfyUI evicting it) frees the host copies of
+    ``files``; an older handle for the same files is replaced. Returns the handle."""
+    key = tuple(sorted(str(f) for f in files))
+    old = _HOST_HANDLES.pop(key, None)
+    if old is not None:
+        adapter.unregister(old)
+    handle = adapter.register_unloadable(f"{name} (host copies)", 0, lambda: release_host_copies(name, files),
+                                         device)
+    _HOST_HANDLES[key] = handle
+    return handle
 
 
 class NewBieMemorySettings:

@@ -16,6 +16,7 @@ def _script(name: str):
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module      # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -49,3 +50,29 @@ def test_steady_steps_leave_out_warm_up_and_capture():
     assert steady([9.0, 5.0, 1.0, 1.0, 1.0, 1.0]) == [1.0] * 4
     assert steady([9.0, 1.0, 1.0]) == [1.0, 1.0]
     assert steady([3.0]) == [3.0]
+
+
+def test_fits_table_is_a_roofline_projection_in_markdown(capsys):
+    fits = _script("fits")
+    assert fits.main(["--smoke"]) == 0
+    text = capsys.readouterr().out
+    assert "not a measurement" in text and "GGUF rows are not measured" in text
+    lines = [l for l in text.splitlines() if l.startswith("| ") and "GB/s |" in l]
+    assert len(lines) == 3 * 2 * 3
+    rows = fits.SMOKE_ROWS
+    # 4 GB card: only the 2 GB-budget rows fit; fp8 streams 3.83 GB per step: over 12 GB/s the link bounds.
+    f = fits.fit(rows, 4, 16, 12, 3.0)
+    assert f.dtype == "fp8" and f.budget_gb == 2 and f.bound == "link"
+    assert abs(f.s_per_step - 3_832_965_120 / 12e9) < 1e-9
+    assert abs(f.s_per_image - (28 * f.s_per_step + 4.64 - 28 * 0.135)) < 1e-9
+    # At 50 GB/s the resident compute bounds; a 16 GB card holds the model resident.
+    assert fits.fit(rows, 4, 16, 50, 3.0).bound == "compute"
+    assert fits.fit(rows, 16, 32, 12, 3.0).budget_gb is None
+    # 16 GB of RAM cannot keep bf16's 16 GB host peak: its encoders are evicted first.
+    assert fits.fit([r for r in rows if r.dtype == "bf16"], 16, 16, 50, 3.0).host_note.startswith("encoders")
+
+
+def test_fits_reads_the_measured_results():
+    fits = _script("fits")
+    rows = fits.load_rows(BENCH / "results.json")
+    assert {r.dtype for r in rows} == {"bf16", "fp8"} and any(r.budget_gb is None for r in rows)

@@ -471,3 +471,32 @@ def test_lora_loader_chains_and_changes_the_sample(nodes, models, conds, adapter
     plain = sample(nodes, models, conds, latent)[0]["samples"]
     patched = sample(nodes, (two,) + models[1:], conds, latent)[0]["samples"]
     assert (plain - patched).abs().max() > 1e-3
+
+
+def test_comfyui_unloading_the_pack_frees_its_host_copies(pack, adapter, tiny_dir):
+    """After a stage, the host copies stay behind a weightless handle: ComfyUI's unload (here the
+    fallback's 'Unload models') frees them, the pinned buffers with them."""
+    settings_node = mod("nodes.settings_node")
+    placement = importlib.import_module(f"{PACK}.newbie_core.placement")
+    layout_mod = importlib.import_module(f"{PACK}.newbie_core.placement.layout")
+    memory = importlib.import_module(f"{PACK}.newbie_core.pipeline").MemorySettings(vram_budget_gb=1.0)
+    files = sorted((tiny_dir / "diffusion_models").iterdir())[:1]
+    layout = layout_mod.compute_layout([("w", (64, 64), torch.float32)])
+    cache = placement.HOST_CACHE
+    cache.clear()                       # earlier tests' copies
+    cache.get(placement.cache_key(files, ["w"], "bf16"), [layout] * 3, lambda i: {"w": torch.ones(64, 64)}, None,
+              pin=False)
+    other = tiny_dir / "vae"
+    kept = cache.get(placement.cache_key(sorted(other.iterdir())[:1], ["w"], "bf16"), [layout],
+                     lambda i: {"w": torch.ones(64, 64)}, None, pin=False)
+    before = cache.used()
+    assert before == 4 * layout.nbytes
+    gpu = torch.device("cuda")          # a device object only: the fallback adapter calls no CUDA
+    with settings_node.vram_for_stage("NewBie DiT", gpu, memory, lambda: 0, lambda b: 0, host_files=files):
+        pass
+    handle = next(h for h in adapter.handles if h.name == "NewBie DiT (host copies)")
+    assert cache.used() == before
+    adapter.unload_all()
+    assert handle.unload_calls == 1
+    assert cache.used() == before - 3 * layout.nbytes == kept.host_bytes
+    cache.clear()

@@ -23,7 +23,7 @@ from ..placement import Report, StagePlan, measure_stage, stage_guard
 from .handles import DiTHandle
 from .lora import dit_patches
 from .placed import materialize_non_blocks, placed_blocks
-from .sample import plan_sampling
+from .sample import dit_store_budget, plan_sampling
 from .settings import MemorySettings
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class PlacedDiT:
             model, inputs, stage_plan = plan_sampling(handle, memory, shape.batch, shape.cap_tokens, width, height,
                                                       device, budget)
             log.info("sampling plan (core sampler):\n%s", stage_plan.render())
+            store_budget = dit_store_budget(handle, model, inputs, stage_plan, memory, device)
             guard = outer.enter_context(stage_guard("sample", device))
             record = outer.enter_context(measure_stage(self.report, "sample", device, stage_plan.predicted_peak))
             guard.on_release(lambda: model.to_empty(device="meta"))
@@ -135,7 +136,7 @@ class PlacedDiT:
                                    optional=lambda name, shape_: torch.ones(shape_), patches=non_block_patches)
             model.set_chunking(ActivationChunks(stage_plan.attn_chunk, stage_plan.ffn_chunk))
             session = inner.enter_context(placed_blocks(model, handle.ckpt.source, inputs, stage_plan, device,
-                                                        memory.ram_budget_bytes))
+                                                        store_budget))
             guard.hold(session)
         except BaseException as e:
             _unwind(inner, outer, e)

@@ -16,11 +16,11 @@ import torch
 from ..models.gemma import GemmaTextEncoder, estimate_gemma_activation_bytes
 from ..models.jina import JinaTextEncoder
 from ..models.tokenizers import piece_offsets
-from ..placement import Report, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
+from ..placement import HOST_CACHE, Report, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
 from ..prompt import EncoderTexts, PromptWeights, WeightedText
 from .conditioning import CONDITIONING_CACHE, Conditioning, ConditioningCache, conditioning_key
 from .handles import TextEncoderHandle
-from .host_ram import host_budget
+from .host_ram import check_stage, host_model, host_tensor_bytes
 from .placed import PlacementInputs, materialize_non_blocks, placed_blocks, plan_for
 from .settings import MemorySettings, StorageDType
 
@@ -229,12 +229,16 @@ def _run_encoder(name: str, plan_encoder, source, table_prefix: str, run, memory
     def attempt(budget_now: int | None) -> list[torch.Tensor]:
         encoder, inputs, plan, tokens = plan_encoder(budget_now)
         log.info("%s plan:\n%s", stage, plan.render())
+        # Refuse before reading, and make room for the embedding table before it is loaded.
+        table = host_tensor_bytes(encoder, source, device, ENCODER_DTYPE, (table_prefix,))
+        store_budget = check_stage(host_model(stage, encoder, inputs, plan, source, extra_bytes=table), memory)
+        HOST_CACHE.make_room(store_budget)
         with stage_guard(stage, device) as guard, measure_stage(report, stage, device, plan.predicted_peak) as rec:
             guard.on_release(lambda: encoder.to_empty(device="meta"))
             materialize_non_blocks(encoder, source, device, ENCODER_DTYPE, host_prefixes=(table_prefix,))
             encoder.rotary_emb.to(device)
             encoder.compute_device = device
-            with placed_blocks(encoder, source, inputs, plan, device, host_budget(memory)) as session:
+            with placed_blocks(encoder, source, inputs, plan, device, store_budget) as session:
                 guard.hold(session)
                 if interrupt_check is not None:
                     encoder.block_runner = _checked(encoder.block_runner, interrupt_check)  # session restores it

@@ -12,15 +12,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..placement import Report, StagePlan, auto_budget
+from ..placement import BudgetTooSmallError, Report, StagePlan, auto_budget
 from ..prompt import AUTO_SYSTEM_PROMPT, EncoderTexts, WeightingMode, prepare_weighted_texts
 from ..sampling import validate_size
-from .encode import encode_texts, plan_gemma, plan_jina
+from .encode import ENCODER_DTYPE, encode_texts, plan_gemma, plan_jina
 from .handles import DiTHandle, TextEncoderHandle, VaeHandle
-from .host_ram import describe_host, host_model
+from ..placement.host_budget import HostPlan
+from .host_ram import describe_host, host_model, host_tensor_bytes
 from .sample import StepCallback, plan_sampling, run_sampling
 from .settings import MemorySettings, SamplingSettings
-from .vae_stage import decode_latent, encode_image, plan_vae
+from .vae_stage import decode_latent, encode_image, plan_vae, vae_host_model
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def generate(models: Models, request: GenerationRequest, device: torch.device | 
     texts, weights = prepare_weighted_texts(request.prompt, request.negative, compat=request.compat,
                                             weighting=request.weighting, system_prompt=request.system_prompt)
     report = Report()
+    plan = host_plan(models, request, device)     # refuses a RAM budget the run cannot fit, before reading
+    log.info("host RAM plan:\n%s", plan.render())
     log.info("encoding the prompt (Gemma 3 + Jina CLIP v2)")
     pos, neg = encode_texts(models.encoders, texts, memory, device, report, stage_budget(memory, device),
                             weights=weights)
@@ -107,31 +110,57 @@ def start_latent(vae: VaeHandle, request: GenerationRequest, device: torch.devic
     return raw.expand(request.batch, -1, -1, -1).contiguous()
 
 
-def describe_plan(models: Models, request: GenerationRequest, device: torch.device | None = None) -> str:
-    """Every stage's plan, from the analytic model alone: nothing is loaded or run."""
-    device = device or default_device()
+def _stage_plans(models: Models, request: GenerationRequest, device: torch.device, budget: int | None):
+    """Every stage's plan and its host-RAM needs, from the analytic model alone: nothing is read."""
     memory = request.memory
-    budget = stage_budget(memory, device)
     texts: EncoderTexts = prepare_weighted_texts(request.prompt, request.negative, compat=request.compat,
                                                  weighting=request.weighting,
                                                  system_prompt=request.system_prompt)[0]
-    g_model, g_inputs, gemma, gemma_tokens = plan_gemma(models.encoders, [texts.gemma_pos, texts.gemma_neg],
-                                                        memory, budget)
-    j_model, j_inputs, jina, _ = plan_jina(models.encoders, [texts.jina_pos, texts.jina_neg], memory, budget)
-    parts = [gemma.render(), jina.render()]
+    enc = models.encoders
+    g_model, g_inputs, gemma, gemma_tokens = plan_gemma(enc, [texts.gemma_pos, texts.gemma_neg], memory, budget)
+    j_model, j_inputs, jina, _ = plan_jina(enc, [texts.jina_pos, texts.jina_neg], memory, budget)
     cap = int(gemma_tokens.attention_mask.sum(1).max())
     guided = request.sampling.cfg != 1.0
     batch = request.batch * (2 if guided else 1)
     d_model, d_inputs, plan = plan_sampling(models.dit, memory, batch, cap, request.width, request.height, device,
                                             budget)
-    parts.append(plan.render())
-    # Host tensors beside the blocks: each encoder's embedding table stays in host RAM.
-    table = lambda m: sum(p.numel() for n, p in m.named_parameters() if "embed" in n and p.dim() == 2) * 2  # noqa: E731
-    host = describe_host([host_model("encode:gemma", g_model, g_inputs, gemma, extra_bytes=table(g_model)),
-                          host_model("encode:jina", j_model, j_inputs, jina, extra_bytes=table(j_model)),
-                          host_model("sample", d_model, d_inputs, plan, models.dit.ckpt.source)], memory)
-    parts.append(plan_vae(models.vae, memory, request.batch, request.height // 8, request.width // 8, budget,
-                          device).render())
-    parts.append(host.render())
+    vae = plan_vae(models.vae, memory, request.batch, request.height // 8, request.width // 8, budget, device)
+    # Host tensors beside the blocks: each encoder's embedding table (and on the CPU every
+    # non-block weight) stays in host RAM while its stage runs; the VAE's weights pass through it.
+    dit_src = models.dit.ckpt.source
+    host = [host_model("encode:gemma", g_model, g_inputs, gemma, enc.gemma.source, extra_bytes=host_tensor_bytes(
+                g_model, enc.gemma.source, device, ENCODER_DTYPE, ("model.embed_tokens.",))),
+            host_model("encode:jina", j_model, j_inputs, jina, enc.jina.source, extra_bytes=host_tensor_bytes(
+                j_model, enc.jina.source, device, ENCODER_DTYPE, ("embeddings.word_embeddings.",))),
+            host_model("sample", d_model, d_inputs, plan, dit_src, forwards_per_step=1,
+                       extra_bytes=host_tensor_bytes(d_model, dit_src, device, d_inputs.compute_dtype))]
+    if request.init_image is not None:
+        host.insert(0, vae_host_model(models.vae, device))
+    host.append(vae_host_model(models.vae, device))
+    return budget, [gemma, jina, plan, vae], host
+
+
+def host_plan(models: Models, request: GenerationRequest, device: torch.device | None = None) -> HostPlan:
+    """The whole generation's host-RAM plan; raises HostBudgetTooSmallError, naming --ram-budget
+    and the node widget, when the budget cannot hold it (before any weights are read)."""
+    device = device or default_device()
+    try:
+        host = _stage_plans(models, request, device, stage_budget(request.memory, device))[2]
+    except BudgetTooSmallError:
+        # The VRAM budget now is not the one each stage will get (and a cached prompt skips the
+        # encoders): the host copies are sized without it, which holds every block's storage.
+        host = _stage_plans(models, request, device, None)[2]
+    return describe_host(host, request.memory)
+
+
+def describe_plan(models: Models, request: GenerationRequest, device: torch.device | None = None) -> str:
+    """Every stage's plan, from the analytic model alone: nothing is loaded or run."""
+    device = device or default_device()
+    budget, stages, host = _stage_plans(models, request, device, stage_budget(request.memory, device))
+    link = disk = None
+    if device.type == "cuda":     # the roofline from this machine's measured bandwidths (cached)
+        from ..placement.bandwidth import disk_bandwidth, link_bandwidth
+        link, disk = link_bandwidth(device), disk_bandwidth(models.dit.files[0])
+    parts = [p.render() for p in stages] + [describe_host(host, request.memory).render(link, disk)]
     header = f"device {device}, VRAM budget " + ("none (CPU)" if budget is None else f"{budget / 2**30:.2f} GiB")
     return "\n\n".join([header] + parts)

@@ -17,12 +17,12 @@ import torch
 
 from ..models.dit import ActivationChunks, AttentionKernel, DiTConfig, build_dit, estimate_activation_bytes
 from ..models.dit.fused import kernels
-from ..placement import Report, StagePlan, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
+from ..placement import HOST_CACHE, Report, StagePlan, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
 from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow_sigmas, initial_noise,
                         noise_latent, normalize_latent, sample)
 from .conditioning import Conditioning, batch_conditionings
 from .handles import DiTHandle
-from .host_ram import host_budget
+from .host_ram import check_stage, host_model, host_tensor_bytes
 from .lora import dit_patches
 from .placed import PlacementInputs, materialize_non_blocks, non_block_parameters, placed_blocks, plan_for
 from .settings import MemorySettings, SamplingSettings, StorageDType
@@ -167,13 +167,14 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
     def attempt(budget_now: int | None) -> SampleResult:
         model, inputs, plan = plan_sampling(handle, memory, batch, cap_tokens, width, height, device, budget_now)
         log.info("sampling plan:\n%s", plan.render())
+        store_budget = dit_store_budget(handle, model, inputs, plan, memory, device)
         with stage_guard("sample", device) as guard, measure_stage(report, "sample", device, plan.predicted_peak) as rec:
             guard.on_release(lambda: model.to_empty(device="meta"))
             _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
                                    optional=lambda name, shape: torch.ones(shape), patches=non_block_patches)
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
-            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, host_budget(memory)) as session:
+            with placed_blocks(model, handle.ckpt.source, inputs, plan, device, store_budget) as session:
                 guard.hold(session)
                 latent, steps = _sample_loop(model, positive, negative, raw_latent, sampling, device,
                                              inputs.compute_dtype, callback, sigmas)
@@ -250,3 +251,13 @@ class _StepClock:
             self.marks[-1].synchronize()
             return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def dit_store_budget(handle: DiTHandle, model, inputs: PlacementInputs, plan: StagePlan, memory: MemorySettings,
+                     device: torch.device) -> int | None:
+    """The host cache's budget for the DiT stage; refuses (before reading) a RAM budget it cannot
+    fit and evicts older copies (the encoders') to make room for its non-block weights."""
+    extra = host_tensor_bytes(model, handle.ckpt.source, device, inputs.compute_dtype)
+    store_budget = check_stage(host_model("sample", model, inputs, plan, handle.ckpt.source, extra_bytes=extra), memory)
+    HOST_CACHE.make_room(store_budget)
+    return store_budget

@@ -15,9 +15,11 @@ import torch
 from ..models.vae import FluxVAE, build_vae, from_image_01, to_image_01
 from ..models.vae_memory import DEFAULT_OVERLAP_LATENT, choose_tile, estimate_decode_bytes, estimate_encode_bytes
 from ..models.vae_tiling import decode_tiled, encode_tiled
-from ..placement import Report, fmt_bytes, measure_stage, run_with_oom_retry, stage_guard
+from ..placement import HOST_CACHE, Report, fmt_bytes, measure_stage, run_with_oom_retry, stage_guard
+from ..placement.host_budget import HostModel
 from ..placement.budget import MiB, segment_bytes
 from .handles import VaeHandle
+from .host_ram import check_stage, copy_key
 from .settings import MemorySettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ def decode_latent(handle: VaeHandle, raw_latent: torch.Tensor, memory: MemorySet
     """Raw latent (B, 16, h, w) -> IMAGE (B, 8h, 8w, 3) float32 in [0, 1] on the CPU.
     A CUDA OOM retries once at half the budget (smaller tiles), as the other stages do."""
     b, _, h, w = raw_latent.shape
+    _vae_host_room(handle, memory, device)
 
     def attempt(budget_now: int | None) -> torch.Tensor:
         plan = plan_vae(handle, memory, b, h, w, budget_now, device)
@@ -115,6 +118,7 @@ def encode_image(handle: VaeHandle, image01: torch.Tensor, memory: MemorySetting
     if height % 16 or width % 16:
         raise ValueError(f"the init image is {width}x{height}; NewBie needs sides that are multiples of 16 px. "
                          f"Resize or crop it (e.g. to {width // 16 * 16}x{height // 16 * 16}).")
+    _vae_host_room(handle, memory, device)
 
     def attempt(budget_now: int | None) -> torch.Tensor:
         plan = plan_vae(handle, memory, b, height // 8, width // 8, budget_now, device, encode=True)
@@ -146,3 +150,17 @@ VAE_ADVICE = ("Something outside this stage probably holds VRAM (another program
 
 def _resident_vae(handle: VaeHandle, device: torch.device) -> FluxVAE:
     return build_vae(handle.ckpt, device, vae_dtype(handle, device))
+
+
+def vae_host_model(handle: VaeHandle, device: torch.device) -> HostModel:
+    """The VAE in the host plan: no host copy of its own, but its weights pass through host RAM
+    (the file's mapped pages, or all of them on the CPU) beside whatever the cache holds."""
+    dtype = vae_dtype(handle, device)
+    src = handle.ckpt.source
+    weights = sum(int(torch.Size(src.shape(k)).numel()) * dtype.itemsize for k in src.keys())
+    return HostModel("decode:vae", 0, 0, 0, extra_bytes=weights, key=copy_key(handle.ckpt.source.files))
+
+
+def _vae_host_room(handle: VaeHandle, memory: MemorySettings, device: torch.device) -> None:
+    """Refuse a RAM budget the VAE cannot fit, and evict older host copies to make its room."""
+    HOST_CACHE.make_room(check_stage(vae_host_model(handle, device), memory))

@@ -91,6 +91,16 @@ class HostModel:
     largest_block: int
     streamed_bytes_per_step: int = 0
     extra_bytes: int = 0
+    key: str = ""        # which host copy this is (its files); a cached copy with this key is replaced
+
+    @property
+    def copy_id(self) -> str:
+        return self.key or self.name
+
+    @property
+    def minimum_budget(self) -> int:
+        """The least RAM budget this model runs under (disk-streamed, one block buffer), less the baseline."""
+        return self.extra_bytes + self.largest_block
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,14 @@ class HostRow:
     pinned_bytes: int
     disk_bytes_per_step: int
     evicted: tuple[str, ...]
+    streamed_bytes_per_step: int = 0     # copied host -> GPU per step, whatever the host mode
+
+    def roofline_s(self, link_bps: float, disk_bps: float | None = None) -> float:
+        """Seconds per step the copies need at least: the link, or the disk where blocks are
+        read from it every use (the two overlap, so the slower one bounds)."""
+        link = self.streamed_bytes_per_step / link_bps
+        disk = self.disk_bytes_per_step / disk_bps if disk_bps else 0.0
+        return max(link, disk)
 
 
 @dataclass(frozen=True)
@@ -110,43 +128,67 @@ class HostPlan:
     rows: tuple[HostRow, ...]
     predicted_peak: int
     budget_text: str = ""
+    peak_cached: int = 0      # the most host-copy bytes the cache holds at once (its own accounting)
 
-    def render(self) -> str:
+    def render(self, link_bps: float | None = None, disk_bps: float | None = None) -> str:
+        """The table; with measured bandwidths, each row's copy roofline in s/step too."""
         head = ("model", "host mode", "host bytes", "pinned", "disk read / step", "evicts")
+        if link_bps:
+            head += ("copy roofline s/step",)
         rows = [head] + [(r.name, r.mode.value, fmt_bytes(r.host_bytes), fmt_bytes(r.pinned_bytes),
-                          fmt_bytes(r.disk_bytes_per_step), ", ".join(r.evicted) or "-") for r in self.rows]
+                          fmt_bytes(r.disk_bytes_per_step), ", ".join(r.evicted) or "-")
+                         + ((f"{r.roofline_s(link_bps, disk_bps):.3f}",) if link_bps else ())
+                         for r in self.rows]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         budget = fmt_bytes(self.budget) if self.budget is not None else "none"
         top = [f"host RAM budget  {budget}" + (f" ({self.budget_text})" if self.budget_text else ""),
+               *([f"measured link {link_bps / 1e9:.1f} GB/s" + (f", disk {disk_bps / 1e9:.2f} GB/s" if disk_bps else "")]
+                 if link_bps else []),
                f"predicted host peak  {fmt_bytes(self.predicted_peak)} (process baseline {fmt_bytes(self.baseline)})"]
         return "\n".join(top + lines)
+
+
+def gb(n: int) -> str:
+    """Bytes in the units of --ram-budget and the node's ram_budget_gb widget (GB = 2**30 bytes)."""
+    return f"{n / GiB:.2f} GB" if n >= GiB // 10 else f"{n / MiB:.1f} MB"
+
+
+def gb_up(n: int) -> str:
+    """A budget to type in: ``n`` rounded up to 0.1 GB, so the figure given really fits."""
+    return f"{-(-n * 10 // GiB) / 10:.1f} GB"
 
 
 def plan_host(models: Sequence[HostModel], budget: int | None, *, baseline: int = PROCESS_BASELINE,
               cached: Sequence[tuple[str, int]] = (), staging_buffers: int = 2, pin: bool = True,
               budget_text: str = "") -> HostPlan:
     """Host mode per model, in stage order, as the host cache will choose them (module docstring).
-    ``cached``: host copies already held (name, bytes), oldest first."""
-    live: list[tuple[str, int]] = list(cached)
-    rows, peak = [], baseline + sum(b for _, b in live)
+    ``cached``: host copies already held (copy id, bytes), oldest first. Raises
+    :class:`HostBudgetTooSmallError` before anything is read when some model cannot fit at all."""
+    if budget is not None and models:
+        need = baseline + max(m.minimum_budget for m in models)
+        short = [m for m in models if budget - baseline < m.minimum_budget]
+        if short:
+            m = max(short, key=lambda x: x.minimum_budget)
+            raise HostBudgetTooSmallError(
+                f"RAM budget {gb(budget)} is too small for {m.name}: it needs at least {gb(need)} "
+                f"(the process ~{gb(baseline)}, its other host tensors {gb(m.extra_bytes)} and one block "
+                f"buffer {gb(m.largest_block)}, streamed from disk). Set --ram-budget (CLI) or ram_budget_gb "
+                f"on the NewBie Memory Settings node to {gb_up(need)} or more (0 = auto), or use smaller "
+                f"(fp8 or GGUF-quantised) files.")
+    live: list[tuple[str, str, int]] = [(c, c, b) for c, b in cached]      # (copy id, label, bytes)
+    rows, peak = [], baseline + sum(b for _, _, b in live)
+    peak_cached = sum(b for _, _, b in live)
     for m in models:
         # This model's own copy replaces any older one of the same model (another layout).
-        live = [(n, b) for n, b in live if n != m.name]
+        live = [x for x in live if x[0] != m.copy_id]
         store_budget = None if budget is None else budget - baseline - m.extra_bytes
-        if store_budget is not None and store_budget < m.largest_block:
-            raise HostBudgetTooSmallError(
-                f"RAM budget {fmt_bytes(budget)} is too small for {m.name}: the process needs about "
-                f"{fmt_bytes(baseline)}, its other host tensors {fmt_bytes(m.extra_bytes)} and one block "
-                f"buffer {fmt_bytes(m.largest_block)} (the disk-streamed minimum), "
-                f"{fmt_bytes(baseline + m.extra_bytes + m.largest_block)} in all. Raise --ram-budget, or use "
-                f"smaller (fp8 or GGUF-quantised) files.")
         evicted = []
         if store_budget is not None:
-            while live and sum(b for _, b in live) + m.total_bytes > store_budget:
-                evicted.append(live.pop(0)[0])
-        room = None if store_budget is None else store_budget - sum(b for _, b in live)
+            while live and sum(b for _, _, b in live) + m.total_bytes > store_budget:
+                evicted.append(live.pop(0)[1])
+        room = None if store_budget is None else store_budget - sum(b for _, _, b in live)
         mode = choose_host_mode(m.total_bytes, m.largest_block, room, staging_buffers)
         if mode is HostMode.PINNED:
             host = m.total_bytes
@@ -156,10 +198,13 @@ def plan_host(models: Sequence[HostModel], budget: int | None, *, baseline: int 
             host = m.largest_block
         pinned = host if pin and mode is not HostMode.DISK else 0
         disk = 0 if mode is HostMode.PINNED else m.streamed_bytes_per_step
-        rows.append(HostRow(m.name, mode, host, pinned, disk, tuple(evicted)))
-        live.append((m.name, host))
-        peak = max(peak, baseline + sum(b for _, b in live) + m.extra_bytes)
-    return HostPlan(budget, baseline, tuple(rows), peak, budget_text)
+        rows.append(HostRow(m.name, mode, host, pinned, disk, tuple(evicted), m.streamed_bytes_per_step))
+        if host:
+            live.append((m.copy_id, m.name, host))
+        held = sum(b for _, _, b in live)
+        peak_cached = max(peak_cached, held)
+        peak = max(peak, baseline + held + m.extra_bytes)
+    return HostPlan(budget, baseline, tuple(rows), peak, budget_text, peak_cached)
 
 
 # -- what the process really did -------------------------------------------------------------

@@ -65,6 +65,11 @@ class CacheKey:
     storage: str
 
 
+def copy_id(key: CacheKey) -> str:
+    """What names one model's host copy across layouts: its first file (the plan uses the same)."""
+    return key.files[0][0] if key.files else repr(key)
+
+
 def cache_key(paths: Iterable[os.PathLike | str], keys: Iterable[str], storage: str) -> CacheKey:
     files = []
     for p in paths:
@@ -192,6 +197,7 @@ class HostCache:
         self._stores: OrderedDict[CacheKey, HostBlockStore] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.peak = 0     # most bytes held at once since the last reset_peak (tests compare the plan)
 
     def used(self) -> int:
         return sum(s.host_bytes for s in self._stores.values())
@@ -200,11 +206,42 @@ class HostCache:
         """How many model copies are held (one per model: a leak shows as a second)."""
         return len(self._stores)
 
+    def reset_peak(self) -> None:
+        self.peak = self.used()
+
+    def entries(self) -> list[tuple[str, int]]:
+        """(copy id, host bytes) per cached store, oldest first; the id is the first file's path."""
+        return [(copy_id(k), s.host_bytes) for k, s in self._stores.items()]
+
+    def make_room(self, host_budget: int | None, keep: CacheKey | None = None) -> None:
+        """Evict the oldest stores (never ``keep``) until what is held fits ``host_budget``; a stage
+        with other host tensors (an embedding table, the VAE) calls this before it loads them."""
+        if host_budget is None:
+            return
+        for old_key in [k for k in self._stores if k != keep]:
+            if self.used() <= host_budget:
+                break
+            old = self._stores.pop(old_key)
+            log.info("host cache: evicting %s (%s)", old_key.files[:1], fmt_bytes(old.host_bytes))
+            old.close()
+
+    def drop_files(self, paths: Iterable[os.PathLike | str]) -> int:
+        """Close and forget every store read from any of ``paths`` (their model was unloaded);
+        returns the host bytes freed (pinned memory is unregistered)."""
+        wanted = {str(Path(p).resolve()) for p in paths}
+        freed = 0
+        for key in [k for k in self._stores if any(f[0] in wanted for f in k.files)]:
+            store = self._stores.pop(key)
+            freed += store.host_bytes
+            store.close()
+        return freed
+
     def get(self, key: CacheKey, layouts: Sequence[BlockLayout], read_block: ReadBlock,
             host_budget: int | None = None, pin: bool | None = None) -> HostBlockStore:
         if key in self._stores:
             self.hits += 1
             self._stores.move_to_end(key)
+            self.make_room(host_budget, keep=key)   # this stage's other host tensors may need room
             return self._stores[key]
         self.misses += 1
         # One model, one host copy: a copy of the same files in another layout (bf16 vs fp8,
@@ -222,6 +259,7 @@ class HostCache:
         room = None if host_budget is None else host_budget - self.used()
         store = HostBlockStore(layouts, read_block, choose_host_mode(total, biggest, room), pin=pin)
         self._stores[key] = store
+        self.peak = max(self.peak, self.used())
         return store
 
     def clear(self) -> None:

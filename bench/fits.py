@@ -1,0 +1,149 @@
+"""'What fits your PC': VRAM x RAM x PCIe link -> settings and expected s/image, as Markdown.
+
+A roofline projection from the H200 rows of bench/results.json, not a measurement on those PCs.
+Per row, the DiT's s/step is bounded below by the measured compute (the resident row of the same
+storage) and by the bytes streamed per step over the user's link (and, where its host copy cannot
+stay pinned in RAM, over the disk): s/step = max(compute, streamed / link[, streamed / disk]).
+s/image = 28 steps plus the encode/decode time measured in the same row. GGUF rows are not
+measured yet, so they are not in the table.
+
+    python bench/fits.py                       # the table, from bench/results.json
+    python bench/fits.py --smoke               # a built-in two-row sample, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results.json")
+VRAM_GB = (4, 8, 16)
+RAM_GB = (16, 32)
+LINKS_GBPS = (12, 25, 50)
+STEPS = 28
+GIB = 2**30
+HOST_MARGIN_GB = 2.0          # what 'auto' leaves to the OS (placement.host_budget.HOST_MARGIN)
+PROCESS_BASELINE_GB = 1.5     # Python + torch + CUDA before any weight (placement.host_budget)
+VRAM_HEADROOM_GB = 0.75       # a card's CUDA context and the desktop: a row must peak below size - this
+
+
+@dataclass(frozen=True)
+class Row:
+    dtype: str
+    budget_gb: float | None
+    peak_vram_gb: float
+    s_per_step: float
+    streamed_bytes_per_step: int
+    whole_s: float
+    host_ram_peak_gb: float
+
+
+@dataclass(frozen=True)
+class Fit:
+    vram_gb: int
+    ram_gb: int
+    link_gbps: int
+    dtype: str
+    budget_gb: float | None
+    s_per_step: float
+    s_per_image: float
+    bound: str
+    host_note: str
+
+
+def load_rows(path: Path) -> list[Row]:
+    """The steady 1024² CFG pipeline rows (not the first-run compile row, not the seed recipes)."""
+    rows = []
+    for r in json.loads(Path(path).read_text()):
+        if r.get("size") != "1024x1024" or not r.get("cfg") or r.get("row") not in ("resident", "ours"):
+            continue
+        if r.get("dtype") not in ("bf16", "fp8") or r.get("storage", r["dtype"]).startswith("gguf"):
+            continue
+        rows.append(Row(r["dtype"], r["budget_gb"], r["peak_vram_gb"], r["s_per_step"],
+                        int(r["streamed_bytes_per_step"]), r["whole_s"], r.get("host_ram_peak_gb") or 0.0))
+    return rows
+
+
+def _ram_budget(ram_gb: int) -> float:
+    return ram_gb - max(HOST_MARGIN_GB, ram_gb / 10)
+
+
+def fit(rows: list[Row], vram_gb: int, ram_gb: int, link_gbps: float, disk_gbps: float) -> Fit | None:
+    """The fastest storage whose row fits ``vram_gb``, projected to the link (module docstring)."""
+    best = None
+    for dtype in ("bf16", "fp8"):
+        mine = [r for r in rows if r.dtype == dtype]
+        resident = [r for r in mine if r.budget_gb is None]
+        fitting = [r for r in mine if r.peak_vram_gb <= vram_gb - VRAM_HEADROOM_GB]
+        if not resident or not fitting:
+            continue
+        compute = min(r.s_per_step for r in resident)
+        row = min(fitting, key=lambda r: r.streamed_bytes_per_step)     # the most resident that fits
+        dit_bytes = max(r.streamed_bytes_per_step for r in mine) or 0   # all blocks, from the 2 GB row
+        ram_budget = _ram_budget(ram_gb)
+        link_s = row.streamed_bytes_per_step / (link_gbps * 1e9)
+        terms = {"compute": compute, "link": link_s}
+        if row.host_ram_peak_gb <= ram_budget:
+            note = "all models stay in RAM"
+        elif PROCESS_BASELINE_GB + dit_bytes / GIB <= ram_budget:
+            note = "encoders evicted before the DiT loads"
+        else:
+            note = f"DiT streamed from disk ({disk_gbps:g} GB/s assumed)"
+            terms["disk"] = row.streamed_bytes_per_step / (disk_gbps * 1e9)
+        bound = max(terms, key=terms.get)
+        s_step = terms[bound]
+        other_s = max(0.0, row.whole_s - STEPS * row.s_per_step)     # encode + decode, as measured
+        candidate = Fit(vram_gb, ram_gb, link_gbps, dtype, row.budget_gb, s_step, STEPS * s_step + other_s,
+                        bound, note)
+        if best is None or candidate.s_per_image < best.s_per_image * 0.98:   # ties go to bf16 (exact)
+            best = candidate
+    return best
+
+
+def render(rows: list[Row], disk_gbps: float = 3.0, source: str = "bench/results.json") -> str:
+    out = ["## What fits your PC (roofline projection)", "",
+           f"**A projection, not a measurement.** Compute s/step is measured on an NVIDIA H200 ({source}); "
+           f"each link's s/step is max(that compute, bytes streamed per step / link bandwidth). s/image = "
+           f"{STEPS} steps + encode/decode as measured on the H200 (a slower GPU computes slower too, so "
+           f"these are lower bounds for it). GGUF rows are not measured and are not listed. 1024x1024, CFG; "
+           f"a row fits a card when its measured peak is {VRAM_HEADROOM_GB} GB below the card's size.", "",
+           "| VRAM | RAM | PCIe link | settings | s/step | s/image | bound by | host RAM |",
+           "|---|---|---|---|---|---|---|---|"]
+    for vram in VRAM_GB:
+        for ram in RAM_GB:
+            for link in LINKS_GBPS:
+                f = fit(rows, vram, ram, link, disk_gbps)
+                if f is None:
+                    out.append(f"| {vram} GB | {ram} GB | {link} GB/s | no measured row fits | - | - | - | - |")
+                    continue
+                budget = "(auto: all resident)" if f.budget_gb is None else f"--vram-budget {f.budget_gb:g}"
+                settings = f"--dtype {f.dtype} {budget} --ram-budget {_ram_budget(ram):.1f}"
+                out.append(f"| {vram} GB | {ram} GB | {link} GB/s | `{settings}` | {f.s_per_step:.3f} | "
+                           f"{f.s_per_image:.1f} | {f.bound} | {f.host_note} |")
+    return "\n".join(out)
+
+
+SMOKE_ROWS = [Row("bf16", None, 7.8, 0.129, 0, 4.44, 16.0), Row("bf16", 4, 3.8, 0.131, 4_851_722_240, 4.56, 16.0),
+              Row("bf16", 2, 1.9, 0.133, 6_947_225_600, 5.11, 16.0),
+              Row("fp8", None, 7.7, 0.127, 0, 4.19, 10.4), Row("fp8", 2, 1.9, 0.135, 3_832_965_120, 4.64, 10.4)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--disk-gbps", type=float, default=3.0, help="sequential read of the DiT's disk (NVMe ~3)")
+    ap.add_argument("--smoke", action="store_true", help="render the built-in sample rows (CI)")
+    args = ap.parse_args(argv)
+    rows = SMOKE_ROWS if args.smoke else load_rows(args.results)
+    if not rows:
+        print(f"no 1024x1024 CFG rows in {args.results}", file=sys.stderr)
+        return 1
+    print(render(rows, args.disk_gbps, "built-in sample rows" if args.smoke else args.results.name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
