@@ -8,6 +8,7 @@ keeps the peer run's own output, with the commands of each child process.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -277,6 +278,9 @@ def main() -> None:
             o, u = r["bf16_official_vs_fp32"], r["bf16_ours_vs_fp32"]
             lines.append(f"| {r['model']} | {r['device']} ({r['kernels']}) | {r['fp32_ours_vs_official']['rel_l2']:.1e} | "
                          f"{o['rel_l2']:.2e}, {o['max_abs_over_rms']:.2e} | {u['rel_l2']:.2e}, {u['max_abs_over_rms']:.2e} |")
+    sys.path.insert(0, str(HERE))
+    import fits
+    lines += ["", fits.render(fits.load_rows(HERE / "results.json"))]
     if calib:
         lines += ["", "## Predicted vs measured stage peaks (`--calibrate`, 2026-11-29, before the fused kernels)", "",
                   "The fused kernels hold fewer float32 temporaries, so today's measured peaks sit further under these "
