@@ -8,6 +8,7 @@ budget: untiled when it fits, else the largest tile that does. Tiles overlap and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,19 +87,28 @@ def decode_latent(handle: VaeHandle, raw_latent: torch.Tensor, memory: MemorySet
     """Raw latent (B, 16, h, w) -> IMAGE (B, 8h, 8w, 3) float32 in [0, 1] on the CPU.
     A CUDA OOM retries once at half the budget (smaller tiles), as the other stages do."""
     b, _, h, w = raw_latent.shape
+    return _vae_stage("decode", handle, memory, device, report, budget, b, h, w,
+                      lambda vae, plan: _decode_on_device(vae, raw_latent, plan))
+
+
+def _vae_stage(stage: str, handle: VaeHandle, memory: MemorySettings, device: torch.device, report: Report,
+               budget: int | None, batch: int, latent_h: int, latent_w: int,
+               work: Callable[[FluxVAE, VaePlan], torch.Tensor]) -> torch.Tensor:
+    """One VAE stage (decode, or encode:vae for img2img) under its plan, resident VAE, with the
+    half-budget OOM retry every stage has; ``work`` does the tiles."""
     _vae_host_room(handle, memory, device)
 
     def attempt(budget_now: int | None) -> torch.Tensor:
-        plan = plan_vae(handle, memory, b, h, w, budget_now, device)
-        log.info("VAE decode plan:\n%s", plan.render())
-        with stage_guard("decode", device) as guard, measure_stage(report, "decode", device, plan.predicted_peak):
+        plan = plan_vae(handle, memory, batch, latent_h, latent_w, budget_now, device, encode=stage == "encode:vae")
+        log.info("VAE %s plan:\n%s", stage, plan.render())
+        with stage_guard(stage, device) as guard, measure_stage(report, stage, device, plan.predicted_peak):
             vae = guard.hold(_resident_vae(handle, device))
             with torch.inference_mode():
-                out = _decode_on_device(vae, raw_latent, plan)
+                out = work(vae, plan)
             del vae
         return out
 
-    return run_with_oom_retry(attempt, budget, stage="decode", device=device, advice=VAE_ADVICE)
+    return run_with_oom_retry(attempt, budget, stage=stage, device=device, advice=VAE_ADVICE)
 
 
 def _decode_on_device(vae: FluxVAE, raw_latent: torch.Tensor, plan: VaePlan) -> torch.Tensor:
@@ -118,19 +128,8 @@ def encode_image(handle: VaeHandle, image01: torch.Tensor, memory: MemorySetting
     if height % 16 or width % 16:
         raise ValueError(f"the init image is {width}x{height}; NewBie needs sides that are multiples of 16 px. "
                          f"Resize or crop it (e.g. to {width // 16 * 16}x{height // 16 * 16}).")
-    _vae_host_room(handle, memory, device)
-
-    def attempt(budget_now: int | None) -> torch.Tensor:
-        plan = plan_vae(handle, memory, b, height // 8, width // 8, budget_now, device, encode=True)
-        with stage_guard("encode:vae", device) as guard, measure_stage(report, "encode:vae", device,
-                                                                       plan.predicted_peak):
-            vae = guard.hold(_resident_vae(handle, device))
-            with torch.inference_mode():
-                out = _encode_on_device(vae, image01, plan)
-            del vae
-        return out
-
-    return run_with_oom_retry(attempt, budget, stage="encode:vae", device=device, advice=VAE_ADVICE)
+    return _vae_stage("encode:vae", handle, memory, device, report, budget, b, height // 8, width // 8,
+                      lambda vae, plan: _encode_on_device(vae, image01, plan))
 
 
 def _encode_on_device(vae: FluxVAE, image01: torch.Tensor, plan: VaePlan) -> torch.Tensor:
