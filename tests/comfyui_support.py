@@ -14,6 +14,7 @@ Nothing here imports ComfyUI at module level; the converter tests run without it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import io
 import json
@@ -460,6 +461,16 @@ def chromium_path() -> str | None:
 
 def frontend_check(url: str, workflow: dict, png_path: os.PathLike | str) -> dict:
     """Load `workflow` in the UI; return node count, unregistered types and the API prompt."""
+    with frontend_page(url) as page:
+        result = page.evaluate(_CHECK_JS, workflow)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(png_path))
+    return result
+
+
+@contextlib.contextmanager
+def frontend_page(url: str) -> Iterator[Any]:
+    """The ComfyUI frontend loaded in headless Chromium (1600x1000), its graph ready."""
     import tempfile
     from playwright.sync_api import sync_playwright
     # Skip the first-run template gallery, which would cover the graph in the screenshot.
@@ -473,12 +484,9 @@ def frontend_check(url: str, workflow: dict, png_path: os.PathLike | str) -> dic
             page.wait_for_function("window.app && window.app.graph && window.app.graph.nodes !== undefined",
                                    timeout=120_000)
             page.keyboard.press("Escape")
-            result = page.evaluate(_CHECK_JS, workflow)
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(png_path))
+            yield page
         finally:
             ctx.close()
-    return result
 
 
 def iter_workflows(folder: Path) -> Iterator[Path]:
@@ -504,29 +512,16 @@ def frontend_run_and_read(url: str, prompt: dict, node_type: str, widget: str, p
                           timeout_ms: int = 240_000) -> str:
     """Queue an API prompt from the real UI, wait until `node_type` shows a non-empty `widget`
     (a frontend extension fills it from the node's ui output), screenshot, return the text."""
-    import tempfile
-    from playwright.sync_api import sync_playwright
-    http_json(url + "/settings/Comfy.TutorialCompleted", True)
-    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
-        ctx = pw.chromium.launch_persistent_context(profile, executable_path=chromium_path(), args=CHROMIUM_FLAGS,
-                                                    headless=True, viewport={"width": 1600, "height": 1000})
-        try:
-            page = ctx.new_page()
-            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_function("window.app && window.app.graph && window.app.graph.nodes !== undefined",
-                                   timeout=120_000)
-            page.keyboard.press("Escape")
-            page.evaluate(_RUN_JS, prompt)
-            page.wait_for_function(f"(() => {{ const f = {_WIDGET_JS}; const v = f({json.dumps([node_type, widget])});"
-                                   f" return v && v.length > 0; }})()", timeout=timeout_ms)
-            text = page.evaluate(_WIDGET_JS, [node_type, widget])
-            page.evaluate("""(type) => {
-              const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
-              const node = nodes.find(n => n.type === type);
-              window.app.canvas.centerOnNode?.(node); window.app.canvas.setDirty(true, true);
-            }""", node_type)
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(png_path))
-        finally:
-            ctx.close()
+    with frontend_page(url) as page:
+        page.evaluate(_RUN_JS, prompt)
+        page.wait_for_function(f"(() => {{ const f = {_WIDGET_JS}; const v = f({json.dumps([node_type, widget])});"
+                               f" return v && v.length > 0; }})()", timeout=timeout_ms)
+        text = page.evaluate(_WIDGET_JS, [node_type, widget])
+        page.evaluate("""(type) => {
+          const nodes = window.app.graph.nodes ?? window.app.graph._nodes;
+          const node = nodes.find(n => n.type === type);
+          window.app.canvas.centerOnNode?.(node); window.app.canvas.setDirty(true, true);
+        }""", node_type)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(png_path))
     return text

@@ -219,26 +219,33 @@ def _sampler_id(prompt: dict, pack) -> str:
     return ids[0]
 
 
-@needs_workflows
-def test_cancel_during_sampler_interrupts_and_releases(comfy_env, pack):
-    prompt, _ = _prompt(comfy_env, PACK_SAMPLER_WORKFLOWS[0])
-    sampler = _sampler_id(prompt, pack)
+def _run_cancelling(comfy_env, prompt: dict, node: str) -> tuple[list, object, object]:
+    """Run ``prompt``, pressing Cancel (what POST /interrupt does) whenever ``node`` reports
+    progress; returns the progress values it reported, the run's result and the executor (its
+    caches are what a next run reuses)."""
     from comfy_execution.utils import get_executing_context
     hits = []
 
     def hook(value, total, preview, node_id=None, prompt_id=None):
         ctx = get_executing_context()
-        if (node_id or (ctx.node_id if ctx else None)) == sampler:
+        if (node_id or (ctx.node_id if ctx else None)) == node:
             hits.append(value)
-            comfy_env.mm.interrupt_current_processing(True)   # what POST /interrupt does
+            comfy_env.mm.interrupt_current_processing(True)
 
     previous = comfy_env.comfy_utils.PROGRESS_BAR_HOOK
     comfy_env.comfy_utils.set_progress_bar_global_hook(hook)
     executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
     try:
-        result = cs.run_prompt(comfy_env, executor, prompt)
+        return hits, cs.run_prompt(comfy_env, executor, prompt), executor
     finally:
         comfy_env.comfy_utils.set_progress_bar_global_hook(previous)
+
+
+@needs_workflows
+def test_cancel_during_sampler_interrupts_and_releases(comfy_env, pack):
+    prompt, _ = _prompt(comfy_env, PACK_SAMPLER_WORKFLOWS[0])
+    sampler = _sampler_id(prompt, pack)
+    hits, result, executor = _run_cancelling(comfy_env, prompt, sampler)
     assert hits, "the sampler never reported progress through comfy_adapter.progress_bar"
     interrupted = result.message("execution_interrupted")
     assert interrupted is not None and interrupted["node_id"] == sampler, result.messages
@@ -461,22 +468,7 @@ def test_cancel_from_core_ksampler_interrupts_and_releases(comfy_env, pack):
                                                     "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
         "20": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "cancel"}},
     })
-    from comfy_execution.utils import get_executing_context
-    hits = []
-
-    def hook(value, total, preview, node_id=None, prompt_id=None):
-        ctx = get_executing_context()
-        if (node_id or (ctx.node_id if ctx else None)) == "10":
-            hits.append(value)
-            comfy_env.mm.interrupt_current_processing(True)   # what POST /interrupt does
-
-    previous = comfy_env.comfy_utils.PROGRESS_BAR_HOOK
-    comfy_env.comfy_utils.set_progress_bar_global_hook(hook)
-    executor = comfy_env.execution.PromptExecutor(cs.StubServer(), cache_type=comfy_env.execution.CacheType.CLASSIC)
-    try:
-        result = cs.run_prompt(comfy_env, executor, prompt)
-    finally:
-        comfy_env.comfy_utils.set_progress_bar_global_hook(previous)
+    hits, result, executor = _run_cancelling(comfy_env, prompt, "10")
     assert hits == [1], f"KSampler kept stepping after Cancel: progress {hits}"
     interrupted = result.message("execution_interrupted")
     assert interrupted is not None and interrupted["node_id"] == "10", result.messages
