@@ -1,4 +1,5 @@
-"""Fixtures for the reliability tier: tiny checkpoint paths as CLI arguments, and a CLI runner."""
+"""Fixtures for the reliability tier: tiny checkpoint paths as CLI arguments, a CLI runner, an
+injected CUDA OOM and the budgets the sampling stage was planned for."""
 
 from __future__ import annotations
 
@@ -30,3 +31,35 @@ def cli(capsys):
         out = capsys.readouterr()
         return rc, out.out, out.err
     return run
+
+
+@pytest.fixture()
+def inject_oom(monkeypatch):
+    """``inject_oom(module, name, times=1)``: the first ``times`` calls of ``module.name`` raise
+    CUDA OOM, later ones run it; returns the call counter ({"n": calls so far})."""
+    import torch
+
+    def inject(module, name: str, times: int = 1) -> dict:
+        real, calls = getattr(module, name), {"n": 0}
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            if calls["n"] <= times:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(*a, **k)
+        monkeypatch.setattr(module, name, flaky)
+        return calls
+    return inject
+
+
+@pytest.fixture()
+def planned_budgets(monkeypatch) -> list:
+    """The budget of every sampling plan made from now on (plan_sampling's last argument)."""
+    from newbie_core.pipeline import sample
+    budgets, real_plan = [], sample.plan_sampling
+
+    def recording(*a):
+        budgets.append(a[-1])
+        return real_plan(*a)
+    monkeypatch.setattr(sample, "plan_sampling", recording)
+    return budgets

@@ -77,31 +77,15 @@ def warm(tiny_models):
     return _snapshot()
 
 
-def _oom(monkeypatch, module, name, times):
-    real, calls = getattr(module, name), {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] <= times:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(*a, **k)
-    monkeypatch.setattr(module, name, flaky)
-
-
 @pytest.mark.parametrize("times", [1, 2])
-def test_oom_in_sampling_returns_every_byte(tiny_models, warm, monkeypatch, times):
+def test_oom_in_sampling_returns_every_byte(tiny_models, warm, inject_oom, planned_budgets, times):
     """At 0.1 GB half the budget is below the tiny DiT's smallest CUDA sampling plan (the graph
     pool estimate), so the retry runs that smallest plan: all blocks streamed through the ring."""
     from newbie_core.pipeline import sample
     from newbie_core.placement import PlacementOOMError
-    budgets = []
-    real_plan = sample.plan_sampling
-
-    def recording(*a):
-        budgets.append(a[-1])
-        return real_plan(*a)
-    monkeypatch.setattr(sample, "plan_sampling", recording)
-    _oom(monkeypatch, sample, "_sample_loop", times)
+    budgets = planned_budgets
+    budgets.clear()                                   # only the plans of the run below
+    inject_oom(sample, "_sample_loop", times)
     try:
         if times == 1:
             generate(tiny_models, _request(), GPU)

@@ -31,28 +31,15 @@ def reference(tiny_models):
     return generate(tiny_models, _request(), CPU)
 
 
-def _oom_once(monkeypatch, module, name, times=1):
-    real = getattr(module, name)
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] <= times:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(*a, **k)
-    monkeypatch.setattr(module, name, flaky)
-    return calls
-
-
 @pytest.mark.parametrize("stage", ["encode", "sample", "decode"])
-def test_oom_in_a_stage_retries_at_half_budget(tiny_models, reference, monkeypatch, caplog, stage):
+def test_oom_in_a_stage_retries_at_half_budget(tiny_models, reference, caplog, stage, inject_oom):
     from newbie_core.pipeline import encode, sample, vae_stage
     CONDITIONING_CACHE.clear()
     module, name = {"encode": (encode, "materialize_non_blocks"), "sample": (sample, "_sample_loop"),
                     "decode": (vae_stage, "_decode_on_device")}[stage]
     if not hasattr(module, name):
         pytest.skip(f"{module.__name__}.{name} moved")
-    calls = _oom_once(monkeypatch, module, name)
+    calls = inject_oom(module, name)
     with caplog.at_level(logging.WARNING, logger="newbie_core"):
         result = generate(tiny_models, _request(), CPU)
     assert calls["n"] >= 2
@@ -62,18 +49,18 @@ def test_oom_in_a_stage_retries_at_half_budget(tiny_models, reference, monkeypat
     assert torch.equal(result.image, reference.image)
 
 
-def test_oom_twice_in_decode_is_a_clear_message_about_tiles(tiny_models, reference, monkeypatch):
+def test_oom_twice_in_decode_is_a_clear_message_about_tiles(tiny_models, reference, inject_oom):
     from newbie_core.pipeline import vae_stage
-    _oom_once(monkeypatch, vae_stage, "_decode_on_device", times=2)
+    inject_oom(vae_stage, "_decode_on_device", times=2)
     with pytest.raises(PlacementOOMError, match=r"decode: out of GPU memory .* again at half .*smaller VAE tile"):
         generate(tiny_models, _request(), CPU)
     assert torch.equal(generate(tiny_models, _request(), CPU).image, reference.image)
 
 
-def test_oom_twice_is_a_clear_message_and_the_next_run_works(tiny_models, reference, monkeypatch):
+def test_oom_twice_is_a_clear_message_and_the_next_run_works(tiny_models, reference, inject_oom):
     from newbie_core.pipeline import sample
     CONDITIONING_CACHE.clear()
-    _oom_once(monkeypatch, sample, "_sample_loop", times=2)
+    inject_oom(sample, "_sample_loop", times=2)
     with pytest.raises(PlacementOOMError, match="out of GPU memory with a VRAM budget of 1.00 GiB and again at half"):
         generate(tiny_models, _request(), CPU)
     assert torch.equal(generate(tiny_models, _request(), CPU).latent, reference.latent)
@@ -90,7 +77,8 @@ def _sample_minimum(tiny_models, request) -> int:
 
 
 @pytest.mark.parametrize("times", [1, 2])
-def test_oom_when_half_the_budget_is_below_the_smallest_plan(tiny_models, reference, monkeypatch, caplog, times):
+def test_oom_when_half_the_budget_is_below_the_smallest_plan(tiny_models, reference, caplog, times, inject_oom,
+                                                             planned_budgets):
     """The H200 failure of test_oom_in_sampling_returns_every_byte: at 0.1 GB the tiny DiT with
     CUDA graphs plans within budget, but half of it is below the smallest sampling plan, so the
     retry used to die in the planner (BudgetTooSmallError) instead of retrying with less memory."""
@@ -99,14 +87,9 @@ def test_oom_when_half_the_budget_is_below_the_smallest_plan(tiny_models, refere
     # encode plans nothing below, so only the sampling and decode stages see the small budget
     minimum = _sample_minimum(tiny_models, _request())
     budget = minimum * 3 // 2                         # fits; half of it does not
-    seen = []
-    real_plan = sample.plan_sampling
-
-    def recording(*a):
-        seen.append(a[-1])
-        return real_plan(*a)
-    monkeypatch.setattr(sample, "plan_sampling", recording)
-    _oom_once(monkeypatch, sample, "_sample_loop", times=times)
+    seen = planned_budgets
+    seen.clear()                                      # only the plans of the run below
+    inject_oom(sample, "_sample_loop", times=times)
     request = _request(memory=MemorySettings(vram_budget_gb=budget / 2**30, vae_tile_px=-1))
     budget = request.memory.vram_budget_bytes
     with caplog.at_level(logging.WARNING, logger="newbie_core"):
@@ -267,9 +250,9 @@ def test_disk_full_while_writing_the_output_is_exit_1_and_nothing_left(cli, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_run_is_exit_1_with_one_message(cli, tmp_path, model_args, monkeypatch):
+def test_failed_run_is_exit_1_with_one_message(cli, tmp_path, model_args, inject_oom):
     from newbie_core.pipeline import sample
-    _oom_once(monkeypatch, sample, "_sample_loop", times=2)
+    inject_oom(sample, "_sample_loop", times=2)
     rc, _, err = cli("--prompt", "a", "--out", str(tmp_path / "o.png"), "--size", "32x32", "--steps", "1",
                      "--vram-budget", "1", *model_args)
     assert rc == 1 and "error: sample: out of GPU memory" in err and "Traceback" not in err
