@@ -129,13 +129,7 @@ def check_output_path(path: str, field: str = "--out") -> Path:
                                 "(e.g. out.png).")
     if out.is_dir():
         raise InputError(field, f"{out} is a folder; give a file name such as {out / 'out.png'}.")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(field, f"{parent} is a file, so {out} cannot be created inside it.")
-            if not os.access(parent, os.W_OK):
-                raise InputError(field, f"cannot write into {parent} (permission denied).")
-            break
+    _check_writable_folder(out.parents, field, f"so {out} cannot be created inside it")
     return out
 
 
@@ -186,14 +180,20 @@ def check_lora(text: str, field: str = "--lora") -> Path:
 def check_folder(path: str, field: str) -> Path:
     """A folder that exists or can be created: refuse a file in its place."""
     p = Path(path).expanduser()
-    for candidate in (p, *p.parents):
+    _check_writable_folder((p, *p.parents), field, "not a folder; give a folder path")
+    return p
+
+
+def _check_writable_folder(candidates, field: str, if_file: str) -> None:
+    """The first of ``candidates`` (a path, then its parents) that exists must be a folder we can
+    write into: everything below it can then be created."""
+    for candidate in candidates:
         if candidate.exists():
             if not candidate.is_dir():
-                raise InputError(field, f"{candidate} is a file, not a folder; give a folder path.")
+                raise InputError(field, f"{candidate} is a file, {if_file}.")
             if not os.access(candidate, os.W_OK):
                 raise InputError(field, f"cannot write into {candidate} (permission denied).")
-            break
-    return p
+            return
 
 
 def check_budget(gb: float | None, field: str, *, zero_is_auto: bool = False) -> float | None:
