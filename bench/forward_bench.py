@@ -60,7 +60,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_forwards(model: NextDiT, inputs, iters: int, device: str) -> dict:
+def graphed(model: NextDiT, inputs):
+    """The whole forward captured as one CUDA graph (after warm-ups): what launch overhead and
+    the idle gaps between kernels cost, measured by taking them away. Same inputs every call."""
+    with torch.inference_mode():
+        for _ in range(2):
+            model(*inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(*inputs)
+
+    def replay(*_):
+        graph.replay()
+        return out
+    return replay
+
+
+def time_forwards(model, inputs, iters: int, device: str) -> dict:
     """First call (compiles, warms cuBLAS/cuDNN), two warm-ups, then ``iters`` timed forwards."""
     with torch.inference_mode():
         sync(device)
@@ -148,15 +165,16 @@ def run(config: DiTConfig, size: int, cfg: bool, device: str, iters: int, varian
     flops = flops_per_forward(config, len(lens), max(lens), (size // 16) ** 2)
     rows, ref = [], None
     for variant in variants:
-        model.set_kernels(kernels(variant == "compiled"))
+        model.set_kernels(kernels(variant != "eager" and device.startswith("cuda"), fp8_compute=variant == "compiled-fp8"))
+        forward = graphed(model, inputs) if variant == "compiled-graph" else model
         row = {"row": f"ours-forward-{variant}", "forward_only": True, "size": f"{size}x{size}", "cfg": cfg,
-               "dtype": str(dtype).removeprefix("torch."), **time_forwards(model, inputs, iters, device)}
+               "dtype": str(dtype).removeprefix("torch."), **time_forwards(forward, inputs, iters, device)}
         out = row.pop("_out")
         ref = out if ref is None else ref
         row["rel_l2_vs_eager"] = float((out.float() - ref.float()).norm() / ref.float().norm())
         row["tflops"] = flops / (row["ms"] / 1e3) / 1e12
         if profile and device.startswith("cuda"):
-            row["profile_ms"] = profile_forward(model, inputs, device)
+            row["profile_ms"] = profile_forward(forward, inputs, device)
         prof = {k: v for k, v in row.get("profile_ms", {}).items() if k != "top"}
         print(f"{row['row']:24s} {row['size']} cfg={cfg}: {row['ms']:.1f} ms [{row['ms_min']:.1f}-{row['ms_max']:.1f}, "
               f"n={iters}] {row['tflops']:.0f} TFLOP/s, first call {row['first_call_s']:.1f} s, "
@@ -204,6 +222,30 @@ def attention_variants(device: str, seq: int = 4352, heads: int = 24, kv_heads: 
     return rows
 
 
+def gemm_variants(device: str, tokens: int = 2 * 4352, dim: int = 2304, ffn: int = 9216) -> list[dict]:
+    """The block's matmuls at 1024² CFG sizes: bf16 (what nn.Linear runs) against fp8 compute
+    (row-wise quantisation of input and weight, then torch._scaled_mm), and the quantisers alone."""
+    from triton.testing import do_bench
+    from newbie_core.models.dit.fp8_matmul import quantize_rows, scaled_matmul
+    gen = torch.Generator(device=device).manual_seed(0)
+    quant = torch.compile(quantize_rows, fullgraph=True, dynamic=False)
+    rows = []
+    for name, (n, k) in {"qkv": (3840, dim), "out": (dim, dim), "w1/w3": (ffn, dim), "w2": (dim, ffn)}.items():
+        x = torch.randn(tokens, k, generator=gen, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
+        (xq, xs), (wq, ws) = quant(x), quant(w)
+        flops = 2 * tokens * n * k
+        cases = {"bf16": lambda: torch.nn.functional.linear(x, w),
+                 "fp8-mm": lambda: scaled_matmul(xq, xs, wq, ws, torch.bfloat16),
+                 "fp8-quant-x": lambda: quant(x), "fp8-quant-w": lambda: quant(w)}
+        for label, fn in cases.items():
+            ms = do_bench(fn, return_mode="median")
+            rows.append({"gemm": name, "variant": label, "us": round(1e3 * ms, 1),
+                         "tflops": round(flops / ms / 1e9) if "quant" not in label else None})
+            print("gemm", rows[-1], flush=True)
+    return rows
+
+
 def fused_variants(device: str, tokens: int = 2 * 4352, dim: int = 2304, ffn: int = 9216) -> list[dict]:
     """Each block function at 1024² CFG sizes: eager body, compiled, compiled with inductor's
     coordinate-descent tuning; microseconds and the bandwidth its bytes imply."""
@@ -246,21 +288,26 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 forwards")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--variants", default="eager,compiled",
+                        help="comma list of eager, compiled, compiled-graph (whole forward as one CUDA graph), "
+                             "compiled-fp8 (fp8 compute)")
+    parser.add_argument("--sizes", default="1024,512", help="1024 (CFG) and/or 512 (no CFG)")
     parser.add_argument("--parts", action="store_true",
                         help="only the SDPA backends and the fused functions' variants (attention.json, fused.json)")
     args = parser.parse_args()
     if args.parts:
-        parts = {"attention": attention_variants("cuda"), "fused": fused_variants("cuda")}
+        parts = {"gemm": gemm_variants("cuda"), "attention": attention_variants("cuda"),
+                 "fused": fused_variants("cuda")}
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "parts.json").write_text(json.dumps(parts, indent=1))
         return
     if args.smoke:
-        run(DiTConfig.tiny(), 64, True, "cpu", 2, ["eager"], False)
+        run(DiTConfig.tiny(), 64, True, "cpu", 2, ["eager", "compiled-fp8"], False)
         return
     rows = []
-    for size, cfg in ((1024, True), (512, False)):
-        rows += run(DiTConfig.newbie_exp01(), size, cfg, "cuda", args.iters, ["eager", "compiled"],
+    for size in map(int, args.sizes.split(",")):
+        rows += run(DiTConfig.newbie_exp01(), size, size == 1024, "cuda", args.iters, args.variants.split(","),
                     not args.no_profile)
         torch.cuda.empty_cache()
     if args.out:

@@ -31,6 +31,10 @@ STORAGES = {"bf16": ("NewBie-Image-Exp0.1-bf16.safetensors", "gemma_3_4b_it_bf16
             "gguf-q8_0": ("NewBie-Image-Exp0.1-Q8_0.gguf", "gemma-3-4b-it-Q8_0.gguf", "bf16"),
             "gguf-q4_k": ("NewBie-Image-Exp0.1-Q4_K.gguf", "gemma-3-4b-it-Q4_K.gguf", "bf16")}
 LINKS_GBPS = (12, 25, 50)
+# Issue 13's target rows (RAM budget GB or None = auto/unlimited, VRAM budget GB, storage); the
+# unlimited bf16 row of each VRAM budget is the base of the "within 1.15x" target.
+TARGETS = [(None, 8, "bf16"), (16, 8, "bf16"), (12, 8, "fp8"), (12, 8, "gguf-q8_0"), (None, 4, "bf16"),
+           (8, 4, "gguf-q4_k")]
 
 
 def evict(paths: list[Path]) -> None:
@@ -90,6 +94,28 @@ def fits_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def measure_against(row: dict, ram, vram, storage: str, temperature: str, latent: Path, refs: dict,
+                    unlimited: dict) -> None:
+    """The row's budget check, and its drift and time against the bf16 / unlimited-RAM rows of the
+    same VRAM budget (the first such row measured is the reference)."""
+    import torch
+    lat = torch.load(latent)
+    if storage == "bf16":
+        refs.setdefault((ram, vram), lat)
+        refs.setdefault((None, vram), lat)
+    elif (ram, vram) in refs or (None, vram) in refs:
+        ref = refs.get((ram, vram), refs.get((None, vram)))
+        row["latent_drift_vs_bf16"] = float((lat - ref).abs().max() / ref.abs().max())
+    if ram is None:
+        unlimited[(vram, temperature)] = row
+        return
+    row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram * 1e9 / 2**30
+    base = unlimited.get((vram, temperature))
+    if base is not None:
+        row["x_unlimited_generation"] = row["generation_s"] / base["generation_s"]
+        row["x_unlimited_step"] = row["s_per_step"] / base["s_per_step"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", nargs="?", default="/tmp/newbie_full")
@@ -102,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--fits", action="store_true")
+    ap.add_argument("--targets", action="store_true", help="only the issue's target rows (TARGETS), cold and warm")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(one_row(json.loads(args.child))))
@@ -126,33 +153,26 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(args.root)
         files = {k: (root / "diffusion_models" / d, root / "text_encoders" / g) for k, (d, g, _) in STORAGES.items()}
         jina, vae, device = root / "text_encoders/jina_clip_v2_bf16.safetensors", root / "vae/ae.safetensors", "cuda"
-    rows, refs = [], {}
-    for ram in args.ram:
-        for vram in args.vram:
-            for storage in args.storages:
-                for temperature in ("cold", "warm"):
-                    dit, gemma = files[storage]
-                    if temperature == "cold":
-                        evict([Path(p) for p in (dit, gemma, jina, vae)])
-                    latent = Path(f"/tmp/host_ram_bench_{storage}_{ram}_{vram}.pt")
-                    cfg = {"dit": str(dit), "gemma": str(gemma), "jina": str(jina), "vae": str(vae),
-                           "dtype": STORAGES[storage][2], "vram_gb": vram, "ram_gb": ram, "device": device,
-                           "steps": args.steps, "size": args.size, "latent_out": str(latent)}
-                    row = {"bench": "host_ram", "storage": storage, "ram_budget_gb": ram, "vram_budget_gb": vram,
-                           "temperature": temperature, "steps": args.steps, "size": args.size, **run_row(cfg)}
-                    if "error" not in row:
-                        import torch
-                        lat = torch.load(latent)
-                        if storage == "bf16":
-                            refs[(ram, vram)] = lat
-                        elif (ram, vram) in refs:
-                            ref = refs[(ram, vram)]
-                            row["latent_drift_vs_bf16"] = float((lat - ref).abs().max() / ref.abs().max())
-                        row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram * 1e9 / 2**30
-                    rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    rows, refs, unlimited = [], {}, {}
+    combos = TARGETS if args.targets else [(ram, vram, storage) for ram in args.ram for vram in args.vram
+                                            for storage in args.storages]
+    for ram, vram, storage in combos:
+        for temperature in ("cold", "warm"):
+            dit, gemma = files[storage]
+            if temperature == "cold":
+                evict([Path(p) for p in (dit, gemma, jina, vae)])
+            latent = Path(f"/tmp/host_ram_bench_{storage}_{ram}_{vram}.pt")
+            cfg = {"dit": str(dit), "gemma": str(gemma), "jina": str(jina), "vae": str(vae),
+                   "dtype": STORAGES[storage][2], "vram_gb": vram, "ram_gb": ram, "device": device,
+                   "steps": args.steps, "size": args.size, "latent_out": str(latent)}
+            row = {"bench": "host_ram", "storage": storage, "ram_budget_gb": ram, "vram_budget_gb": vram,
+                   "temperature": temperature, "steps": args.steps, "size": args.size, **run_row(cfg)}
+            if "error" not in row:
+                measure_against(row, ram, vram, storage, temperature, latent, refs, unlimited)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
+            if args.out:                    # after every row: a run cut short keeps what it measured
+                Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     if args.fits:
         print(fits_table(rows))
 

@@ -12,10 +12,15 @@ Quantisation: newbie_core.models.gguf.quantize (gguf.quants, plus a plain K-quan
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 from gguf import GGMLQuantizationType as T, GGUFWriter
 from safetensors import safe_open
@@ -23,8 +28,29 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from newbie_core.models.dit.loading import AXES_METADATA_KEY  # noqa: E402
-from newbie_core.tiny.gguf_files import (_gemma_gguf_name, add_tensor, dit_tensor_type,  # noqa: E402
-                                         spm_vocabulary)
+from newbie_core.tiny.gguf_files import _gemma_gguf_name, dit_tensor_type, encode_tensor, spm_vocabulary  # noqa: E402
+
+THREADS = max(1, (os.cpu_count() or 1) // 4)     # per conversion; four conversions run side by side
+
+
+def _add_all(writer: GGUFWriter, items: Iterable[tuple[str, torch.Tensor, T]], window: int = 16) -> None:
+    """Quantise on a thread pool (numpy releases the GIL in its loops), add in file order; at most
+    ``window`` tensors are in flight, so memory stays a few tensors, not the model."""
+    with ThreadPoolExecutor(THREADS) as pool:
+        pending: list = []
+
+        def drain(keep: int) -> Iterator[None]:
+            while len(pending) > keep:
+                name, future = pending.pop(0)
+                array, raw = future.result()
+                writer.add_tensor(name, array, raw_dtype=raw)
+                yield
+        for name, value, qtype in items:
+            pending.append((name, pool.submit(encode_tensor, value, qtype)))
+            for _ in drain(window):
+                pass
+        for _ in drain(0):
+            pass
 
 
 def convert_dit(src: Path, dst: Path, qtype: T) -> Path:
@@ -33,9 +59,8 @@ def convert_dit(src: Path, dst: Path, qtype: T) -> Path:
         meta = f.metadata() or {}
         if AXES_METADATA_KEY in meta:
             writer.add_string(AXES_METADATA_KEY, meta[AXES_METADATA_KEY])
-        for key in f.keys():
-            t = f.get_tensor(key)
-            add_tensor(writer, key, t, dit_tensor_type(key, tuple(t.shape), qtype))
+        _add_all(writer, ((key, t, dit_tensor_type(key, tuple(t.shape), qtype))
+                          for key in f.keys() for t in (f.get_tensor(key),)))
     return _finish(writer, dst)
 
 
@@ -57,16 +82,18 @@ def convert_gemma(src: Path, dst: Path, qtype: T) -> Path:
         for key, value in (f.metadata() or {}).items():
             if key.startswith("newbie.gemma."):
                 writer.add_string(key, value)
-        for key in f.keys():
-            if key == "spiece_model" or not key.startswith("model."):
-                continue
-            t = f.get_tensor(key)
-            name = _gemma_gguf_name(key)
-            if key.endswith("norm.weight"):
-                add_tensor(writer, name, t.float() + 1.0, T.F32)
-            else:
-                per = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
-                add_tensor(writer, name, t, qtype if t.shape[-1] % per == 0 else T.F16)
+        per = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
+
+        def items() -> Iterator[tuple[str, torch.Tensor, T]]:
+            for key in f.keys():
+                if key == "spiece_model" or not key.startswith("model."):
+                    continue
+                t = f.get_tensor(key)
+                if key.endswith("norm.weight"):
+                    yield _gemma_gguf_name(key), t.float() + 1.0, T.F32
+                else:
+                    yield _gemma_gguf_name(key), t, qtype if t.shape[-1] % per == 0 else T.F16
+        _add_all(writer, items())
     return _finish(writer, dst)
 
 
@@ -93,17 +120,22 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(args.root)
         dit = root / "diffusion_models" / "NewBie-Image-Exp0.1-bf16.safetensors"
         gemma = root / "text_encoders" / "gemma_3_4b_it_bf16.safetensors"
+    jobs = []
     for name in args.types:
-        qtype = T[name]
-        for kind, src, convert, folder in (("dit", dit, convert_dit, "diffusion_models"),
-                                           ("gemma", gemma, convert_gemma, "text_encoders")):
+        for kind, src, folder in (("dit", dit, "diffusion_models"), ("gemma", gemma, "text_encoders")):
             dst = root / folder / f"{'NewBie-Image-Exp0.1' if kind == 'dit' else 'gemma-3-4b-it'}-{name}.gguf"
-            if dst.exists():
-                continue
-            start = time.perf_counter()
-            convert(src, dst, qtype)
-            print(f"{kind} {name}: {dst.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s -> {dst}",
-                  flush=True)
+            if not dst.exists():
+                jobs.append((kind, name, src, dst))
+    with ProcessPoolExecutor(max(1, min(4, len(jobs)))) as pool:
+        for line in pool.map(_convert_job, jobs):
+            print(line, flush=True)
+
+
+def _convert_job(job: tuple[str, str, Path, Path]) -> str:
+    kind, name, src, dst = job
+    start = time.perf_counter()
+    (convert_dit if kind == "dit" else convert_gemma)(src, dst, T[name])
+    return f"{kind} {name}: {dst.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s -> {dst}"
 
 
 if __name__ == "__main__":

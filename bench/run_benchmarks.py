@@ -102,7 +102,7 @@ def steady_steps(seconds: list[float]) -> list[float]:
 
 def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | None, dtype: str, steps: int,
             compute: str = "bf16", chunks: tuple[int, int] = (0, 0), graphs: bool | None = None,
-            vae_tile: int = 0) -> dict:
+            vae_tile: int = 0, fp8_compute: bool = False) -> dict:
     CONDITIONING_CACHE.clear()
     cuda = device.type == "cuda"
     if cuda:
@@ -111,7 +111,7 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
     reset_host_peak()
     memory = MemorySettings(vram_budget_gb=budget_gb, compute_dtype=compute, attention_chunk=chunks[0],
                             ffn_chunk=chunks[1], fp8_streaming=dtype == "fp8", cuda_graphs=graphs,
-                            vae_tile_px=vae_tile)
+                            vae_tile_px=vae_tile, fp8_compute=fp8_compute)
     request = GenerationRequest(prompt=PROMPT, width=size, height=size,
                                 sampling=SamplingSettings(steps=steps, cfg=cfg, seed=0), memory=memory)
     sync(device)
@@ -130,7 +130,7 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
     recs = {r.name: r for r in result.report.records}
     return {
         "row": "ours", "dtype": dtype if compute == "bf16" else compute, "size": f"{size}x{size}",
-        "cfg": cfg != 1.0, "budget_gb": budget_gb,
+        "cfg": cfg != 1.0, "budget_gb": budget_gb, "fp8_compute": fp8_compute,
         "peak_vram_gb": max(r.peak_reserved or 0 for r in recs.values()) / GB,
         "stage_peaks_gb": {k: (r.peak_reserved or 0) / GB for k, r in recs.items()},
         "stage_peaks_allocated_gb": {k: (r.peak_allocated or 0) / GB for k, r in recs.items()},
@@ -171,17 +171,19 @@ def summary(row: dict) -> str:
             + " ".join(f"{k}={v:.2f}" for k, v in row["stage_seconds"].items()))
 
 
-def resident_with_chunks(models: Models, device, size: int, cfg: float, chunks, steps: int) -> torch.Tensor:
+def resident_with_chunks(models: Models, device, size: int, cfg: float, chunks, steps: int,
+                         fp8_compute: bool = False) -> torch.Tensor:
     """Sampling-stage latent of an all-resident run with the given chunk sizes (for bitwise checks)."""
     texts = prepare_texts(PROMPT)
-    memory = MemorySettings(attention_chunk=chunks[0] or -1, ffn_chunk=chunks[1] or -1)
+    memory = MemorySettings(attention_chunk=chunks[0] or -1, ffn_chunk=chunks[1] or -1, fp8_compute=fp8_compute)
     pos, neg = encode_texts(models.encoders, texts, memory, device, Report(), None)
     start = torch.zeros(1, 16, size // 8, size // 8)
     sampling = SamplingSettings(steps=steps, cfg=cfg, seed=0)
     return run_sampling(models.dit, pos, neg, start, sampling, memory, device, Report(), 100 * GB).latent
 
 
-def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: float | None, steps: int = 4) -> dict:
+def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: float | None, steps: int = 4,
+                     fp8_compute: bool = False) -> dict:
     """Where a step's time goes: GEMM / attention / elementwise / copies / idle, and the top kernels."""
     from forward_bench import breakdown, top_kernels
     texts = prepare_texts(PROMPT)
@@ -191,8 +193,9 @@ def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: f
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        run_sampling(models.dit, pos, neg, start, SamplingSettings(steps=steps, cfg=cfg), MemorySettings(), device,
-                     Report(), None if budget_gb is None else int(budget_gb * GB))
+        run_sampling(models.dit, pos, neg, start, SamplingSettings(steps=steps, cfg=cfg),
+                     MemorySettings(fp8_compute=fp8_compute), device, Report(),
+                     None if budget_gb is None else int(budget_gb * GB))
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     set_budget(device, None)
@@ -206,6 +209,7 @@ def profile_sampling(models: Models, device, size: int, cfg: float, budget_gb: f
     top = sorted(((dev_time(e), e.key) for e in events), reverse=True)[:12]
     storage = "fp8" if models.dit.storage is StorageDType.FP8 else "bf16"
     return {"size": f"{size}x{size}", "cfg": cfg != 1.0, "budget_gb": budget_gb, "storage": storage,
+            "fp8_compute": fp8_compute,
             "steps": steps, "wall_s": wall,
             "kernel_s": kernels, "h2d_copy_s": h2d, "top": [[round(t, 4), k[:90]] for t, k in top],
             "per_step_ms": {k: round(v / steps, 2) if isinstance(v, float) else v // steps
@@ -311,18 +315,43 @@ def table_rows(models: dict, device, bandwidth: float, size: int, cfg: float, bu
     return rows
 
 
+def latent_drift(lat: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Final-latent difference against a reference, relative to the reference's RMS / norm."""
+    diff, rms = (lat - ref).abs(), ref.pow(2).mean().sqrt()
+    return {"max_abs_rel": float(diff.max() / rms), "mean_abs_rel": float(diff.mean() / rms),
+            "rel_l2": float((lat - ref).norm() / ref.norm())}
+
+
+def fp8_compute_rows(models: dict, device, bandwidth: float, rows: list[dict], steps: int) -> list[dict]:
+    """Optional fp8 compute (off by default) at 1024² CFG: resident with bf16 files, and fp8
+    storage under 4 and 2 GB. Each is checked bitwise against the fp8-compute resident run with
+    its chunk sizes, and its final latent against the bf16 resident row (the drift it costs)."""
+    base = next(r for r in rows if r["row"] == "resident" and r["size"] == "1024x1024")
+    out = []
+    for dtype, budgets in (("bf16", [None]), ("fp8", [4, 2])):
+        run_row(models[dtype], device, 1024, 5.0, None, dtype, 3, fp8_compute=True)      # warm: compile, cache
+        for budget in budgets:
+            row = try_row(models[dtype], device, 1024, 5.0, budget, dtype, steps, fp8_compute=True)
+            if row is None:
+                continue
+            row["row"] = "ours-fp8-compute"
+            compare_to(row, base, bandwidth)
+            ref = row["_latent"] if budget is None else \
+                resident_with_chunks(models[dtype], device, 1024, 5.0, row["chunks"], steps, fp8_compute=True)
+            row["bitwise_equal_to_resident"] = bool(torch.equal(row["_latent"], ref))
+            row["drift_vs_bf16"] = latent_drift(row["_latent"], base["_latent"])
+            print(summary(row), "drift", json.dumps(row["drift_vs_bf16"]), flush=True)
+            out.append(row)
+    return out
+
+
 def drift_vs_bf16(models: dict, device, rows: list[dict], size: int, cfg: float, steps: int) -> tuple[dict, dict]:
     """Final-latent drift of fp16 compute and fp8 storage against the bf16 resident row."""
     name = f"{size}x{size}"
     ref = next(r for r in rows if r["row"] == "resident" and r["size"] == name)["_latent"]
     fp16 = run_row(models["bf16"], device, size, cfg, None, "bf16", steps, compute="fp16")
     fp8 = next(r for r in rows if r["dtype"] == "fp8" and r["budget_gb"] is None and r["size"] == name)
-    drift = {}
-    for label, lat in (("fp16", fp16["_latent"]), ("fp8", fp8["_latent"])):
-        diff = (lat - ref).abs()
-        rms = ref.pow(2).mean().sqrt()
-        drift[label] = {"max_abs_rel": float(diff.max() / rms), "mean_abs_rel": float(diff.mean() / rms),
-                        "rel_l2": float((lat - ref).norm() / ref.norm())}
+    drift = {label: latent_drift(lat, ref) for label, lat in (("fp16", fp16["_latent"]), ("fp8", fp8["_latent"]))}
     fp16.pop("_latent")
     fp16["row"] = "ours"
     return drift, fp16
@@ -394,18 +423,42 @@ def smoke(out: Path) -> None:
     (out / "results.json").write_text(json.dumps([row], indent=1))
 
 
-def final_rows(models: dict, device, bandwidth: float, steps: int, save) -> list[dict]:
+def final_run(models: dict, device, bandwidth: float, steps: int, sections: set[str], save, save_extra) -> None:
     """One GPU visit: the cold first run, the main rows at both sizes (the resident row twice, for
-    its spread), the seed recipes and the profiles, saved after every group."""
-    rows = [cold_first_row(models, device, steps)]
-    save(rows)
-    rows += table_rows(models, device, bandwidth, 1024, 5.0, [None, 4, 2], steps, repeat_resident=True)
-    save(rows)
-    rows += table_rows(models, device, bandwidth, 512, 1.0, [None, 2], steps)
-    save(rows)
-    rows += seed_rows(models, device, steps)
-    save(rows)
-    return rows
+    its spread), the seed recipes, the fp8-compute rows, the profiles and the drift, saved after
+    every group so a visit cut short keeps what it measured."""
+    rows: list[dict] = []
+    extra: dict = {"bandwidth_gbps": bandwidth / 1e9, "torch": torch.__version__}
+    if "first" in sections:
+        rows.append(cold_first_row(models, device, steps))
+        save(rows)
+    if "1024" in sections:
+        rows += table_rows(models, device, bandwidth, 1024, 5.0, [None, 4, 2], steps, repeat_resident=True)
+        save(rows)
+    if "512" in sections:
+        rows += table_rows(models, device, bandwidth, 512, 1.0, [None, 2], steps)
+        save(rows)
+    if "seed" in sections:
+        rows += seed_rows(models, device, steps)
+        save(rows)
+    if sections & {"fp8c", "drift"} and not any(r["row"] == "resident" and r["size"] == "1024x1024" for r in rows):
+        rows += table_rows(models, device, bandwidth, 1024, 5.0, [None], steps)
+    if "fp8c" in sections:
+        rows += fp8_compute_rows(models, device, bandwidth, rows, steps)
+        save(rows)
+    if "profiles" in sections:
+        extra["profiles"] = []
+        for d, b, fp8c in (("bf16", None, False), ("bf16", 2, False), ("fp8", 2, False), ("bf16", None, True)):
+            p = profile_sampling(models[d], device, 1024, 5.0, b, fp8_compute=fp8c)
+            print("profile:", json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
+            extra["profiles"].append(p)
+            save_extra(extra)
+    if "drift" in sections:
+        extra["drift"], fp16 = drift_vs_bf16(models, device, rows, 1024, 5.0, steps)
+        print("drift vs bf16:", json.dumps(extra["drift"]), flush=True)
+        save_extra(extra)
+        rows.append(fp16)
+        save(rows)
 
 
 def main() -> None:
@@ -422,6 +475,10 @@ def main() -> None:
                         help="the reduced set for one visit: first run (compile), 1024² none/4/2 GB and 512² none/2 GB "
                              "in bf16 and fp8, the seed recipes, the profiles")
     parser.add_argument("--smoke", action="store_true", help="one tiny row on the CPU (CI)")
+    parser.add_argument("--fp8-compute", action="store_true",
+                        help="only the bf16 resident base and the fp8-compute rows, into results_fp8_compute.json")
+    parser.add_argument("--sections", default="first,1024,512,seed,fp8c,profiles,drift",
+                        help="with --final: which groups to run (comma list), so a visit can split them")
     parser.add_argument("--fp8-1024", action="store_true",
                         help="only the 1024² CFG fp8 rows and their resident base, into results_fp8_1024.json")
     args = parser.parse_args()
@@ -450,18 +507,11 @@ def main() -> None:
     def save(rows: list[dict], name: str = "results.json") -> None:   # after every group: a cut-short run keeps its rows
         clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]
         (args.out / name).write_text(json.dumps(clean, indent=1))
-    if args.final:
-        rows = final_rows(models, device, bandwidth, steps, save)
-        profiles = [profile_sampling(models[d], device, 1024, 5.0, b) for d, b in (("bf16", None), ("bf16", 2),
-                                                                                  ("fp8", 2))]
-        for p in profiles:
-            print("profile:", json.dumps({k: v for k, v in p.items() if k != "top"}), flush=True)
-        drift, fp16 = drift_vs_bf16(models, device, rows, 1024, 5.0, steps)
-        print("drift vs bf16:", json.dumps(drift), flush=True)
-        extra = {"bandwidth_gbps": bandwidth / 1e9, "drift": drift, "profiles": profiles, "torch": torch.__version__}
-        (args.out / "extra.json").write_text(json.dumps(extra, indent=1))
-        rows.append(fp16)
-        save(rows)
+    if args.final or args.fp8_compute:
+        sections = {"fp8c"} if args.fp8_compute else set(args.sections.split(","))
+        final_run(models, device, bandwidth, steps, sections,
+                  lambda rows: save(rows, "results_fp8_compute.json" if args.fp8_compute else "results.json"),
+                  lambda extra: (args.out / "extra.json").write_text(json.dumps(extra, indent=1)))
         return None
     if args.fp8_1024:
         save(table_rows(models, device, bandwidth, 1024, 5.0, budgets, steps, bf16_budgets=[None]),

@@ -85,6 +85,9 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="fuse the DiT's norms, RoPE, gates and SwiGLU with torch.compile (auto: on a CUDA GPU "
                         "with Triton; the first run compiles, later runs read the on-disk cache)")
+    g.add_argument("--fp8-compute", action="store_true",
+                   help="run the DiT's big matmuls in fp8 (e4m3, scaled) on Ada/Hopper GPUs: faster, slightly "
+                        "different images (BENCHMARKS.md gives the drift); off by default")
     g.add_argument("--cache-dir", help="also keep encoded prompts in this folder, so later runs skip the encoders")
     g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     g.add_argument("--plan", action="store_true", help="print the memory plan and exit")
@@ -179,7 +182,8 @@ def _request(args: argparse.Namespace, checked: CheckedArgs):
                             compute_dtype="fp16" if args.dtype == "fp16" else "bf16", vae_tile_px=args.vae_tile,
                             conditioning_cache_dir=str(checked.cache_dir) if checked.cache_dir else None,
                             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                            compile={"auto": None, "on": True, "off": False}[args.compile])
+                            compile={"auto": None, "on": True, "off": False}[args.compile],
+                            fp8_compute=args.fp8_compute)
     sampling = SamplingSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed,
                                 denoise=args.denoise, cfg_renorm=args.cfg_renorm, cfg_trunc=args.cfg_trunc)
     init = None
@@ -219,6 +223,8 @@ def run_generate(args: argparse.Namespace, checked: CheckedArgs) -> int:
     from .pipeline.fit import check_size_fits
 
     device = v.check_device(args.device, "--device")
+    if args.fp8_compute:
+        v.check_fp8_compute(device, "--fp8-compute")
     models = _models(args, checked)
     request = _request(args, checked)
     check_size_fits(models, request, device, stage_budget(request.memory, device))

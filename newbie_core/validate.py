@@ -283,3 +283,12 @@ def safe_filename(name: str, default: str = "output", max_len: int = 120) -> str
     """A file name (never a path) from free text: no separators, no leading dots, bounded length."""
     cleaned = _UNSAFE.sub("_", name).strip("._")[:max_len]
     return cleaned or default
+
+
+def check_fp8_compute(device, field: str = "--fp8-compute") -> None:
+    """fp8 compute needs fp8 tensor cores: refuse it, before any weights are read, elsewhere."""
+    from .models.dit.fp8_matmul import fp8_compute_problem
+
+    problem = fp8_compute_problem(device)
+    if problem:
+        raise InputError(field, problem)

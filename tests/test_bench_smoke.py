@@ -76,3 +76,31 @@ def test_fits_reads_the_measured_results():
     fits = _script("fits")
     rows = fits.load_rows(BENCH / "results.json")
     assert {r.dtype for r in rows} == {"bf16", "fp8"} and any(r.budget_gb is None for r in rows)
+
+
+@pytest.mark.slow
+def test_forward_bench_fp8_compute_variant_runs_and_drifts_a_little():
+    from newbie_core.models.dit import DiTConfig
+    rows = _script("forward_bench").run(DiTConfig.tiny(), 64, True, "cpu", 2, ["eager", "compiled-fp8"], False)
+    assert [r["row"] for r in rows] == ["ours-forward-eager", "ours-forward-compiled-fp8"]
+    assert 1e-4 < rows[1]["rel_l2_vs_eager"] < 0.1
+
+
+@pytest.mark.slow
+def test_gguf_bench_smoke_rows_are_bitwise_and_carry_their_drift(tmp_path):
+    out = tmp_path / "gguf.json"
+    _script("gguf_bench").main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["storage"] for r in rows] == ["bf16", "fp8", "gguf-q8_0", "gguf-q4_k"]
+    for r in rows[1:]:
+        assert r["bitwise_equal_to_resident"] and 0 < r["drift_vs_bf16"]["rel_l2"] < 0.1
+        assert r["x_roofline"] >= 1.0 - 1e-9
+
+
+@pytest.mark.slow
+def test_soak_smoke_reports_no_growth(tmp_path):
+    out = tmp_path / "soak.json"
+    assert _script("soak").main(["--smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 6 and result["grew"] == []
+    assert set(result["growth_after_first_mib"]) == {"allocated_mib", "reserved_mib", "pinned_mib", "rss_mib"}

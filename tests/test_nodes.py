@@ -173,10 +173,13 @@ def test_memory_settings_node_and_node_overrides(nodes):
                  ffn_chunking="auto", fp8_streaming=False, vae_tile=0, compute_dtype="bf16")
     assert auto.vram_budget_gb is None and auto.ram_budget_gb == 12.0 and auto.attention_chunk == 0
     assert auto.compile is None and auto.cuda_graphs is None              # the optional switches' default
+    assert auto.fp8_compute is False
     off, = call(nodes["NewBieMemorySettings"], vram_budget_gb=0.0, ram_budget_gb=0.0, attention_slicing="auto",
                 ffn_chunking="auto", fp8_streaming=False, vae_tile=0, compute_dtype="bf16", compile="off",
-                cuda_graphs="on")
-    assert off.compile is False and off.cuda_graphs is True
+                cuda_graphs="on", fp8_compute=True)
+    assert off.compile is False and off.cuda_graphs is True and off.fp8_compute is True
+    problem = nodes["NewBieMemorySettings"].VALIDATE_INPUTS(fp8_compute=True)   # the fallback adapter: the CPU
+    assert problem.startswith("fp8_compute: fp8 compute needs an NVIDIA GPU")
     # A node's own non-default widget wins; "from settings" / 0 keep the connected settings.
     resolved = settings_mod.resolve_memory(memory, 3.5, "auto", settings_mod.FROM_SETTINGS)
     assert (resolved.vram_budget_gb, resolved.attention_chunk, resolved.ffn_chunk) == (3.5, 0, -1)

@@ -133,7 +133,7 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     config = handle.ckpt.config
     dtype = memory.torch_compute_dtype
     model = build_dit(config, "meta", dtype)
-    model.set_kernels(kernels(memory.compile if device.type == "cuda" else False))
+    model.set_kernels(kernels(memory.compile if device.type == "cuda" else False, memory.fp8_compute))
     image_tokens = (height // 16) * (width // 16)
     small = sum(p.numel() for _, p in non_block_parameters(model)) * dtype.itemsize
     # LoRA files are read (cached) and mapped here, before any DiT weight is read.

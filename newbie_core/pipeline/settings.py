@@ -34,6 +34,8 @@ class MemorySettings:
     ``compile``: build the DiT blocks' fused norm/RoPE/gate/SwiGLU kernels with torch.compile
     (``models/dit/fused.py``). None = auto: on with a CUDA GPU and Triton. The first run pays
     the compilation (cached on disk for later runs); False runs the same math eagerly.
+    ``fp8_compute``: the blocks' big matmuls on e4m3 operands with ``torch._scaled_mm``
+    (``models/dit/fp8_matmul.py``): faster on Ada/Hopper, less precise; off by default.
     """
     vram_budget_gb: float | None = None
     ram_budget_gb: float | None = None
@@ -46,6 +48,7 @@ class MemorySettings:
     conditioning_cache_dir: str | None = None
     cuda_graphs: bool | None = None
     compile: bool | None = None
+    fp8_compute: bool = False
 
     def __post_init__(self) -> None:
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:

@@ -35,14 +35,19 @@ def dit_tensor_type(name: str, shape: tuple[int, ...], qtype: T) -> T:
     return qtype
 
 
-def add_tensor(writer: GGUFWriter, name: str, value: torch.Tensor, qtype: T) -> None:
+def encode_tensor(value: torch.Tensor, qtype: T) -> tuple[np.ndarray, T | None]:
+    """A tensor as the array GGUFWriter stores, and its raw type: F32/F16 as is, else quantised."""
     x = value.float().numpy()
     if qtype is T.F32:
-        writer.add_tensor(name, x)
-    elif qtype is T.F16:
-        writer.add_tensor(name, x.astype(np.float16))
-    else:
-        writer.add_tensor(name, quantize(x, qtype), raw_dtype=qtype)
+        return x, None
+    if qtype is T.F16:
+        return x.astype(np.float16), None
+    return quantize(x, qtype), qtype
+
+
+def add_tensor(writer: GGUFWriter, name: str, value: torch.Tensor, qtype: T) -> None:
+    array, raw = encode_tensor(value, qtype)
+    writer.add_tensor(name, array, raw_dtype=raw)
 
 
 def write_gguf(path: Path, arch: str, tensors: Mapping[str, torch.Tensor], types: Mapping[str, T],

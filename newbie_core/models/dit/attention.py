@@ -134,7 +134,7 @@ class JointAttention(nn.Module):
                 sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         hd, eps = self.head_dim, self.q_norm.eps
-        qkv = self.qkv(x).view(b, s, -1, hd)                                   # (B, S, H+2Hkv, hd)
+        qkv = self.kernels.linear(x, self.qkv).view(b, s, -1, hd)                  # (B, S, H+2Hkv, hd)
         q, k, v = self.kernels.qkv_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, eps,
                                              self.n_heads)                     # (B,S,H,hd), 2x (B,S,Hkv,hd)
         scale = 1.0 / math.sqrt(hd)
@@ -142,4 +142,4 @@ class JointAttention(nn.Module):
             out = _flash_attention(q, k, v, mask.mask if isinstance(mask, KeyPadding) else mask, scale)
         else:
             out = sdpa_attention(q, k, v, mask, scale, self.query_chunk)
-        return self.out(out.reshape(b, s, self.n_heads * hd))           # (B, S, dim)
+        return self.kernels.linear(out.reshape(b, s, self.n_heads * hd), self.out)   # (B, S, dim)

@@ -29,7 +29,9 @@ class FeedForward(nn.Module):
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """(T, dim) -> (T, dim); always 2-D, so a compiled product sees one dynamic dim."""
-        return self.w2(self.kernels.swiglu(self.w1(x), self.w3(x)))
+        k = self.kernels
+        gate, up = k.linears(x, (self.w1, self.w3))
+        return k.linear(k.swiglu(gate, up), self.w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunk = self.token_chunk

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .fp8_matmul import quantize_rows, quantize_tensor, rowwise_supported, scaled_matmul
 
 log = logging.getLogger(__name__)
 
@@ -198,36 +201,76 @@ class _Compiled:
             return self.eager(*args)
 
 
+class _Fp8Linears:
+    """The blocks' matmuls on e4m3 operands (fp8_matmul.py): one quantisation of the input per
+    group of matmuls that share it (w1 and w3), one of each weight, then ``torch._scaled_mm``."""
+
+    def __init__(self, compiled: bool):
+        if compiled:
+            self.rows = _Compiled("quantize_rows", quantize_rows, quantize_rows, (0,), {})
+            self.tensor = _Compiled("quantize_tensor", quantize_tensor, quantize_tensor, (0,), {})
+        else:
+            self.rows, self.tensor = quantize_rows, quantize_tensor
+        self._rowwise: dict[torch.device, bool] = {}
+
+    def __call__(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if x.device not in self._rowwise:
+            self._rowwise[x.device] = rowwise_supported(x.device)
+        quantize = self.rows if self._rowwise[x.device] else self.tensor
+        xq, xs = quantize(x.reshape(-1, x.shape[-1]))
+        outs = []
+        for w in weights:
+            wq, ws = quantize(w)
+            outs.append(scaled_matmul(xq, xs, wq, ws, x.dtype).view(*x.shape[:-1], w.shape[0]))
+        return outs
+
+
 class Kernels:
-    """The four block functions: reference bodies through torch.compile, or the eager bodies.
+    """The four block functions: reference bodies through torch.compile, or the eager bodies;
+    and how the blocks' big matmuls run: the modules themselves, or fp8 compute.
 
     ``compiled=None`` means auto: compiled where :func:`compile_available`. Blocks keep a
     reference, set by ``NextDiT.set_kernels``; graphs.module_structure ignores it (not a plain
     attribute), which is right: it does not change which weights a block reads.
     """
 
-    def __init__(self, compiled: bool | None = None):
+    def __init__(self, compiled: bool | None = None, fp8_compute: bool = False):
         want = compile_available() if compiled is None else compiled
         if want and not compile_available():
             log.warning("torch.compile was asked for but needs Triton and a CUDA GPU; running eagerly.")
             want = False
-        self.compiled = want
+        self.compiled, self.fp8_compute = want, fp8_compute
         if want:
             log.debug("fused DiT kernels compile with inductor, cache %s", use_persistent_cache())
         for name, (fn, eager, dims, options) in _FUNCTIONS.items():
             setattr(self, name, _Compiled(name, fn, eager, dims, options) if want else eager)
+        self._fp8 = _Fp8Linears(want) if fp8_compute else None
+
+    def linears(self, x: torch.Tensor, modules: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+        """Each bias-free Linear of ``modules`` applied to ``x``.
+
+        Without fp8 compute the modules are called, so hooks on them (diffusers' and accelerate's
+        offloading, which the peer benchmark runs on this model) still fire.
+        """
+        if self._fp8 is None:
+            return [m(x) for m in modules]
+        return self._fp8(x, tuple(m.weight for m in modules))
+
+    def linear(self, x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+        return self.linears(x, (module,))[0]
 
     def __repr__(self) -> str:
-        return f"Kernels(compiled={self.compiled})"
+        return f"Kernels(compiled={self.compiled}, fp8_compute={self.fp8_compute})"
 
 
 EAGER = Kernels(compiled=False)
-_SHARED: dict[bool, Kernels] = {False: EAGER}
+_SHARED: dict[tuple[bool, bool], Kernels] = {(False, False): EAGER}
 
 
-def kernels(compiled: bool | None = None) -> Kernels:
+def kernels(compiled: bool | None = None, fp8_compute: bool = False) -> Kernels:
     """The process-wide Kernels for a setting (compiled code is cached per function anyway)."""
     want = compile_available() if compiled is None else compiled
-    if want not in _SHARED:
-        _SHARED[want] = Kernels(compiled=want)
-    return _SHARED[want]
+    key = (want, fp8_compute)
+    if key not in _SHARED:
+        _SHARED[key] = Kernels(compiled=want, fp8_compute=fp8_compute)
+    return _SHARED[key]

@@ -1,0 +1,137 @@
+"""GGUF DiT rows (issue 13, item 3): Q8_0 and Q4_K files at resident, 4 GB and 2 GB.
+
+1024² with CFG, 28 steps, the sampling stage alone on fixed random conditioning (the encoders
+are not what is measured). Per row: steady-state median s/step with its spread, peak reserved
+VRAM, bytes moved to the GPU per step, the roofline (max of the same file's resident step and
+those bytes over the measured pinned bandwidth), bitwise equality with the same file's resident
+run at the same chunk sizes, and the final-latent drift against the bf16 file's resident latent.
+Also the Triton dequant time of one joint layer's weights per quant type.
+
+    python bench/make_gguf.py /tmp/full --types Q8_0 Q4_K
+    python bench/gguf_bench.py /tmp/full --out $OUT/gguf.json
+    python bench/gguf_bench.py --smoke               # tiny files on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from newbie_core.models.dit import build_dit  # noqa: E402
+from newbie_core.models.gguf.dequant import block_geometry, dequantize  # noqa: E402
+from newbie_core.pipeline import MemorySettings, SamplingSettings, StorageDType, load_dit_handle  # noqa: E402
+from newbie_core.pipeline.sample import run_sampling  # noqa: E402
+from newbie_core.placement import Report  # noqa: E402
+
+from lora_bench import _conds  # noqa: E402
+from run_benchmarks import latent_drift, pinned_bandwidth, steady_steps  # noqa: E402
+
+GB = 2**30
+
+
+def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: int, steps: int,
+               chunks: tuple[int, int] = (0, 0), storage: StorageDType = StorageDType.BF16) -> dict:
+    handle = load_dit_handle(path, storage)
+    conds = _conds(handle.ckpt.config, 300 if device.type == "cuda" else 7)
+    report = Report()
+    memory = MemorySettings(attention_chunk=chunks[0], ffn_chunk=chunks[1])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    budget = None if budget_gb is None else int(budget_gb * GB)
+    result = run_sampling(handle, *conds, torch.zeros(1, 16, size // 8, size // 8), SamplingSettings(steps=steps, cfg=5.0),
+                          memory, device, report, budget)
+    steady = steady_steps(result.step_seconds)
+    record = report.records[-1]
+    plan = result.plan
+    return {"storage": "bf16", "file": path.name, "budget_gb": budget_gb, "size": f"{size}x{size}", "cfg": True, "steps": steps,
+            "s_per_step": statistics.median(steady), "s_step_min": min(steady), "s_step_max": max(steady),
+            "peak_reserved_gb": (record.peak_reserved or 0) / GB, "predicted_peak_gb": (record.predicted_peak or 0) / GB,
+            "bytes_h2d_per_step": record.bytes_h2d / steps, "resident_blocks": len(plan.resident),
+            "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk], "_latent": result.latent}
+
+
+def dequant_ms_per_layer(device: torch.device, qtype: T, elements: int) -> float:
+    """Median ms to decode one joint layer's weights (``elements`` values) on the device."""
+    from triton.testing import do_bench
+    from newbie_core.models.gguf.triton_dequant import try_decode_into
+    per, nbytes = block_geometry(qtype)
+    blocks = elements // per
+    raw = torch.randint(0, 256, (blocks, nbytes), dtype=torch.uint8, device=device)
+    raw[:, 0:2] = torch.full((blocks, 1), 0.01, device=device).half().view(torch.uint8)   # finite d
+    src, out = raw.reshape(-1), torch.empty(blocks * per, dtype=torch.bfloat16, device=device)
+    if not try_decode_into(qtype, src, out):
+        return do_bench(lambda: out.copy_(dequantize(qtype, src, (blocks * per,))), return_mode="median")
+    return do_bench(lambda: try_decode_into(qtype, src, out), return_mode="median")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", nargs="?", default="/tmp/full")
+    ap.add_argument("--types", nargs="+", default=["fp8", "Q8_0", "Q4_K"],
+                    help="fp8 = the bf16 file with fp8 storage (the bytes-per-step comparison), or GGUF types")
+    ap.add_argument("--budgets", default="none,4,2")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        from make_gguf import main as make
+        from newbie_core.tiny import build_tiny_checkpoints
+        root = Path(tempfile.mkdtemp(prefix="gguf_bench_"))
+        bf16 = Path(build_tiny_checkpoints(root).dit)
+        make([str(root), "--types", *[t for t in args.types if t != "fp8"]])
+        device, size, steps, budgets = torch.device("cpu"), 64, 3, [None]
+    else:
+        root = Path(args.root)
+        bf16 = root / "diffusion_models" / "NewBie-Image-Exp0.1-bf16.safetensors"
+        device, size, steps = torch.device("cuda"), 1024, args.steps
+        budgets = [None if b == "none" else float(b) for b in args.budgets.split(",")]
+    bandwidth = pinned_bandwidth(device) if device.type == "cuda" else float("inf")
+    base = sample_row(bf16, device, None, size, steps)
+    stamp = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "date": datetime.date.today().isoformat(), "bandwidth_gbps": bandwidth / 1e9}
+    rows = []
+    layer = sum(p.numel() for n, p in build_dit(load_dit_handle(bf16).ckpt.config, "meta").named_parameters()
+                if n.startswith("layers.0.") and p.ndim == 2)
+    for name in args.types:
+        fp8 = name == "fp8"
+        path = bf16 if fp8 else bf16.parent / f"NewBie-Image-Exp0.1-{name}.gguf"
+        storage = StorageDType.FP8 if fp8 else StorageDType.BF16
+        resident = None
+        for budget in budgets:
+            row = sample_row(path, device, budget, size, steps, storage=storage)
+            row["storage"] = "fp8" if fp8 else f"gguf-{name.lower()}"
+            if budget is None:
+                resident = row
+            same = resident["_latent"] if row["chunks"] == resident["chunks"] else \
+                sample_row(path, device, None, size, steps, tuple(c or -1 for c in row["chunks"]), storage)["_latent"]
+            row["bitwise_equal_to_resident"] = bool(torch.equal(row["_latent"], same))
+            row["drift_vs_bf16"] = latent_drift(row["_latent"], base["_latent"])
+            row["ratio_to_bf16_resident"] = row["s_per_step"] / base["s_per_step"]
+            row["roofline_s_per_step"] = max(resident["s_per_step"], row["bytes_h2d_per_step"] / bandwidth)
+            row["x_roofline"] = row["s_per_step"] / row["roofline_s_per_step"]
+            if device.type == "cuda" and not fp8:
+                row["dequant_ms_per_layer"] = dequant_ms_per_layer(device, T[name], layer)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}), flush=True)
+    base_row = {k: v for k, v in base.items() if not k.startswith("_")}
+    print("bf16 base:", json.dumps(base_row), flush=True)
+    if args.out:
+        clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in [base_row, *rows]]
+        args.out.write_text(json.dumps(clean, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
