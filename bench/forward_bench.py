@@ -271,6 +271,9 @@ def fused_variants(device: str, tokens: int = 2 * 4352, dim: int = 2304, ffn: in
         variants = {"eager": eager, "compiled": torch.compile(ref, fullgraph=True, dynamic=None),
                     "compiled-cdt": torch.compile(ref, fullgraph=True, dynamic=None,
                                                   options={"coordinate_descent_tuning": True})}
+        if name == "qkv_norm_rope":
+            from newbie_core.models.dit import triton_qk
+            variants["triton"] = triton_qk.qkv_norm_rope
         for label, fn in variants.items():
             try:
                 fn(*args)
@@ -292,12 +295,13 @@ def main() -> None:
                         help="comma list of eager, compiled, compiled-graph (whole forward as one CUDA graph), "
                              "compiled-fp8 (fp8 compute)")
     parser.add_argument("--sizes", default="1024,512", help="1024 (CFG) and/or 512 (no CFG)")
+    parser.add_argument("--part-list", default="gemm,attention,fused", help="with --parts: which groups")
     parser.add_argument("--parts", action="store_true",
                         help="only the SDPA backends and the fused functions' variants (attention.json, fused.json)")
     args = parser.parse_args()
     if args.parts:
-        parts = {"gemm": gemm_variants("cuda"), "attention": attention_variants("cuda"),
-                 "fused": fused_variants("cuda")}
+        benches = {"gemm": gemm_variants, "attention": attention_variants, "fused": fused_variants}
+        parts = {name: benches[name]("cuda") for name in args.part_list.split(",")}
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "parts.json").write_text(json.dumps(parts, indent=1))
