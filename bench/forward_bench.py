@@ -271,9 +271,6 @@ def fused_variants(device: str, tokens: int = 2 * 4352, dim: int = 2304, ffn: in
         variants = {"eager": eager, "compiled": torch.compile(ref, fullgraph=True, dynamic=None),
                     "compiled-cdt": torch.compile(ref, fullgraph=True, dynamic=None,
                                                   options={"coordinate_descent_tuning": True})}
-        if name == "qkv_norm_rope":
-            from newbie_core.models.dit import triton_qk
-            variants["triton"] = triton_qk.qkv_norm_rope
         for label, fn in variants.items():
             try:
                 fn(*args)

@@ -22,7 +22,7 @@ import torch
 
 from ..models.dit import DiTConfig
 from ..models.lora import LoraPatch, qkv_rows
-from ..models.lora.formats import DELTAS
+from ..models.lora.formats import DELTAS, LOW_RANK
 
 USE_PACK_NODE = ("Use the pack's 'NewBie LoRA Loader' on the NEWBIE_DIT handle instead of core "
                  "LoraLoaderModelOnly.")
@@ -100,5 +100,6 @@ def comfy_patches_to_lora(patches: Mapping[str, Sequence[tuple]], config: DiTCon
             full = shapes[key]
             want = full if rows is None else (rows[1] - rows[0],) + tuple(full[1:])
             out.setdefault(key, []).append(LoraPatch(target=key, factors=factors, delta=DELTAS[kind], scale=scale,
-                                                     shape=tuple(want), rows=rows, source=f"comfy:{raw_key}"))
+                                                     shape=tuple(want), rows=rows, source=f"comfy:{raw_key}",
+                                                     low_rank=LOW_RANK.get(kind)))
     return out

@@ -201,40 +201,6 @@ class _Compiled:
             return self.eager(*args)
 
 
-class _TritonQK:
-    """``qkv_norm_rope`` through the hand-written Triton kernel (triton_qk.py), checked once per
-    process against the eager body (to bf16 rounding); if it ever fails or disagrees it stands
-    down, with one warning, for ``fallback`` (the compiled reference body)."""
-
-    def __init__(self, fallback: Callable):
-        self.fallback, self.checked, self.usable = fallback, False, True
-
-    def __call__(self, *args):
-        if not self.usable or not args[0].is_cuda:
-            return self.fallback(*args)
-        from . import triton_qk
-        try:
-            out = triton_qk.qkv_norm_rope(*args)
-            if not self.checked and not torch.cuda.is_current_stream_capturing():
-                ref = qkv_norm_rope_eager(*args)
-                for a, b in zip(out[:2], ref[:2]):
-                    if not torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2):
-                        raise ValueError(f"differs from the eager body by {float((a.float() - b.float()).abs().max()):.3g}")
-                self.checked = True
-            return out
-        except Exception as e:   # noqa: BLE001 - any Triton failure: the compiled body instead
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            log.warning("the Triton QK-norm/RoPE kernel stood down (%s: %s); using the compiled one.",
-                        type(e).__name__, str(e).splitlines()[0][:200])
-            self.usable = False
-            return self.fallback(*args)
-
-
-# The hand-written QK-norm/RoPE kernel replaces the compiled one where Triton runs (see triton_qk.py).
-TRITON_QK = True
-
-
 class _Fp8Linears:
     """The blocks' matmuls on e4m3 operands (fp8_matmul.py): one quantisation of the input per
     group of matmuls that share it (w1 and w3), one of each weight, then ``torch._scaled_mm``."""
@@ -278,8 +244,6 @@ class Kernels:
             log.debug("fused DiT kernels compile with inductor, cache %s", use_persistent_cache())
         for name, (fn, eager, dims, options) in _FUNCTIONS.items():
             setattr(self, name, _Compiled(name, fn, eager, dims, options) if want else eager)
-        if want and TRITON_QK:
-            self.qkv_norm_rope = _TritonQK(self.qkv_norm_rope)
         self._fp8 = _Fp8Linears(want) if fp8_compute else None
 
     def linears(self, x: torch.Tensor, modules: tuple[nn.Linear, ...]) -> list[torch.Tensor]:

@@ -14,7 +14,6 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -23,7 +22,7 @@ from torch import nn
 from ..checkpoint import CheckpointError
 from ..dit.config import DiTConfig
 from .files import LoraFile, read_lora
-from .formats import DELTAS, Adapter, group_modules
+from .formats import DELTAS, LOW_RANK, Adapter, group_modules
 from .keymap import describe_layout, lora_targets, resolve
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,7 @@ class LoraPatch:
     shape: tuple[int, ...]
     rows: tuple[int, int] | None = None
     source: str = ""
+    low_rank: Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -124,7 +124,7 @@ def dit_lora_patches(specs: list[LoraSpec] | tuple[LoraSpec, ...], model: nn.Mod
             name = key if block is None else key[len(block[0]) + 1:]
             patch = LoraPatch(target=name, factors=dict(adapter.factors), delta=DELTAS[adapter.kind],
                                 scale=scale, shape=tuple(want), rows=target.rows,
-                                source=f"{lora.path.name}:{adapter.module}")
+                                source=f"{lora.path.name}:{adapter.module}", low_rank=LOW_RANK.get(adapter.kind))
             if block is None:
                 out.non_blocks.setdefault(key, []).append(patch)
             else:

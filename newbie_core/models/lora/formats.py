@@ -165,3 +165,12 @@ def diff_delta(f: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 DELTAS = {"lora": lowrank_delta, "loha": hadamard_delta, "lokr": kron_delta, "diff": diff_delta}
 
+
+def lowrank_factors(f: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with delta = left @ right: lets placement add a LoRA with one GEMM (addmm)."""
+    return f["up"], f["down"]
+
+
+# The kinds whose delta is a plain product of two factors.
+LOW_RANK = {"lora": lowrank_factors}
+
