@@ -109,7 +109,7 @@ def measure_against(row: dict, ram, vram, storage: str, temperature: str, latent
     if ram is None:
         unlimited[(vram, temperature)] = row
         return
-    row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram * 1e9 / 2**30
+    row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram      # both GiB, as --ram-budget counts
     base = unlimited.get((vram, temperature))
     if base is not None:
         row["x_unlimited_generation"] = row["generation_s"] / base["generation_s"]

@@ -35,6 +35,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 COMFY_ROOT = os.environ.get("COMFYUI_PATH")
 PACK_DIR = Path(os.environ.get("NEWBIE_TIER_PACK", REPO_ROOT)).resolve()
 WORKFLOWS = list(cs.iter_workflows(PACK_DIR / "workflows"))
+# Another frontend than the snapshot's 1.27: the static folder of a comfyui-frontend-package wheel
+# (e.g. 1.58), served with ComfyUI's --front-end-root.
+FRONTEND_ROOT = os.environ.get("NEWBIE_TIER_FRONTEND_ROOT")
 ENCODER_COUNTER = os.environ.get("NEWBIE_TIER_ENCODER_COUNTER", "newbie_core.pipeline.encode:ENCODER_CALLS")
 MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae")
 
@@ -292,6 +295,8 @@ def http_server(comfy_env, tiny_models, tmp_path_factory):
     yaml_path = cs.write_server_config(base / "extra_model_paths.yaml", custom,
                                        {name: tiny_models / name for name in MODEL_FOLDERS})
     extra = ("--cpu",) if not torch.cuda.is_available() else ()
+    if FRONTEND_ROOT:
+        extra += ("--front-end-root", FRONTEND_ROOT)
     with cs.ComfyServer(COMFY_ROOT, base / "root", yaml_path, extra_args=extra) as server:
         yield server
 
@@ -315,7 +320,8 @@ def test_frontend_loads_workflows_without_missing_nodes(comfy_env, pack, http_se
     folder.mkdir(parents=True, exist_ok=True)
     for wf_path in WORKFLOWS:
         workflow = json.loads(wf_path.read_text())
-        png = folder / f"{wf_path.stem}.png"
+        _prompt(comfy_env, wf_path, http_server.base_dir / "input")   # its input images: newer frontends
+        png = folder / f"{wf_path.stem}.png"                          # flag a Load Image without its file
         result = cs.frontend_check(http_server.url, workflow, png)
         assert result["have_registry"] and result["missing"] == [], result["missing"]
         assert result["count"] == len(workflow["nodes"])
@@ -482,8 +488,9 @@ def test_cancel_from_core_ksampler_interrupts_and_releases(comfy_env, pack):
 @pytest.mark.skipif(cs.chromium_path() is None or importlib.util.find_spec("playwright") is None,
                     reason="needs Debian chromium and the playwright package")
 def test_memory_report_shows_on_the_canvas(comfy_env, pack, http_server, tmp_path):
-    """Frontend 1.27 (the one this snapshot ships): after a run queued from the UI, the Memory
-    Report node displays the plans and measured peaks (js/newbie_report.js)."""
+    """Frontend 1.27 (the one this snapshot ships), or the one NEWBIE_TIER_FRONTEND_ROOT points at:
+    after a run queued from the UI, the Memory Report node displays the plans and measured peaks
+    (js/newbie_report.js)."""
     wf_path = next(p for p in WORKFLOWS if p.stem == "newbie_t2i_16gb_1024")
     prompt, _ = _prompt(comfy_env, wf_path, http_server.base_dir / "input")
     folder = Path(os.environ.get("NEWBIE_SCREENSHOT_DIR") or tmp_path)

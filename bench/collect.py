@@ -1,0 +1,93 @@
+"""Bring one GPU visit's outputs into bench/, the inputs of bench/report.py.
+
+    python bench/collect.py --final OUT/rb --peers OUT/p/peers.json --gguf OUT/gguf.json \
+        --host-ram OUT/host_ram.json --lora OUT/lora.json --soak OUT/soak.log --parts OUT/parts.log
+
+``results.json`` gets our rows (run_benchmarks.py --final) and the peer rows (forward_only) of
+the same visit, ``extra.json`` the visit's profiles and drift; keys of the old extra.json that
+this visit did not measure (official parity, attention parts) are kept, with their own dates.
+The other files are copied as they are (the soak from its log, which outlives a time-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _size(value) -> str:
+    return value if isinstance(value, str) else f"{value}x{value}"
+
+
+def peer_rows(path: Path, stamp: dict) -> list[dict]:
+    """peers.json rows in results.json's schema: sizes as 'WxH', every row forward_only."""
+    rows = json.loads(path.read_text())["rows"]
+    return [{**r, "size": _size(r["size"]), "forward_only": True, **{k: r.get(k, v) for k, v in stamp.items()}}
+            for r in rows]
+
+
+def fused_parts(log: Path) -> list[dict]:
+    """The ``fused {...}`` lines of forward_bench.py --parts."""
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("fused "):
+            out.append(json.loads(line[len("fused "):].replace("'", '"')))
+    return out
+
+
+def soak_from_log(log: Path) -> dict:
+    runs = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"run"')]
+    keys = ("allocated_mib", "reserved_mib", "pinned_mib", "rss_mib")
+    first, last = runs[0], runs[-1]
+    return {"runs": runs, "growth_after_first_mib": {k: last[k] - first[k] for k in keys},
+            "growth_after_first_cycle_mib": {k: last[k] - runs[min(5, len(runs) - 1)][k] for k in keys},
+            "note": "bench/soak.py; a run cut short by its section time-out keeps the runs it finished"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--final", type=Path, required=True, help="run_benchmarks.py --final's --out folder")
+    ap.add_argument("--peers", type=Path, required=True)
+    ap.add_argument("--gguf", type=Path)
+    ap.add_argument("--host-ram", type=Path)
+    ap.add_argument("--lora", type=Path)
+    ap.add_argument("--soak", type=Path, help="soak.log (or soak.json)")
+    ap.add_argument("--parts", type=Path, help="forward_bench --parts log (fused rows)")
+    ap.add_argument("--commands", nargs="*", default=[], help="the visit's command lines, for BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    rows = json.loads((args.final / "results.json").read_text())
+    stamp = {"date": rows[0]["date"], "machine": rows[0]["machine"]}
+    peers = peer_rows(args.peers, stamp)
+    (HERE / "results.json").write_text(json.dumps(rows + peers, indent=1) + "\n")
+    (HERE / "peers.json").write_text(args.peers.read_text())
+    old = json.loads((HERE / "extra.json").read_text()) if (HERE / "extra.json").exists() else {}
+    extra = {**{k: old[k] for k in ("official_parity_cuda", "official_parity_date") if k in old},
+             **json.loads((args.final / "extra.json").read_text()), **stamp, "commands": args.commands}
+    if "official_parity_cuda" in old and "official_parity_date" not in old:
+        extra["official_parity_date"] = old.get("date", "")
+    parts = {"attention": old.get("parts", {}).get("attention", []),
+             "attention_date": old.get("parts", {}).get("attention_date", old.get("date", ""))}
+    if args.parts:
+        parts["fused"] = fused_parts(args.parts)
+    extra["parts"] = parts
+    (HERE / "extra.json").write_text(json.dumps(extra, indent=1) + "\n")
+    if args.gguf:
+        (HERE / "gguf.json").write_text(args.gguf.read_text())
+    if args.host_ram:
+        ram_rows = json.loads(args.host_ram.read_text())
+        for r in ram_rows:          # budgets and peaks are both GiB (host_budget.py's "GB")
+            if r.get("ram_budget_gb") is not None and "host_ram_peak_gb" in r:
+                r["within_ram_budget"] = r["host_ram_peak_gb"] <= r["ram_budget_gb"]
+        (HERE / "host_ram.json").write_text(json.dumps({"rows": ram_rows, **stamp}, indent=1) + "\n")
+    if args.lora:
+        (HERE / "lora.json").write_text(json.dumps({"rows": json.loads(args.lora.read_text()), **stamp}, indent=1) + "\n")
+    if args.soak:
+        soak = json.loads(args.soak.read_text()) if args.soak.suffix == ".json" else soak_from_log(args.soak)
+        (HERE / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
