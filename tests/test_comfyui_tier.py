@@ -633,8 +633,8 @@ def test_pack_lora_node_changes_the_image_and_strength_0_is_no_lora(comfy_env, p
 
 def test_lora_strength_change_reads_no_dit_block_tensors(comfy_env, pack, tiny_loras, monkeypatch):
     """Only the strength changes between two runs on one executor: ComfyUI reruns the LoRA node
-    and both samplers, and the DiT's blocks come from the host cache, not from the file (each
-    sampling run reads only the small non-block tensors it puts on the device)."""
+    and both samplers, and nothing is read from the DiT file: the blocks come from the host
+    cache, the small non-block tensors from the checkpoint's host copies."""
     checkpoint = importlib.import_module(f"{pack.__name__}.newbie_core.models.checkpoint")
     placement = importlib.import_module(f"{pack.__name__}.newbie_core.placement")
     lora_module = importlib.import_module(f"{pack.__name__}.newbie_core.models.lora")
@@ -660,7 +660,6 @@ def test_lora_strength_change_reads_no_dit_block_tensors(comfy_env, pack, tiny_l
     dit_reads = [key for files, key in reads if "NewBie-Image-Exp0.1" in files]
     block_reads = [k for k in dit_reads if k.startswith(("layers.", "noise_refiner.", "context_refiner."))]
     assert block_reads == [], f"DiT block tensors were read again: {block_reads[:5]} ({len(block_reads)})"
-    # What each stage does read is the small non-block modules (embedders, final layer), which it
-    # materialises on the device for the stage: once per sampling run, here two.
-    counts = {k: dit_reads.count(k) for k in dit_reads}
-    assert dit_reads and set(counts.values()) == {2}, counts
+    # The small non-block tensors (embedders, final layer) were read once, by the warm-up, and are
+    # kept beside the checkpoint: this run reads nothing of the DiT file at all.
+    assert dit_reads == [], f"DiT tensors were read again: {dit_reads[:5]} ({len(dit_reads)})"

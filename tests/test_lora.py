@@ -266,8 +266,8 @@ def test_fp8_with_a_lora_stays_within_the_stated_drift(tiny_models, conds, lora_
     assert drift < 2 * base_drift + 1e-3, "the LoRA must not add its own quantisation error"
 
 
-def test_changing_only_the_strength_reads_no_block_weights_and_not_the_lora_again(tiny_models, conds, lora_file,
-                                                                                  monkeypatch):
+def test_changing_only_the_strength_reads_nothing_of_the_dit_file_nor_the_lora(tiny_models, conds, lora_file,
+                                                                                monkeypatch):
     handle = tiny_models.dit
     _sample(handle.with_lora(lora_file, 1.0), conds)          # warm: host store and LoRA cache
     reads: list[str] = []
@@ -278,8 +278,7 @@ def test_changing_only_the_strength_reads_no_block_weights_and_not_the_lora_agai
     _sample(handle.with_lora(lora_file, 0.3), conds)
     assert HOST_CACHE.misses == misses, "the block store must come from the host cache"
     assert LORA_READS["files"] == lora_reads, "the LoRA file must come from the LoRA cache"
-    block_reads = [k for k in reads if k.startswith(("layers.", "noise_refiner.", "context_refiner."))]
-    assert block_reads == []
+    assert reads == [], f"the DiT file was read again: {reads[:5]}"      # blocks and non-block tensors alike
 
 
 def test_the_plan_counts_the_lora_on_the_device(tiny_models, conds, lora_file):

@@ -133,7 +133,8 @@ class PlacedDiT:
             # The LoRAs' non-block patches (time_text_embed, clip_text_pooled_proj, ...) as run_sampling applies them.
             _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
-                                   optional=lambda name, shape_: torch.ones(shape_), patches=non_block_patches)
+                                   optional=lambda name, shape_: torch.ones(shape_), patches=non_block_patches,
+                                   host_copies=handle.ckpt.non_block_copies)
             model.set_chunking(ActivationChunks(stage_plan.attn_chunk, stage_plan.ffn_chunk))
             session = inner.enter_context(placed_blocks(model, handle.ckpt.source, inputs, stage_plan, device,
                                                         store_budget))

@@ -99,17 +99,23 @@ def non_block_parameters(model) -> list[tuple[str, nn.Parameter]]:
 def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch.device,
                            dtype: torch.dtype, host_prefixes: Sequence[str] = (),
                            optional: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
-                           patches: Mapping[str, Sequence[WeightPatch]] | None = None) -> int:
+                           patches: Mapping[str, Sequence[WeightPatch]] | None = None,
+                           host_copies: dict[str, torch.Tensor] | None = None) -> int:
     """Load every parameter outside the block sequence, one tensor at a time (assign, no copy).
 
     Parameters under ``host_prefixes`` (e.g. a 1.3 GB embedding table) stay on the CPU, where
     their rows are gathered. ``patches`` (LoRA changes by parameter name) are added to the fresh
-    copy, never to the file's tensor. Returns the bytes placed on ``device``.
+    copy, never to the file's tensor. ``host_copies`` keeps what was read from the file (as
+    read), so the next call reads it from there instead. Returns the bytes placed on ``device``.
     """
     placed = 0
     for name, param in non_block_parameters(model):
-        if name in source:
+        if host_copies is not None and name in host_copies:
+            tensor = host_copies[name]
+        elif name in source:
             tensor = source.get(name)
+            if host_copies is not None:          # its own memory, not a view of a file map
+                host_copies[name] = tensor = tensor.clone()
         elif optional is not None:
             tensor = optional(name, tuple(param.shape))
         else:

@@ -172,7 +172,8 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
             guard.on_release(lambda: model.to_empty(device="meta"))
             _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
             materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
-                                   optional=lambda name, shape: torch.ones(shape), patches=non_block_patches)
+                                   optional=lambda name, shape: torch.ones(shape), patches=non_block_patches,
+                                   host_copies=handle.ckpt.non_block_copies)
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
             with placed_blocks(model, handle.ckpt.source, inputs, plan, device, store_budget) as session:
                 guard.hold(session)

@@ -16,7 +16,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,10 @@ class DiTCheckpoint:
     layout: str                   # "official", "official+prefix", "diffusers" or "gguf"
     stored_dtype: torch.dtype     # dtype of the block weights on disk (GGUF: the compute dtype)
     storage: str | None = None    # GGUF: the blocks' main type, e.g. "gguf-q4_k" (packed storage)
+    # Host copies of the small tensors outside the blocks (embedders, final layer; ~25 MB for
+    # NewBie), filled by the first sampling stage: later stages, a LoRA strength change among
+    # them, read none of the file again. Dropped with the checkpoint (a replaced file is a new one).
+    non_block_copies: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_packed(self) -> bool:
