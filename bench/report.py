@@ -181,23 +181,31 @@ def chart(rows: list[dict], peers: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for r in rows:
-        if r["size"] == "1024x1024" and r["cfg"] and r["row"] in ("resident", "ours"):
-            x, y = r["stage_peaks_gb"]["sample"], 1e3 * r["s_per_step"]
-            ax.scatter(x, y, c="tab:blue" if r["dtype"] == "bf16" else "tab:green", marker="o", s=50, zorder=3)
-            ax.annotate(f"ours {r['dtype']} {r['budget_gb'] or 'resident'}", (x, y), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+        if r["size"] != "1024x1024" or not r["cfg"] or r["dtype"] == "fp16" or \
+                r["row"] not in ("resident", "ours", "ours-fp8-compute"):
+            continue
+        x, y = r["stage_peaks_gb"]["sample"], 1e3 * r["s_per_step"]
+        fp8c = r["row"] == "ours-fp8-compute"
+        color = "tab:purple" if fp8c else ("tab:blue" if r["dtype"] == "bf16" else "tab:green")
+        ax.scatter(x, y, c=color, marker="o", s=50, zorder=3)
+        label = f"{r['dtype']}{' fp8-compute' if fp8c else ''} {r['budget_gb'] or 'resident'}"
+        dy = {"bf16": 10, "fp8": -14}[r["dtype"]] + (22 if fp8c else 0)
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, dy), textcoords="offset points", color=color)
     for p in peers:
         if "error" in p or p["row"].startswith("ours"):
             continue
         x, y = p["peak_reserved_gb"], p["ms_per_step"]
         ax.scatter(x, y, c="tab:red", marker="s", s=50, zorder=3)
-        ax.annotate(p["row"], (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        ax.annotate(p["row"], (x, y), fontsize=7, xytext=(6, -3 if "async" not in p["row"] else -12),
+                    textcoords="offset points", color="tab:red")
+    ax.set_yscale("log")
     ax.set_xlabel("peak reserved VRAM of the sampling stage (GiB)")
     ax.set_ylabel("ms per sampling step (1024², CFG batch 2)")
-    ax.set_title("NewBie DiT on an H200: ours (circles) vs peers (red squares, forward only)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    ax.set_title("NewBie DiT on an H200: ours (circles: bf16 blue, fp8 green) vs peers (red squares, forward only)",
+                 fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_xlim(left=0, right=9.5)
+    ax.set_ylim(90, 2500)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -21,9 +21,8 @@ import torch
 from ..models.dit import ActivationChunks
 from ..placement import Report, StagePlan, measure_stage, stage_guard
 from .handles import DiTHandle
-from .lora import dit_patches
-from .placed import materialize_non_blocks, placed_blocks
-from .sample import dit_store_budget, plan_sampling
+from .placed import placed_blocks
+from .sample import dit_store_budget, load_non_blocks, plan_sampling
 from .settings import MemorySettings
 
 log = logging.getLogger(__name__)
@@ -130,11 +129,7 @@ class PlacedDiT:
             guard = outer.enter_context(stage_guard("sample", device))
             record = outer.enter_context(measure_stage(self.report, "sample", device, stage_plan.predicted_peak))
             guard.on_release(lambda: model.to_empty(device="meta"))
-            # The LoRAs' non-block patches (time_text_embed, clip_text_pooled_proj, ...) as run_sampling applies them.
-            _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
-            materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
-                                   optional=lambda name, shape_: torch.ones(shape_), patches=non_block_patches,
-                                   host_copies=handle.ckpt.non_block_copies)
+            load_non_blocks(handle, model, device, inputs.compute_dtype)      # as run_sampling does
             model.set_chunking(ActivationChunks(stage_plan.attn_chunk, stage_plan.ffn_chunk))
             session = inner.enter_context(placed_blocks(model, handle.ckpt.source, inputs, stage_plan, device,
                                                         store_budget))

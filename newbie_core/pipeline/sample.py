@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.dit import ActivationChunks, AttentionKernel, DiTConfig, build_dit, estimate_activation_bytes
+from ..models.dit import (ActivationChunks, AttentionKernel, DiTConfig, NextDiT, build_dit,
+                          estimate_activation_bytes)
 from ..models.dit.fused import kernels
 from ..placement import HOST_CACHE, Report, StagePlan, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
 from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow_sigmas, initial_noise,
@@ -127,6 +128,14 @@ def _storage(handle: DiTHandle, memory: MemorySettings) -> StorageChoice:
     return StorageChoice.FP8 if (memory.fp8_streaming or handle.storage is StorageDType.FP8) else StorageChoice.BF16
 
 
+def load_non_blocks(handle: DiTHandle, model: NextDiT, device: torch.device, dtype: torch.dtype) -> None:
+    """The DiT's tensors outside the blocks onto ``device``, with the LoRAs' patches of them
+    (time_text_embed, clip_text_pooled_proj, ...); read from the file once per checkpoint."""
+    _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
+    materialize_non_blocks(model, handle.ckpt.source, device, dtype, optional=lambda name, shape: torch.ones(shape),
+                           patches=non_block_patches, host_copies=handle.ckpt.non_block_copies)
+
+
 def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tokens: int,
                   width: int, height: int, device: torch.device, budget: int | None) -> tuple:
     """Build the meta model and its plan (no weights read). Returns (model, inputs, plan)."""
@@ -170,10 +179,7 @@ def run_sampling(handle: DiTHandle, positive: Conditioning, negative: Conditioni
         store_budget = dit_store_budget(handle, model, inputs, plan, memory, device)
         with stage_guard("sample", device) as guard, measure_stage(report, "sample", device, plan.predicted_peak) as rec:
             guard.on_release(lambda: model.to_empty(device="meta"))
-            _, non_block_patches = dit_patches(handle.loras, model, handle.ckpt.config, handle.param_patches)
-            materialize_non_blocks(model, handle.ckpt.source, device, inputs.compute_dtype,
-                                   optional=lambda name, shape: torch.ones(shape), patches=non_block_patches,
-                                   host_copies=handle.ckpt.non_block_copies)
+            load_non_blocks(handle, model, device, inputs.compute_dtype)
             model.set_chunking(ActivationChunks(plan.attn_chunk, plan.ffn_chunk))
             with placed_blocks(model, handle.ckpt.source, inputs, plan, device, store_budget) as session:
                 guard.hold(session)
