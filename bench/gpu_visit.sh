@@ -1,0 +1,59 @@
+#!/bin/bash
+# One GPU visit's work, in parts that each get their own time limit and log under $OUT, so a part
+# that runs long costs only itself and a visit cut short keeps what it measured. Run from the repo
+# root on the GPU machine; afterwards bring the outputs home with bench/collect.py and render
+# BENCHMARKS.md with bench/report.py.
+#
+#   bash bench/gpu_visit.sh tests soak lora          # the CUDA tier, the full-size soak, the LoRA cost
+#   bash bench/gpu_visit.sh rows gguf                # our rows (--final), then the GGUF rows
+#   bash bench/gpu_visit.sh peers host-ram           # the peers (same visit as the rows), host RAM
+#
+# Wheels the machine lacks (diffusers, gguf, importlib_metadata) go in .whl/ (ignored by git).
+# All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
+# first compile of a visit is cold.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl > /dev/null 2>&1 && [ ! -d /tmp/site ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 3
+fi
+export PYTHONPATH=/tmp/site TORCHINDUCTOR_CACHE_DIR=/tmp/ind PYTHONUNBUFFERED=1
+T0=$(date +%s)
+step() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+models() { [ -f /tmp/full/vae/ae.safetensors ] || timeout 60 python3 bench/full_size.py /tmp/full > "$OUT/full_size.log" 2>&1; }
+ggufs() { models; [ -f /tmp/full/text_encoders/gemma-3-4b-it-Q4_K.gguf ] || \
+    timeout 90 python3 bench/make_gguf.py /tmp/full --types Q8_0 Q4_K > "$OUT/make_gguf.log" 2>&1; }
+
+for part in "$@"; do
+    step "$part"
+    case "$part" in
+        tests)
+            timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s tests/test_dit_fused.py \
+                tests/test_cuda_pipeline.py tests/test_gguf_cuda.py tests/test_placement_cuda.py > "$OUT/cuda_tier.log" 2>&1
+            timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s \
+                tests/reliability/test_cuda_reliability.py > "$OUT/reliability.log" 2>&1
+            tail -n 1 "$OUT/cuda_tier.log" "$OUT/reliability.log" ;;
+        soak)
+            models; timeout 150 python3 bench/soak.py /tmp/full --runs 30 --steps 2 --out "$OUT/soak.json" > "$OUT/soak.log" 2>&1
+            tail -n 1 "$OUT/soak.log" ;;
+        lora)
+            models; timeout 90 python3 bench/lora_bench.py --models /tmp/full --out "$OUT/lora.json" > "$OUT/lora.log" 2>&1
+            tail -n 4 "$OUT/lora.log" ;;
+        rows)
+            models; timeout 360 python3 bench/run_benchmarks.py --models /tmp/full --out "$OUT/rb" --final > "$OUT/final.log" 2>&1
+            grep -E "ms/step|drift" "$OUT/final.log" | cut -c1-160 ;;
+        gguf)
+            ggufs; timeout 150 python3 bench/gguf_bench.py /tmp/full --out "$OUT/gguf.json" > "$OUT/gguf.log" 2>&1
+            tail -n 2 "$OUT/gguf.log" | cut -c1-200 ;;
+        peers)
+            timeout 320 python3 bench/peers.py --out "$OUT/p" --passes 1024x2 --n-slow 2 --warmup 2 --with-ours \
+                --timeout 100 > "$OUT/peers.log" 2>&1
+            grep -E "cfg=" "$OUT/peers.log" | cut -c1-160 ;;
+        host-ram)
+            ggufs; timeout 540 python3 bench/host_ram_bench.py /tmp/full --targets --steps 4 --out "$OUT/host_ram.json" \
+                > "$OUT/host_ram.log" 2>&1
+            tail -n 2 "$OUT/host_ram.log" | cut -c1-200 ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram)"; exit 2 ;;
+    esac
+done
+step done
