@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parent
 
 
 def _size(value) -> str:
@@ -57,13 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--soak", type=Path, help="soak.log (or soak.json)")
     ap.add_argument("--parts", type=Path, help="forward_bench --parts log (fused rows)")
     ap.add_argument("--commands", nargs="*", default=[], help="the visit's command lines, for BENCHMARKS.md")
+    ap.add_argument("--into", type=Path, default=BENCH, help="where report.py reads them (default bench/)")
     args = ap.parse_args(argv)
+    here = args.into
     rows = json.loads((args.final / "results.json").read_text())
     stamp = {"date": rows[0]["date"], "machine": rows[0]["machine"]}
     peers = peer_rows(args.peers, stamp)
-    (HERE / "results.json").write_text(json.dumps(rows + peers, indent=1) + "\n")
-    (HERE / "peers.json").write_text(args.peers.read_text())
-    old = json.loads((HERE / "extra.json").read_text()) if (HERE / "extra.json").exists() else {}
+    (here / "results.json").write_text(json.dumps(rows + peers, indent=1) + "\n")
+    (here / "peers.json").write_text(args.peers.read_text())
+    old = json.loads((here / "extra.json").read_text()) if (here / "extra.json").exists() else {}
     extra = {**{k: old[k] for k in ("official_parity_cuda", "official_parity_date") if k in old},
              **json.loads((args.final / "extra.json").read_text()), **stamp, "commands": args.commands}
     if "official_parity_cuda" in old and "official_parity_date" not in old:
@@ -73,20 +75,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.parts:
         parts["fused"] = fused_parts(args.parts)
     extra["parts"] = parts
-    (HERE / "extra.json").write_text(json.dumps(extra, indent=1) + "\n")
+    (here / "extra.json").write_text(json.dumps(extra, indent=1) + "\n")
     if args.gguf:
-        (HERE / "gguf.json").write_text(args.gguf.read_text())
+        (here / "gguf.json").write_text(args.gguf.read_text())
     if args.host_ram:
         ram_rows = json.loads(args.host_ram.read_text())
         for r in ram_rows:          # budgets and peaks are both GiB (host_budget.py's "GB")
             if r.get("ram_budget_gb") is not None and "host_ram_peak_gb" in r:
                 r["within_ram_budget"] = r["host_ram_peak_gb"] <= r["ram_budget_gb"]
-        (HERE / "host_ram.json").write_text(json.dumps({"rows": ram_rows, **stamp}, indent=1) + "\n")
+        (here / "host_ram.json").write_text(json.dumps({"rows": ram_rows, **stamp}, indent=1) + "\n")
     if args.lora:
-        (HERE / "lora.json").write_text(json.dumps({"rows": json.loads(args.lora.read_text()), **stamp}, indent=1) + "\n")
+        (here / "lora.json").write_text(json.dumps({"rows": json.loads(args.lora.read_text()), **stamp}, indent=1) + "\n")
     if args.soak:
         soak = json.loads(args.soak.read_text()) if args.soak.suffix == ".json" else soak_from_log(args.soak)
-        (HERE / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")
+        (here / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -104,3 +104,51 @@ def test_soak_smoke_reports_no_growth(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["runs"]) == 6 and result["grew"] == []
     assert set(result["growth_after_first_mib"]) == {"allocated_mib", "reserved_mib", "pinned_mib", "rss_mib"}
+
+
+@pytest.mark.slow
+def test_host_ram_bench_smoke_rows_stay_within_their_budget(tmp_path):
+    out = tmp_path / "host_ram.json"
+    _script("host_ram_bench").main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["storage"] for r in rows} == {"bf16", "fp8", "gguf-q8_0", "gguf-q4_k"}
+    assert {r["temperature"] for r in rows} == {"cold", "warm"}
+    assert all("error" not in r and r["within_ram_budget"] for r in rows), [r.get("error") for r in rows]
+
+
+@pytest.mark.slow
+def test_lora_bench_smoke_reports_the_cost_per_budget(tmp_path):
+    import subprocess
+    out = tmp_path / "lora.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "lora_bench.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["budget"] for r in rows] == ["resident", "tight"]
+    assert rows[1]["resident_blocks"] < rows[1]["n_blocks"] and rows[0]["lora_cached_map_s"] >= 0
+
+
+def test_collect_brings_a_visit_into_the_report_inputs(tmp_path):
+    """A visit folder in the scripts' own output formats -> the files report.py reads."""
+    visit, into = tmp_path / "visit", tmp_path / "bench"
+    (visit / "rb").mkdir(parents=True)
+    into.mkdir()
+    stamp = {"date": "2026-12-02", "machine": "GPU"}
+    (visit / "rb" / "results.json").write_text(json.dumps([{"row": "resident", **stamp}]))
+    (visit / "rb" / "extra.json").write_text(json.dumps({"torch": "x", "profiles": []}))
+    (visit / "peers.json").write_text(json.dumps({"commands": [], "rows": [{"row": "comfyui-full", "size": 1024}]}))
+    (visit / "host_ram.json").write_text(json.dumps([{"ram_budget_gb": 16, "host_ram_peak_gb": 15.7,
+                                                       "within_ram_budget": False}]))
+    (visit / "soak.log").write_text("\n".join(json.dumps({"run": i, "allocated_mib": 1.0, "reserved_mib": 2.0,
+                                                          "pinned_mib": 3.0, "rss_mib": 100.0 + i})
+                                              for i in range(8)))
+    (into / "extra.json").write_text(json.dumps({"official_parity_cuda": [1], "date": "2026-12-01"}))
+    _script("collect").main(["--final", str(visit / "rb"), "--peers", str(visit / "peers.json"), "--host-ram",
+                             str(visit / "host_ram.json"), "--soak", str(visit / "soak.log"), "--into", str(into)])
+    results = json.loads((into / "results.json").read_text())
+    assert results[1] == {"row": "comfyui-full", "size": "1024x1024", "forward_only": True, **stamp}
+    extra = json.loads((into / "extra.json").read_text())
+    assert extra["official_parity_cuda"] == [1] and extra["official_parity_date"] == "2026-12-01"
+    assert json.loads((into / "host_ram.json").read_text())["rows"][0]["within_ram_budget"] is True  # GiB vs GiB
+    soak = json.loads((into / "soak.json").read_text())
+    assert soak["growth_after_first_mib"]["rss_mib"] == 7.0 and soak["growth_after_first_cycle_mib"]["rss_mib"] == 2.0
