@@ -13,7 +13,8 @@ own fused ops (``F.rms_norm``, ``addcmul``) for runs without torch.compile: the 
 without Triton, ``--compile off``. :class:`Kernels` hands the blocks one of the two sets. Weights
 come in as arguments, so wherever placement put them (resident, a ring slot, an fp8 upcast) the
 same kernel runs on the same values: a streamed run stays bitwise equal to a resident one with the
-same setting.
+same setting. The blocks' big matmuls also go through :class:`Kernels`: the Linear modules
+themselves by default, or fp8 compute (``fp8_matmul.py``, off by default), on the same terms.
 """
 
 from __future__ import annotations
