@@ -44,7 +44,6 @@ import contextlib
 import datetime
 import importlib.util
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -61,7 +60,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from newbie_core.models.dit import DiTConfig, NextDiT, build_dit, estimate_activation_bytes, flops_per_forward  # noqa: E402
+from newbie_core.models.dit import DiTConfig, NextDiT, build_dit, flops_per_forward  # noqa: E402
 from newbie_core.models.dit.fused import EAGER, kernels  # noqa: E402
 
 GB = 2**30
@@ -218,16 +217,25 @@ def comfy_forward(model: torch.nn.Module) -> Forward:
     return run
 
 
-def lowvram_weight_bytes(config: DiTConfig, p: Pass, cap_valid: int, budget_gb: float, allowance_gb: float | None) -> int:
-    """Weights ComfyUI may keep on the GPU: the budget minus the activation peak (+ 25 %, + 256 MiB
-    for the per-layer weight casts), as ComfyUI subtracts its own estimate from free memory."""
-    tokens = (p.size // 16) ** 2
-    if allowance_gb is None:
-        act = estimate_activation_bytes(config, p.batch, cap_valid, tokens, torch.bfloat16)
-        allowance = int(1.25 * act) + 256 * 2**20
-    else:
-        allowance = int(allowance_gb * GB)
-    return max(1, int(budget_gb * GB) - allowance)
+LUMINA2_MEMORY_USAGE_FACTOR = 1.2     # comfy/supported_models.py, class Lumina2 (0.3.64)
+
+
+def lowvram_weight_bytes(p: Pass, budget_gb: float, allowance_gb: float | None, mm=None) -> int:
+    """Weights a ModelPatcher partial load keeps on the GPU under ``budget_gb`` of free VRAM.
+
+    By default ComfyUI's own rule (``load_models_gpu``, 0.3.64): free memory minus
+    max(``minimum_inference_memory()``, the model's ``memory_required`` for one latent + the
+    extra reserve), where ``memory_required`` is latent area x 2 bytes x 0.01 x the Lumina-2
+    memory usage factor, in MiB. ``allowance_gb`` replaces that subtrahend. ``mm`` is
+    ``comfy.model_management`` (the child imports it); without it, 1.2 GiB is assumed.
+    """
+    if allowance_gb is not None:
+        return max(1, int((budget_gb - allowance_gb) * GB))
+    area = (p.size // 8) ** 2                      # one latent of the CFG pair, as ComfyUI's minimum
+    required = area * 2 * 0.01 * LUMINA2_MEMORY_USAGE_FACTOR * 2**20
+    inference = mm.minimum_inference_memory() if mm is not None else 1.2 * GB
+    reserve = mm.extra_reserved_memory() if mm is not None else 0.4 * GB
+    return max(128 * 2**20, int(budget_gb * GB - max(inference, required + reserve)))
 
 
 # --- timing -------------------------------------------------------------------------------------
@@ -314,7 +322,7 @@ def build_peer(peer: Peer, ours: NextDiT, config: DiTConfig, device: torch.devic
     if opts.smoke:   # tiny weights fit any real budget: keep the same share resident as at full size
         budget = int(total * peer.budget_gb / (FULL_WEIGHT_BYTES / GB))
     else:
-        budget = lowvram_weight_bytes(config, first, opts.cap_valid, peer.budget_gb, opts.allowance_gb)
+        budget = lowvram_weight_bytes(first, peer.budget_gb, opts.allowance_gb, mm)
     patcher.patch_model(device_to=device, lowvram_model_memory=budget, load_weights=True)
     notes.append(f"lowvram_model_memory {budget / 2**20:.1f} MiB, resident weights "
                  f"{patcher.loaded_size() / 2**20:.1f} of {total / 2**20:.1f} MiB, NUM_STREAMS {mm.NUM_STREAMS}")
@@ -439,7 +447,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--n", type=int, default=None, help="timed forwards (default 10; smoke 2)")
     ap.add_argument("--n-slow", type=int, default=None, help="timed forwards of slow peers (default 3; smoke 2)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--allowance-gb", type=float, default=None, help="activation allowance of the lowvram loads")
+    ap.add_argument("--allowance-gb", type=float, default=None,
+                    help="VRAM the lowvram loads leave free beside the weights (default: ComfyUI's own rule)")
     ap.add_argument("--comfy", type=Path, default=REPO / "out" / "comfyui", help="ComfyUI snapshot folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per peer process")

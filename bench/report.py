@@ -160,10 +160,12 @@ def peer_notes(peers: list[dict]) -> list[str]:
         if not err:
             continue
         if p["row"].startswith("comfyui-lowvram") and "OutOfMemoryError" in err:
-            out.append(f"{p['row']}: out of memory under the 4 GiB cap. The harness gave ModelPatcher "
-                       f"lowvram_model_memory = budget - 1 GiB activation allowance ({p.get('notes', '').split('; ')[2]}), "
-                       "and ComfyUI's forward at 1024² CFG needs more than the GiB left. A larger allowance would "
-                       "run; not re-run in this visit.")
+            out.append(f"{p['row']}: out of memory under the 4 GiB cap. The harness of this visit gave "
+                       f"ModelPatcher lowvram_model_memory = budget - its own activation estimate "
+                       f"({p.get('notes', '').split('; ')[2]}), and ComfyUI's forward at 1024² CFG needed more "
+                       "than the rest. bench/peers.py now uses ComfyUI's own rule from load_models_gpu (free "
+                       "VRAM - max(minimum_inference_memory, memory_required + reserve): 2867 MiB of weights at "
+                       "4 GiB, 819 MiB at 2 GiB); not re-run yet.")
         elif p["row"] == "diffusers-group-leaf" and "same device" in err:
             out.append("diffusers-group-leaf: leaf-level offloading onloads a leaf module's weights when that "
                        "module's forward is called. Our blocks pass the RMSNorm weights to fused kernels "

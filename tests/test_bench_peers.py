@@ -89,3 +89,25 @@ def test_a_peer_that_cannot_start_is_an_error_row_not_a_crash(tmp_path):
     opts = _opts(tmp_path, "--comfy", str(tmp_path / "nowhere"))
     (row,) = peers.run_peer("comfyui-full", opts)
     assert "--comfy" in row["error"] and row["row"] == "comfyui-full"
+
+
+def test_lowvram_loads_follow_comfyuis_own_rule():
+    """Free VRAM minus max(minimum_inference_memory, memory_required of one latent + the reserve),
+    as load_models_gpu computes it; an explicit allowance replaces the subtrahend."""
+    class FakeMM:
+        @staticmethod
+        def minimum_inference_memory():
+            return int(1.2 * 2**30)
+
+        @staticmethod
+        def extra_reserved_memory():
+            return 400 * 2**20
+    p, gib = peers.Pass(1024, 2), 2**30
+    inference = FakeMM.minimum_inference_memory()
+    assert peers.lowvram_weight_bytes(p, 4.0, None, FakeMM) == 4 * gib - inference
+    # 4096x4096 (512x512 latent): memory_required = 512*512*2*0.01*1.2 MiB = 6291 MiB dominates
+    big = peers.lowvram_weight_bytes(peers.Pass(4096, 2), 16.0, None, FakeMM)
+    assert big == int(16 * gib - (512 * 512 * 2 * 0.01 * 1.2 * 2**20 + 400 * 2**20))
+    assert peers.lowvram_weight_bytes(p, 2.0, None, FakeMM) == 2 * gib - inference
+    assert peers.lowvram_weight_bytes(p, 4.0, 1.5, FakeMM) == int(2.5 * gib)
+    assert peers.lowvram_weight_bytes(p, 1.0, None, FakeMM) == 128 * 2**20        # ComfyUI's floor
