@@ -99,3 +99,25 @@ def test_cli_refuses_fp8_compute_on_the_cpu_before_any_weights(tmp_path, monkeyp
                    "--fp8-compute"])
     err = capsys.readouterr().err
     assert rc == 2 and "--fp8-compute: fp8 compute needs an NVIDIA GPU with fp8 tensor cores" in err
+
+
+def test_a_chunked_ffn_quantises_each_weight_once_per_call():
+    """Token chunks share the quantised weights: 3 weight quantisations per FFN call, and two
+    input quantisations per chunk (before w1|w3, before w2)."""
+    from newbie_core.models.dit.blocks import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(32, 64)
+    k = Kernels(compiled=False, fp8_compute=True)
+    shapes: list[tuple[int, ...]] = []
+    plain = k._fp8.rows
+    k._fp8.rows = lambda t: (shapes.append(tuple(t.shape)), plain(t))[1]
+    ffn.kernels = k
+    x = torch.randn(2, 10, 32)
+    whole = ffn(x)
+    ffn.token_chunk = 6                                   # 20 tokens: chunks of 6, 6, 6, 2
+    shapes.clear()
+    chunked = ffn(x)
+    weights = [s for s in shapes if s in ((64, 32), (32, 64))]
+    assert len(weights) == 3 and len(shapes) - len(weights) == 2 * 4
+    assert torch.allclose(chunked, whole)                 # row-wise scales: chunking changes no row

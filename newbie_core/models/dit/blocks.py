@@ -27,20 +27,22 @@ class FeedForward(nn.Module):
         self.token_chunk: int | None = None        # set by NextDiT.set_chunking
         self.kernels: Kernels = EAGER               # set by NextDiT.set_kernels
 
-    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, dim) -> (T, dim); always 2-D, so a compiled product sees one dynamic dim."""
+    def _swiglu(self, x: torch.Tensor, weights: tuple) -> torch.Tensor:
+        """(T, dim) -> (T, dim); always 2-D, so a compiled product sees one dynamic dim.
+        ``weights``: w1, w3, w2 as ``Kernels.weights`` gives them."""
         k = self.kernels
-        gate, up = k.linears(x, (self.w1, self.w3))
-        return k.linear(k.swiglu(gate, up), self.w2)
+        gate, up = k.linears(x, weights[:2])
+        return k.linears(k.swiglu(gate, up), weights[2:])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunk = self.token_chunk
+        weights = self.kernels.weights((self.w1, self.w3, self.w2))         # once for every chunk
         flat = x.reshape(-1, x.shape[-1])                                  # (B*S, dim)
         if not chunk or chunk >= flat.shape[0]:
-            return self._swiglu(flat).view_as(x)
+            return self._swiglu(flat, weights).view_as(x)
         out = torch.empty_like(flat)
         for start in range(0, flat.shape[0], chunk):
-            out[start:start + chunk] = self._swiglu(flat[start:start + chunk])
+            out[start:start + chunk] = self._swiglu(flat[start:start + chunk], weights)
         return out.view_as(x)
 
 

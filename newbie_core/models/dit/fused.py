@@ -203,8 +203,9 @@ class _Compiled:
 
 
 class _Fp8Linears:
-    """The blocks' matmuls on e4m3 operands (fp8_matmul.py): one quantisation of the input per
-    group of matmuls that share it (w1 and w3), one of each weight, then ``torch._scaled_mm``."""
+    """The blocks' matmuls on e4m3 operands (fp8_matmul.py): each weight quantised once per
+    :meth:`Kernels.weights` call, the input once per group of matmuls that share it (w1 and
+    w3), then ``torch._scaled_mm``."""
 
     def __init__(self, compiled: bool):
         if compiled:
@@ -214,16 +215,18 @@ class _Fp8Linears:
             self.rows, self.tensor = quantize_rows, quantize_tensor
         self._rowwise: dict[torch.device, bool] = {}
 
-    def __call__(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        if x.device not in self._rowwise:
-            self._rowwise[x.device] = rowwise_supported(x.device)
-        quantize = self.rows if self._rowwise[x.device] else self.tensor
-        xq, xs = quantize(x.reshape(-1, x.shape[-1]))
-        outs = []
-        for w in weights:
-            wq, ws = quantize(w)
-            outs.append(scaled_matmul(xq, xs, wq, ws, x.dtype).view(*x.shape[:-1], w.shape[0]))
-        return outs
+    def quantizer(self, device: torch.device) -> Callable:
+        """Row-wise where the GPU supports it, one scale per tensor elsewhere (fp8_matmul.py)."""
+        if device not in self._rowwise:
+            self._rowwise[device] = rowwise_supported(device)
+        return self.rows if self._rowwise[device] else self.tensor
+
+    def weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.quantizer(w.device)(w)
+
+    def __call__(self, x: torch.Tensor, weights: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> list[torch.Tensor]:
+        xq, xs = self.quantizer(x.device)(x.reshape(-1, x.shape[-1]))
+        return [scaled_matmul(xq, xs, wq, ws, x.dtype).view(*x.shape[:-1], wq.shape[0]) for wq, ws in weights]
 
 
 class Kernels:
@@ -247,18 +250,26 @@ class Kernels:
             setattr(self, name, _Compiled(name, fn, eager, dims, options) if want else eager)
         self._fp8 = _Fp8Linears(want) if fp8_compute else None
 
-    def linears(self, x: torch.Tensor, modules: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
-        """Each bias-free Linear of ``modules`` applied to ``x``.
+    def weights(self, modules: tuple[nn.Linear, ...]) -> tuple:
+        """What :meth:`linears` multiplies by: the bias-free Linear modules themselves, or with
+        fp8 compute their quantised weights, made once here so the token chunks of one FFN call
+        share them.
 
         Without fp8 compute the modules are called, so hooks on them (diffusers' and accelerate's
         offloading, which the peer benchmark runs on this model) still fire.
         """
         if self._fp8 is None:
-            return [m(x) for m in modules]
-        return self._fp8(x, tuple(m.weight for m in modules))
+            return tuple(modules)
+        return tuple(self._fp8.weight(m.weight) for m in modules)
+
+    def linears(self, x: torch.Tensor, weights: tuple) -> list[torch.Tensor]:
+        """``x`` times each of ``weights`` (from :meth:`weights`)."""
+        if self._fp8 is None:
+            return [m(x) for m in weights]
+        return self._fp8(x, weights)
 
     def linear(self, x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
-        return self.linears(x, (module,))[0]
+        return self.linears(x, self.weights((module,)))[0]
 
     def __repr__(self) -> str:
         return f"Kernels(compiled={self.compiled}, fp8_compute={self.fp8_compute})"
