@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -39,12 +40,11 @@ def fused_parts(log: Path) -> list[dict]:
 
 
 def soak_from_log(log: Path) -> dict:
+    """soak.py's summary rebuilt from its log, which outlives a time-out that cut the run short."""
+    sys.path.insert(0, str(BENCH))
+    from soak import summarize
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"run"')]
-    keys = ("allocated_mib", "reserved_mib", "pinned_mib", "rss_mib")
-    first, last = runs[0], runs[-1]
-    return {"runs": runs, "growth_after_first_mib": {k: last[k] - first[k] for k in keys},
-            "growth_after_first_cycle_mib": {k: last[k] - runs[min(5, len(runs) - 1)][k] for k in keys},
-            "note": "bench/soak.py; a run cut short by its section time-out keeps the runs it finished"}
+    return {**summarize(runs), "note": "bench/soak.py; a run cut short by its time-out keeps the runs it finished"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,10 +61,17 @@ def soak(models: Models, device: torch.device, runs: int, steps: int, sizes, bud
         rows.append({"run": i, "size": f"{w}x{h}", "budget_gb": budget, "seconds": time.perf_counter() - start,
                      **snapshot(device)})
         print(json.dumps(rows[-1]), flush=True)
-    first, last = rows[0], rows[-1]
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The runs, what grew from the first to the last, and from run 5 on (every size and budget
+    seen once) to the last; ``grew`` names what grew past its slack after the first run."""
+    first, last, cycle = rows[0], rows[-1], rows[min(5, len(rows) - 1)]
     growth = {k: last[k] - first[k] for k in SLACK}
-    peak_after_first = {k: max(r[k] for r in rows[1:]) - first[k] for k in SLACK} if runs > 1 else {}
+    peak_after_first = {k: max(r[k] for r in rows[1:]) - first[k] for k in SLACK} if len(rows) > 1 else {}
     return {"runs": rows, "growth_after_first_mib": growth, "max_above_first_mib": peak_after_first,
+            "growth_after_first_cycle_mib": {k: last[k] - cycle[k] for k in SLACK},
             "grew": [k for k, v in growth.items() if v > SLACK[k]]}
 
 
