@@ -16,8 +16,9 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,21 +37,19 @@ THREADS = max(1, (os.cpu_count() or 1) // 4)     # per conversion; four conversi
 def _add_all(writer: GGUFWriter, items: Iterable[tuple[str, torch.Tensor, T]], window: int = 16) -> None:
     """Quantise on a thread pool (numpy releases the GIL in its loops), add in file order; at most
     ``window`` tensors are in flight, so memory stays a few tensors, not the model."""
-    with ThreadPoolExecutor(THREADS) as pool:
-        pending: list = []
+    pending: deque[tuple[str, Future]] = deque()
 
-        def drain(keep: int) -> Iterator[None]:
-            while len(pending) > keep:
-                name, future = pending.pop(0)
-                array, raw = future.result()
-                writer.add_tensor(name, array, raw_dtype=raw)
-                yield
+    def add_oldest() -> None:
+        name, future = pending.popleft()
+        array, raw = future.result()
+        writer.add_tensor(name, array, raw_dtype=raw)
+    with ThreadPoolExecutor(THREADS) as pool:
         for name, value, qtype in items:
             pending.append((name, pool.submit(encode_tensor, value, qtype)))
-            for _ in drain(window):
-                pass
-        for _ in drain(0):
-            pass
+            if len(pending) > window:
+                add_oldest()
+        while pending:
+            add_oldest()
 
 
 def convert_dit(src: Path, dst: Path, qtype: T) -> Path:
