@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -66,7 +68,7 @@ def one_row(cfg: dict) -> dict:
     result = generate(models, request, device)
     whole = time.perf_counter() - start
     steps = result.step_seconds[1:] or result.step_seconds
-    torch.save(result.latent, cfg["latent_out"])
+    save_file({"latent": result.latent.contiguous()}, cfg["latent_out"])     # safetensors: no pickle
     return {"s_per_step": sum(steps) / len(steps), "generation_s": whole,
             "host_ram_peak_gb": (host_ram_peak() or 0) / 2**30,
             "pinned_gb": max((r.pinned_bytes or 0) for r in result.report.records) / 2**30,
@@ -100,8 +102,7 @@ def measure_against(row: dict, ram, vram, storage: str, temperature: str, latent
                     unlimited: dict) -> None:
     """The row's budget check, and its drift and time against the bf16 / unlimited-RAM rows of the
     same VRAM budget (the first such row measured is the reference)."""
-    import torch
-    lat = torch.load(latent)
+    lat = load_file(latent)["latent"]
     if storage == "bf16":
         refs.setdefault((ram, vram), lat)
         refs.setdefault((None, vram), lat)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             dit, gemma = files[storage]
             if temperature == "cold":
                 evict([Path(p) for p in (dit, gemma, jina, vae)])
-            latent = Path(f"/tmp/host_ram_bench_{storage}_{ram}_{vram}.pt")
+            latent = Path(f"/tmp/host_ram_bench_{storage}_{ram}_{vram}.safetensors")
             cfg = {"dit": str(dit), "gemma": str(gemma), "jina": str(jina), "vae": str(vae),
                    "dtype": STORAGES[storage][2], "vram_gb": vram, "ram_gb": ram, "device": device,
                    "steps": args.steps, "size": args.size, "latent_out": str(latent)}
