@@ -7,6 +7,7 @@
 #   bash bench/gpu_visit.sh tests soak lora          # the CUDA tier, the full-size soak, the LoRA cost
 #   bash bench/gpu_visit.sh rows gguf                # our rows (--final), then the GGUF rows
 #   bash bench/gpu_visit.sh peers host-ram           # the peers (same visit as the rows), host RAM
+#   HOST_RAM_LIMIT=330 bash bench/gpu_visit.sh host-ram   # a shorter limit for the host-RAM rows
 #
 # Wheels the machine lacks (diffusers, gguf, importlib_metadata) go in .whl/ (ignored by git).
 # All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
@@ -29,7 +30,8 @@ for part in "$@"; do
     case "$part" in
         tests)
             timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s tests/test_dit_fused.py \
-                tests/test_cuda_pipeline.py tests/test_gguf_cuda.py tests/test_placement_cuda.py > "$OUT/cuda_tier.log" 2>&1
+                tests/test_cuda_pipeline.py tests/test_gguf_cuda.py tests/test_placement_cuda.py tests/test_fp8_compute.py \
+                > "$OUT/cuda_tier.log" 2>&1
             timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s \
                 tests/reliability/test_cuda_reliability.py > "$OUT/reliability.log" 2>&1
             tail -n 1 "$OUT/cuda_tier.log" "$OUT/reliability.log" ;;
@@ -50,8 +52,9 @@ for part in "$@"; do
                 --timeout 100 > "$OUT/peers.log" 2>&1
             grep -E "cfg=" "$OUT/peers.log" | cut -c1-160 ;;
         host-ram)
-            ggufs; timeout 540 python3 bench/host_ram_bench.py /tmp/full --targets --steps 4 --out "$OUT/host_ram.json" \
-                > "$OUT/host_ram.log" 2>&1
+            # rows already in bench/host_ram.json (an earlier visit) are kept, not run again
+            ggufs; timeout "${HOST_RAM_LIMIT:-540}" python3 bench/host_ram_bench.py /tmp/full --targets --steps 4 \
+                --resume bench/host_ram.json --out "$OUT/host_ram.json" > "$OUT/host_ram.log" 2>&1
             tail -n 2 "$OUT/host_ram.log" | cut -c1-200 ;;
         *) echo "unknown part $part (tests soak lora rows gguf peers host-ram)"; exit 2 ;;
     esac

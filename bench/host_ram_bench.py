@@ -34,11 +34,11 @@ STORAGES = {"bf16": ("NewBie-Image-Exp0.1-bf16.safetensors", "gemma_3_4b_it_bf16
             "gguf-q4_k": ("NewBie-Image-Exp0.1-Q4_K.gguf", "gemma-3-4b-it-Q4_K.gguf", "bf16")}
 LINKS_GBPS = (12, 25, 50)
 # Issue 13's target rows (RAM budget GiB or None = auto/unlimited, VRAM budget GB, storage); the
-# unlimited bf16 row of each VRAM budget is the base of the "within 1.15x" target, so it comes
-# before the rows of its VRAM budget. Ordered so that a run cut short has measured every target
-# once before the alternatives (one whole generation per process: about a minute a row, cold).
-TARGETS = [(None, 8, "bf16"), (16, 8, "bf16"), (12, 8, "gguf-q8_0"), (None, 4, "bf16"), (8, 4, "gguf-q4_k"),
-           (12, 8, "fp8")]
+# unlimited bf16 row of a VRAM budget is the base of the "within 1.15x" target (compare() finds it
+# wherever it ran). Ordered so that a run cut short has measured every target once before the
+# alternatives (one whole generation per process: about a minute a row, cold).
+TARGETS = [(None, 8, "bf16"), (16, 8, "bf16"), (12, 8, "gguf-q8_0"), (8, 4, "gguf-q4_k"), (12, 8, "fp8"),
+           (None, 4, "bf16")]
 
 
 def evict(paths: list[Path]) -> None:
@@ -98,25 +98,35 @@ def fits_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def measure_against(row: dict, ram, vram, storage: str, temperature: str, latent: Path, refs: dict,
-                    unlimited: dict) -> None:
-    """The row's budget check, and its drift and time against the bf16 / unlimited-RAM rows of the
-    same VRAM budget (the first such row measured is the reference)."""
-    lat = load_file(latent)["latent"]
-    if storage == "bf16":
-        refs.setdefault((ram, vram), lat)
-        refs.setdefault((None, vram), lat)
-    elif (ram, vram) in refs or (None, vram) in refs:
-        ref = refs.get((ram, vram), refs.get((None, vram)))
-        row["latent_drift_vs_bf16"] = float((lat - ref).abs().max() / ref.abs().max())
-    if ram is None:
-        unlimited[(vram, temperature)] = row
-        return
-    row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram      # both GiB, as --ram-budget counts
-    base = unlimited.get((vram, temperature))
-    if base is not None:
-        row["x_unlimited_generation"] = row["generation_s"] / base["generation_s"]
-        row["x_unlimited_step"] = row["s_per_step"] / base["s_per_step"]
+def compare(rows: list[dict], latents: dict[int, Path]) -> None:
+    """Each row's budget check, and its drift and time against the bf16 / unlimited-RAM rows of
+    the same VRAM budget and temperature, whatever order the rows ran in. ``latents`` maps a
+    row's index to its latent file (rows resumed from an earlier visit have none: no drift)."""
+    def find(ram, vram, storage: str, temperature: str | None = None) -> int | None:
+        for i, r in enumerate(rows):
+            if ("error" not in r and (r["ram_budget_gb"], r["vram_budget_gb"], r["storage"]) == (ram, vram, storage)
+                    and (temperature is None or r["temperature"] == temperature)
+                    and (temperature is not None or i in latents)):
+                return i
+        return None
+
+    for i, row in enumerate(rows):
+        if "error" in row:
+            continue
+        ram, vram = row["ram_budget_gb"], row["vram_budget_gb"]
+        if ram is not None:
+            row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram      # both GiB, as --ram-budget counts
+            base = find(None, vram, row["storage"], row["temperature"])
+            if base is None and row["storage"] != "bf16":
+                base = find(None, vram, "bf16", row["temperature"])
+            if base is not None:
+                row["x_unlimited_generation"] = row["generation_s"] / rows[base]["generation_s"]
+                row["x_unlimited_step"] = row["s_per_step"] / rows[base]["s_per_step"]
+        ref = find(ram, vram, "bf16")
+        ref = find(None, vram, "bf16") if ref is None else ref
+        if row["storage"] != "bf16" and i in latents and ref is not None:
+            lat, want = load_file(latents[i])["latent"], load_file(latents[ref])["latent"]
+            row["latent_drift_vs_bf16"] = float((lat - want).abs().max() / want.abs().max())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--fits", action="store_true")
     ap.add_argument("--targets", action="store_true", help="only the issue's target rows (TARGETS), cold and warm")
+    ap.add_argument("--resume", help="an earlier --out file: its rows are kept and not run again")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(one_row(json.loads(args.child))))
@@ -156,11 +167,16 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(args.root)
         files = {k: (root / "diffusion_models" / d, root / "text_encoders" / g) for k, (d, g, _) in STORAGES.items()}
         jina, vae, device = root / "text_encoders/jina_clip_v2_bf16.safetensors", root / "vae/ae.safetensors", "cuda"
-    rows, refs, unlimited = [], {}, {}
+    earlier = json.loads(Path(args.resume).read_text()) if args.resume else []
+    rows = earlier["rows"] if isinstance(earlier, dict) else earlier      # collect.py's file, or --out's
+    done = {(r["ram_budget_gb"], r["vram_budget_gb"], r["storage"], r["temperature"]) for r in rows if "error" not in r}
+    latents: dict[int, Path] = {}
     combos = TARGETS if args.targets else [(ram, vram, storage) for ram in args.ram for vram in args.vram
                                             for storage in args.storages]
     for ram, vram, storage in combos:
         for temperature in ("cold", "warm"):
+            if (ram, vram, storage, temperature) in done:
+                continue
             dit, gemma = files[storage]
             if temperature == "cold":
                 evict([Path(p) for p in (dit, gemma, jina, vae)])
@@ -171,11 +187,14 @@ def main(argv: list[str] | None = None) -> None:
             row = {"bench": "host_ram", "storage": storage, "ram_budget_gb": ram, "vram_budget_gb": vram,
                    "temperature": temperature, "steps": args.steps, "size": args.size, **run_row(cfg)}
             if "error" not in row:
-                measure_against(row, ram, vram, storage, temperature, latent, refs, unlimited)
+                latents[len(rows)] = latent
             rows.append(row)
+            compare(rows, latents)
             print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
             if args.out:                    # after every row: a run cut short keeps what it measured
                 Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     if args.fits:
         print(fits_table(rows))
 

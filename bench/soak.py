@@ -36,6 +36,31 @@ PROMPTS = ["1girl, solo, smile", "2girls, beach, sunset", "a cat on a windowsill
 SLACK = {"allocated_mib": 8, "reserved_mib": 8, "pinned_mib": 8, "rss_mib": 256}
 
 
+def heap_in_use() -> int:
+    """Bytes glibc's malloc has handed out and not taken back (mallinfo2), 0 where there is no
+    glibc: set beside RSS it tells live native allocations from pages the allocator keeps."""
+    try:
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                         "fordblks", "keepcost")]
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+    except (OSError, AttributeError):
+        return 0
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process (a new shape that recompiles
+    shows here)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def snapshot(device: torch.device) -> dict[str, float]:
     gc.collect()
     cuda = device.type == "cuda"
@@ -46,7 +71,8 @@ def snapshot(device: torch.device) -> dict[str, float]:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {"allocated_mib": (torch.cuda.memory_allocated(device) if cuda else 0) / MIB,
             "reserved_mib": (torch.cuda.memory_reserved(device) if cuda else 0) / MIB,
-            "pinned_mib": pinned_bytes() / MIB, "rss_mib": rss / MIB}
+            "pinned_mib": pinned_bytes() / MIB, "rss_mib": rss / MIB, "heap_in_use_mib": heap_in_use() / MIB,
+            "compiled_graphs": compiled_graphs()}
 
 
 def soak(models: Models, device: torch.device, runs: int, steps: int, sizes, budgets) -> dict:
@@ -72,7 +98,22 @@ def summarize(rows: list[dict]) -> dict:
     peak_after_first = {k: max(r[k] for r in rows[1:]) - first[k] for k in SLACK} if len(rows) > 1 else {}
     return {"runs": rows, "growth_after_first_mib": growth, "max_above_first_mib": peak_after_first,
             "growth_after_first_cycle_mib": {k: last[k] - cycle[k] for k in SLACK},
-            "grew": [k for k, v in growth.items() if v > SLACK[k]]}
+            "rss_steps": rss_steps(rows), "grew": [k for k, v in growth.items() if v > SLACK[k]]}
+
+
+def rss_steps(rows: list[dict], threshold_mib: float = 16) -> list[dict]:
+    """The runs after the first whose RSS rose by more than ``threshold_mib``, each with whether
+    its size was new, and what malloc's live bytes and the compiled-graph count did meanwhile."""
+    steps, seen = [], {rows[0].get("size")} if rows else set()
+    for before, row in zip(rows, rows[1:]):
+        delta = row["rss_mib"] - before["rss_mib"]
+        if delta > threshold_mib:
+            steps.append({"run": row["run"], "size": row.get("size"), "budget_gb": row.get("budget_gb"),
+                          "new_size": row.get("size") not in seen, "rss_mib": round(delta, 1),
+                          "heap_in_use_mib": round(row.get("heap_in_use_mib", 0) - before.get("heap_in_use_mib", 0), 1),
+                          "new_graphs": row.get("compiled_graphs", 0) - before.get("compiled_graphs", 0)})
+        seen.add(row.get("size"))
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:

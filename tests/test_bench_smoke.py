@@ -152,3 +152,35 @@ def test_collect_brings_a_visit_into_the_report_inputs(tmp_path):
     assert json.loads((into / "host_ram.json").read_text())["rows"][0]["within_ram_budget"] is True  # GiB vs GiB
     soak = json.loads((into / "soak.json").read_text())
     assert soak["growth_after_first_mib"]["rss_mib"] == 7.0 and soak["growth_after_first_cycle_mib"]["rss_mib"] == 2.0
+
+
+def test_host_ram_comparisons_do_not_depend_on_row_order(tmp_path):
+    """The unlimited-RAM base and the bf16 drift reference are found wherever they ran, so rows
+    resumed from an earlier visit or run before their base still get their ratios."""
+    import torch
+    from safetensors.torch import save_file
+    compare = _script("host_ram_bench").compare
+
+    def row(ram, storage, seconds, temperature="warm"):
+        return {"ram_budget_gb": ram, "vram_budget_gb": 4, "storage": storage, "temperature": temperature,
+                "generation_s": seconds, "s_per_step": seconds / 10, "host_ram_peak_gb": 7.5}
+
+    latents = {}
+    for i, value in enumerate((1.0, 1.5)):
+        latents[i] = tmp_path / f"{i}.safetensors"
+        save_file({"latent": torch.full((4,), value)}, latents[i])
+    rows = [row(8, "gguf-q4_k", 30.0), row(None, "bf16", 20.0), row(None, "bf16", 25.0, "cold")]
+    compare(rows, {0: latents[1], 1: latents[0]})
+    assert rows[0]["x_unlimited_generation"] == 1.5 and rows[0]["within_ram_budget"]
+    assert rows[0]["latent_drift_vs_bf16"] == 0.5
+    assert "x_unlimited_generation" not in rows[1] and "latent_drift_vs_bf16" not in rows[2]
+
+
+def test_soak_names_the_runs_whose_rss_stepped_up():
+    rss_steps = _script("soak").rss_steps
+    rows = [{"run": i, "size": size, "budget_gb": None, "rss_mib": rss, "heap_in_use_mib": heap, "compiled_graphs": g}
+            for i, (size, rss, heap, g) in enumerate([("512x512", 1000, 500, 4), ("640x512", 1113, 520, 4),
+                                                      ("512x512", 1115, 520, 4), ("640x512", 1140, 545, 5)])]
+    steps = rss_steps(rows)
+    assert [(s["run"], s["new_size"], s["heap_in_use_mib"], s["new_graphs"]) for s in steps] == [
+        (1, True, 20, 0), (3, False, 25, 1)]

@@ -95,8 +95,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kernel; padded query rows come back as zeros (they are discarded).
     """
     if isinstance(mask, KeyPadding):
-        out = q.new_zeros(q.shape)
+        out = q.new_empty(q.shape)          # zeroing only the padding: a full fill was 0.5 ms a step
         for i, n in enumerate(mask.lengths):
+            out[i, n:] = 0
             out[i:i + 1, :n] = sdpa_attention(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n], None, scale,
                                               query_chunk)
         return out

@@ -23,20 +23,24 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+# A scale is amax times this reciprocal, not amax / 448: torch on CUDA turns a division by a Python
+# scalar into that product anyway, so written so the CPU, CUDA and the Triton kernel
+# (fp8_rows_cuda.py) all round the same product.
+INV_E4M3_MAX = 1.0 / E4M3_MAX
 _TINY = 1e-12        # an all-zero row gets scale 1e-12/448 instead of 0 (no division by zero)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> e4m3 (M, K) and its float32 scales (M, 1): one scale per row."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) / E4M3_MAX
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) * INV_E4M3_MAX
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> e4m3 (M, K) and one float32 scale (0-dim) for the whole tensor."""
     xf = x.float()
-    scale = xf.abs().amax().clamp(min=_TINY) / E4M3_MAX
+    scale = xf.abs().amax().clamp(min=_TINY) * INV_E4M3_MAX
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 

@@ -19,6 +19,7 @@ themselves by default, or fp8 compute (``fp8_matmul.py``, off by default), on th
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8_matmul import quantize_rows, quantize_tensor, rowwise_supported, scaled_matmul
+from .fp8_rows_cuda import quantize_rows_fast
 
 log = logging.getLogger(__name__)
 
@@ -205,14 +207,17 @@ class _Compiled:
 class _Fp8Linears:
     """The blocks' matmuls on e4m3 operands (fp8_matmul.py): each weight quantised once per
     :meth:`Kernels.weights` call, the input once per group of matmuls that share it (w1 and
-    w3), then ``torch._scaled_mm``."""
+    w3), then ``torch._scaled_mm``. Row-wise quantisation runs the one-pass Triton kernel
+    (fp8_rows_cuda.py) wherever it applies, compiled or not, so ``--compile off`` changes no
+    fp8 operand."""
 
     def __init__(self, compiled: bool):
         if compiled:
-            self.rows = _Compiled("quantize_rows", quantize_rows, quantize_rows, (0,), {})
+            rows = _Compiled("quantize_rows", quantize_rows, quantize_rows, (0,), {})
             self.tensor = _Compiled("quantize_tensor", quantize_tensor, quantize_tensor, (0,), {})
         else:
-            self.rows, self.tensor = quantize_rows, quantize_tensor
+            rows, self.tensor = quantize_rows, quantize_tensor
+        self.rows = functools.partial(quantize_rows_fast, fallback=rows)
         self._rowwise: dict[torch.device, bool] = {}
 
     def quantizer(self, device: torch.device) -> Callable:
