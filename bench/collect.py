@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -39,6 +41,20 @@ def fused_parts(log: Path) -> list[dict]:
     return out
 
 
+def fp8_quant_from_log(log: Path) -> dict:
+    """fp8_quant_bench.py's table: per variant, µs and GB/s per operand, and µs per block."""
+    text = log.read_text().splitlines()
+    header = next(l for l in text if l.startswith("operand")).split()[1:]
+    operands = {}
+    for line in text:
+        cells = re.findall(r"([\d.]+)us/\s*(\d+)GB/s", line)
+        if cells:
+            name = line[: line.index(cells[0][0])].strip()
+            operands[name] = {v: {"us": float(us), "gbps": float(gbps)} for v, (us, gbps) in zip(header, cells)}
+    block = re.findall(r"([\d.]+)us", next(l for l in text if l.startswith("per block")))
+    return {"variants": header, "operands": operands, "per_block_us": {v: float(x) for v, x in zip(header, block)}}
+
+
 def soak_from_log(log: Path) -> dict:
     """soak.py's summary rebuilt from its log, which outlives a time-out that cut the run short."""
     sys.path.insert(0, str(BENCH))
@@ -56,12 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lora", type=Path)
     ap.add_argument("--soak", type=Path, help="soak.log (or soak.json)")
     ap.add_argument("--parts", type=Path, help="forward_bench --parts log (fused rows)")
+    ap.add_argument("--fp8-quant", type=Path, help="fp8_quant_bench.py's log")
     ap.add_argument("--commands", nargs="*", default=[], help="the visit's command lines, for BENCHMARKS.md")
     ap.add_argument("--into", type=Path, default=BENCH, help="where report.py reads them (default bench/)")
     args = ap.parse_args(argv)
     here = args.into
     rows = json.loads((args.final / "results.json").read_text())
-    stamp = {"date": rows[0]["date"], "machine": rows[0]["machine"]}
+    # Every file written here carries the same visit id; report.py marks a section whose file has
+    # another id (one this collect did not rewrite) as measured in an earlier visit.
+    stamp = {"date": rows[0]["date"], "machine": rows[0]["machine"],
+             "visit": datetime.now(timezone.utc).isoformat(timespec="minutes")}
     peers = peer_rows(args.peers, stamp)
     (here / "results.json").write_text(json.dumps(rows + peers, indent=1) + "\n")
     (here / "peers.json").write_text(args.peers.read_text())
@@ -75,9 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.parts:
         parts["fused"] = fused_parts(args.parts)
     extra["parts"] = parts
+    if args.fp8_quant:
+        extra["fp8_quant"] = fp8_quant_from_log(args.fp8_quant)
+    elif "fp8_quant" in old:
+        extra["fp8_quant"] = old["fp8_quant"]
     (here / "extra.json").write_text(json.dumps(extra, indent=1) + "\n")
     if args.gguf:
-        (here / "gguf.json").write_text(args.gguf.read_text())
+        gguf_rows = [{**r, "visit": stamp["visit"]} for r in json.loads(args.gguf.read_text())]
+        (here / "gguf.json").write_text(json.dumps(gguf_rows, indent=1) + "\n")
     if args.host_ram:
         ram_rows = json.loads(args.host_ram.read_text())
         for r in ram_rows:          # budgets and peaks are both GiB (host_budget.py's "GB")

@@ -1,13 +1,15 @@
 """'What fits your PC': VRAM x RAM x PCIe link -> settings and expected s/image, as Markdown.
 
 A roofline projection from the H200 rows of bench/results.json, not a measurement on those PCs.
-Per row, the DiT's s/step is bounded below by the measured compute (the resident row of the same
-storage) and by the bytes streamed per step over the user's link (and, where its host copy cannot
+Per row, the DiT's s/step is bounded below by its own s/step measured on the H200 at that budget
+(streaming and decode overheads included; the H200's link hides its copies) and by the bytes
+streamed per step over the user's link (and, where its host copy cannot
 stay pinned in RAM, over the disk): s/step = max(compute, streamed / link[, streamed / disk]).
-s/image = 28 steps plus the encode/decode time measured in the same row. GGUF rows are not
-measured yet, so they are not in the table.
+s/image = 28 steps plus the encode/decode time measured in the same row. GGUF files come from
+bench/gguf.json (sampling s/step, bytes per step and peak per budget, 1024² CFG) with their
+host-RAM peak from the whole generations of bench/host_ram.json.
 
-    python bench/fits.py                       # the table, from bench/results.json
+    python bench/fits.py                       # the table, from bench/results.json (+ gguf, host RAM)
     python bench/fits.py --smoke               # a built-in two-row sample, for CI
 """
 
@@ -20,8 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results.json")
+GGUF = Path(__file__).with_name("gguf.json")
+HOST_RAM = Path(__file__).with_name("host_ram.json")
 VRAM_GB = (4, 8, 16)
-RAM_GB = (16, 32)
+RAM_GB = (8, 12, 16, 32)
+STORAGES = ("bf16", "fp8", "gguf-q8_0", "gguf-q4_k")     # ties go to the earlier (more exact) one
+GGUF_FILES = {"gguf-q8_0": "Q8_0", "gguf-q4_k": "Q4_K"}
 LINKS_GBPS = (12, 25, 50)
 STEPS = 28
 GIB = 2**30
@@ -67,6 +73,30 @@ def load_rows(path: Path) -> list[Row]:
     return rows
 
 
+def load_gguf_rows(pipeline: list[Row], gguf: Path = GGUF, host_ram: Path = HOST_RAM) -> list[Row]:
+    """GGUF rows: sampling figures per budget (gguf.json), the host peak of the same storage's
+    whole generations (host_ram.json), and the encode/decode seconds of the bf16 ``pipeline``
+    row of the same budget: host_ram.json's generations run in fresh processes, model loading
+    included, so their seconds are not comparable. A storage without a host-RAM row is left out."""
+    if not (Path(gguf).exists() and Path(host_ram).exists()):
+        return []
+    encode_decode = {r.budget_gb: r.whole_s - STEPS * r.s_per_step for r in pipeline if r.dtype == "bf16"}
+    host = json.loads(Path(host_ram).read_text())
+    host = host["rows"] if isinstance(host, dict) else host
+    rows = []
+    for r in json.loads(Path(gguf).read_text()):
+        storage = r.get("storage", "")
+        whole = [h for h in host if h.get("storage") == storage and h.get("temperature") == "warm" and "error" not in h]
+        if storage not in GGUF_FILES or not whole or r.get("size") != "1024x1024" or not r.get("cfg"):
+            continue
+        budget = r["budget_gb"] if r["budget_gb"] in encode_decode else None
+        other_s = encode_decode.get(budget, 0.0)
+        rows.append(Row(storage, r["budget_gb"], r["peak_reserved_gb"], r["s_per_step"],
+                        int(r["bytes_h2d_per_step"]) if r["budget_gb"] is not None else 0,
+                        STEPS * r["s_per_step"] + other_s, max(h["host_ram_peak_gb"] for h in whole)))
+    return rows
+
+
 def _ram_budget(ram_gb: int) -> float:
     return ram_gb - max(HOST_MARGIN_GB, ram_gb / 10)
 
@@ -74,14 +104,13 @@ def _ram_budget(ram_gb: int) -> float:
 def fit(rows: list[Row], vram_gb: int, ram_gb: int, link_gbps: float, disk_gbps: float) -> Fit | None:
     """The fastest storage whose row fits ``vram_gb``, projected to the link (module docstring)."""
     best = None
-    for dtype in ("bf16", "fp8"):
+    for dtype in STORAGES:
         mine = [r for r in rows if r.dtype == dtype]
-        resident = [r for r in mine if r.budget_gb is None]
         fitting = [r for r in mine if r.peak_vram_gb <= vram_gb - VRAM_HEADROOM_GB]
-        if not resident or not fitting:
+        if not fitting:
             continue
-        compute = min(r.s_per_step for r in resident)
         row = min(fitting, key=lambda r: r.streamed_bytes_per_step)     # the most resident that fits
+        compute = row.s_per_step       # measured at that budget: its streaming and decode overheads too
         dit_bytes = max(r.streamed_bytes_per_step for r in mine) or 0   # all blocks, from the 2 GB row
         ram_budget = _ram_budget(ram_gb)
         link_s = row.streamed_bytes_per_step / (link_gbps * 1e9)
@@ -108,8 +137,10 @@ def render(rows: list[Row], disk_gbps: float = 3.0, source: str = "bench/results
            f"**A projection, not a measurement.** Compute s/step is measured on an NVIDIA H200 ({source}); "
            f"each link's s/step is max(that compute, bytes streamed per step / link bandwidth). s/image = "
            f"{STEPS} steps + encode/decode as measured on the H200 (a slower GPU computes slower too, so "
-           f"these are lower bounds for it). GGUF rows are not measured and are not listed. 1024x1024, CFG; "
-           f"a row fits a card when its measured peak is {VRAM_HEADROOM_GB} GB below the card's size.", "",
+           f"these are lower bounds for it). GGUF rows: sampling from bench/gguf.json, host RAM from "
+           f"bench/host_ram.json, encode/decode from the bf16 row of the same budget; their latents drift from bf16 (Q8_0 little, Q4_K much: "
+           f"see the GGUF section). 1024x1024, CFG; a row fits a card when its measured peak is "
+           f"{VRAM_HEADROOM_GB} GB below the card's size.", "",
            "| VRAM | RAM | PCIe link | settings | s/step | s/image | bound by | host RAM |",
            "|---|---|---|---|---|---|---|---|"]
     for vram in VRAM_GB:
@@ -120,7 +151,9 @@ def render(rows: list[Row], disk_gbps: float = 3.0, source: str = "bench/results
                     out.append(f"| {vram} GB | {ram} GB | {link} GB/s | no measured row fits | - | - | - | - |")
                     continue
                 budget = "(auto: all resident)" if f.budget_gb is None else f"--vram-budget {f.budget_gb:g}"
-                settings = f"--dtype {f.dtype} {budget} --ram-budget {_ram_budget(ram):.1f}"
+                files = (f"--dit ...-{GGUF_FILES[f.dtype]}.gguf --gemma ...-{GGUF_FILES[f.dtype]}.gguf"
+                         if f.dtype in GGUF_FILES else f"--dtype {f.dtype}")
+                settings = f"{files} {budget} --ram-budget {_ram_budget(ram):.1f}"
                 out.append(f"| {vram} GB | {ram} GB | {link} GB/s | `{settings}` | {f.s_per_step:.3f} | "
                            f"{f.s_per_image:.1f} | {f.bound} | {f.host_note} |")
     return "\n".join(out)
@@ -137,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-gbps", type=float, default=3.0, help="sequential read of the DiT's disk (NVMe ~3)")
     ap.add_argument("--smoke", action="store_true", help="render the built-in sample rows (CI)")
     args = ap.parse_args(argv)
-    rows = SMOKE_ROWS if args.smoke else load_rows(args.results)
+    if args.smoke:
+        rows = SMOKE_ROWS
+    else:
+        rows = load_rows(args.results)
+        rows += load_gguf_rows(rows)
     if not rows:
         print(f"no 1024x1024 CFG rows in {args.results}", file=sys.stderr)
         return 1

@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         jina, vae, device = root / "text_encoders/jina_clip_v2_bf16.safetensors", root / "vae/ae.safetensors", "cuda"
     earlier = json.loads(Path(args.resume).read_text()) if args.resume else []
     rows = earlier["rows"] if isinstance(earlier, dict) else earlier      # collect.py's file, or --out's
+    for r in rows:
+        r["earlier_visit"] = True               # kept as measured then; the report says so
     done = {(r["ram_budget_gb"], r["vram_budget_gb"], r["storage"], r["temperature"]) for r in rows if "error" not in r}
     latents: dict[int, Path] = {}
     combos = TARGETS if args.targets else [(ram, vram, storage) for ram in args.ram for vram in args.vram

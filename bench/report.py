@@ -229,6 +229,19 @@ def fp8_compute_section(rows: list[dict], peers: list[dict], extra: dict) -> lis
                        f"{_ms(r['s_step_max'])}) | {r['ratio_to_resident']:.3f} | "
                        f"{ms / comfy['ms_per_step'] if comfy else float('nan'):.3f} | {r['tflops']:.0f} | "
                        f"{r['peak_vram_gb']:.2f} | {r['bitwise_equal_to_resident']} | {r['drift_vs_bf16']['rel_l2']:.3f} |")
+    quant = extra.get("fp8_quant")
+    if quant:
+        per_block = quant["per_block_us"]
+        copy = per_block["copy"]
+        out += ["", "What one block's nine quantisations cost (`bench/fp8_quant_bench.py`, one call each on the "
+                "operand shapes of a 1024² CFG step; `copy` moves the same bytes; div = an IEEE division per "
+                "element, rcp = one reciprocal per row then a multiply; w = warps; the last number = elements "
+                "per program). The fp8 compute rows above ran the first kernel (div/w8/4096, 26 ms of "
+                "quantisation per step in the profile); the code now runs rcp/w4/4096, bitwise equal to the "
+                "torch path on the H200 (CUDA tier), its whole-step time not yet measured.", "",
+                "| variant | µs per block | × copy |", "|---|---|---|"]
+        for v in quant["variants"]:
+            out.append(f"| {v} | {per_block[v]:.1f} | {per_block[v] / copy:.2f} |")
     drift = extra.get("drift", {})
     if drift:
         out += ["", "Final-latent drift against the bf16 resident row (28 steps, 1024² CFG, random weights):", "",
@@ -250,12 +263,20 @@ def _load(name: str):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _visit(doc: dict) -> str:
+    """Whether ``doc`` was written by the collect that wrote extra.json (the visit of the rows
+    above) or is kept from an earlier one."""
+    this = (_load("extra.json") or {}).get("visit")
+    return "same visit" if this and doc.get("visit") == this else "an earlier visit"
+
+
 def small_pc_sections() -> list[str]:
     """GGUF rows, host-RAM rows, the LoRA cost and the soak (issues 11-13)."""
     out = []
     gguf = _load("gguf.json")
     if gguf:
-        out += ["", f"## GGUF and fp8 DiT files, sampling only (`bench/gguf_bench.py`, {gguf[0]['date']}, same visit)", "",
+        out += ["", f"## GGUF and fp8 DiT files, sampling only (`bench/gguf_bench.py`, {gguf[0]['date']}, "
+                f"{_visit(gguf[0])})", "",
                 "1024² CFG, 28 steps, fixed random conditioning. MB/step = bytes copied to the GPU per step "
                 "(the first step's uploads included); roofline = max(the same file's resident step, MB/step over "
                 f"{gguf[0]['bandwidth_gbps']:.1f} GB/s). Dequant = Triton decode of one joint layer's weights.", "",
@@ -273,9 +294,12 @@ def small_pc_sections() -> list[str]:
                        f"{r.get('dequant_ms_per_layer', '-') if r.get('dequant_ms_per_layer') is None else round(r['dequant_ms_per_layer'], 3)} |")
     ram = _load("host_ram.json")
     if ram:
-        out += ["", f"## Host RAM (`bench/host_ram_bench.py --targets`, {ram['date']}, same visit)", "",
+        earlier = any(r.get("earlier_visit") for r in ram["rows"])
+        out += ["", f"## Host RAM (`bench/host_ram_bench.py --targets`, {ram['date']}, {_visit(ram)}"
+                + ("; rows marked * from the visit before it (`--resume`)" if earlier else "") + ")", "",
                 "Whole generations at 1024² CFG, 4 steps, one fresh process per row; cold = the model files "
-                "evicted from the page cache first. RAM budgets and peaks in GiB (what `--ram-budget` counts).", "",
+                "evicted from the page cache first. RAM budgets and peaks in GiB (what `--ram-budget` counts). "
+                "× unlimited compares with the unlimited-RAM row of the same VRAM budget and temperature.", "",
                 "| storage | RAM budget | VRAM budget | cold/warm | s/step | generation s | × unlimited | VmHWM GiB | "
                 "pinned GiB | read from disk GB | within budget |", "|" + "---|" * 11]
         for r in ram["rows"]:
@@ -285,13 +309,14 @@ def small_pc_sections() -> list[str]:
                 continue
             x = r.get("x_unlimited_generation")
             out.append(f"| {r['storage']} | {r['ram_budget_gb'] or 'auto (unlimited)'} | {r['vram_budget_gb']} | "
-                       f"{r['temperature']} | {r['s_per_step']:.3f} | {r['generation_s']:.1f} | "
+                       f"{r['temperature']}{' *' if r.get('earlier_visit') else ''} | {r['s_per_step']:.3f} | {r['generation_s']:.1f} | "
                        f"{'-' if x is None else f'{x:.3f}'} | {r['host_ram_peak_gb']:.2f} | {r['pinned_gb']:.2f} | "
                        f"{r['bytes_read_gb']:.1f} | {r.get('within_ram_budget', '-')} |")
     lora = _load("lora.json")
     if lora:
         first = lora["rows"][0]
-        out += ["", f"## LoRA cost (`bench/lora_bench.py`, rank-32 PEFT LoRA on every linear, {lora['date']})", "",
+        out += ["", f"## LoRA cost (`bench/lora_bench.py`, rank-32 PEFT LoRA on every linear, {lora['date']}, "
+                f"{_visit(lora)})", "",
                 f"Reading and mapping the LoRA: {first['lora_read_map_s']:.2f} s the first time, "
                 f"{first['lora_cached_map_s']:.3f} s from the cache (a strength change reads no file).", "",
                 "| budget | resident blocks | ms/step without | with LoRA | per-step cost |", "|---|---|---|---|---|"]
@@ -302,7 +327,7 @@ def small_pc_sections() -> list[str]:
     if soak:
         g, c = soak["growth_after_first_mib"], soak.get("growth_after_first_cycle_mib", {})
         runs = soak["runs"]
-        out += ["", f"## Soak (`bench/soak.py`, full-size files, {soak['date']})", "",
+        out += ["", f"## Soak (`bench/soak.py`, full-size files, {soak['date']}, {_visit(soak)})", "",
                 f"{len(runs)} consecutive whole generations in one process (sizes 512², 640×512, 512×640; budgets "
                 f"none / 4 / 2 GB; five prompts; 2 steps). After each: VRAM allocated/reserved, pinned host "
                 f"memory, RSS (MiB).", "",
@@ -334,8 +359,8 @@ def main() -> None:
         "",
         f"Generated by `python bench/report.py > BENCHMARKS.md` from `bench/results.json` (our rows and the "
         f"peer rows, `forward_only`) and `bench/extra.json`. Machine: {first['machine']} (one GPU, 16 CPU cores), torch {extra['torch']}, "
-        f"date {first['date']}; every speed row below comes from ONE GPU visit (the soak and the fused-kernel "
-        "parts: the visit before it, same day). Commands:",
+        f"date {first['date']}; every speed row below comes from ONE GPU visit, except "
+        "the sections that give an earlier date or mark rows from an earlier visit. Commands:",
         "",
         "```",
         *extra.get("commands", []),
@@ -372,12 +397,18 @@ def main() -> None:
     cold = [r for r in rows if "first run" in r["row"]]
     if cold:
         c = cold[0]
-        lines += ["", "## First run: torch.compile of the fused kernels (cold inductor cache)", "",
-                  f"1024² CFG 5, resident bf16, the first generation of a fresh process with an empty cache: "
-                  f"**{c['whole_s']:.1f} s** whole, of which **{c['compile_s']:.1f} s** is compilation and first "
+        empty = c.get("inductor_cache", "empty") == "empty"
+        lines += ["", "## First run: torch.compile of the fused kernels"
+                  + (" (cold inductor cache)" if empty else " (inductor cache already on disk)"), "",
+                  f"1024² CFG 5, resident bf16, the first generation of a fresh process "
+                  + ("with an empty cache" if empty else f"whose cache was {c['inductor_cache']}") + ": "
+                  f"**{c['whole_s']:.1f} s** whole, of which **{c['compile_s']:.1f} s** is "
+                  + ("compilation" if empty else "the cache read") + " and first "
                   f"use (the same row warm: {c['whole_s'] - c['compile_s']:.2f} s). The cache lives in the user "
                   "cache dir (`TORCHINDUCTOR_CACHE_DIR` overrides it), so later processes pay a cache read; "
-                  "`--compile off` runs the eager bodies instead."]
+                  "`--compile off` runs the eager bodies instead."
+                  + ("" if empty else " The cold figure of the visit before: 42 s; run_benchmarks.py now points "
+                     "this row at fresh cache folders.")]
     resident = next((r for r in rows if r["row"] == "resident" and r["size"] == "1024x1024"), None)
     if resident and "repeat_s_per_step" in resident:
         lines += ["", f"Resident row repeated in the same visit: {_ms(resident['s_per_step'])} and "
@@ -432,7 +463,8 @@ def main() -> None:
     lines += small_pc_sections()
     sys.path.insert(0, str(HERE))
     import fits
-    lines += ["", fits.render(fits.load_rows(HERE / "results.json"))]
+    pipeline = fits.load_rows(HERE / "results.json")
+    lines += ["", fits.render(pipeline + fits.load_gguf_rows(pipeline))]
     if calib:
         lines += ["", "## Predicted vs measured stage peaks (`--calibrate`, 2026-11-29, before the fused kernels)", "",
                   "The fused kernels hold fewer float32 temporaries, so today's measured peaks sit further under these "

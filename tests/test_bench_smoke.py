@@ -56,16 +56,16 @@ def test_fits_table_is_a_roofline_projection_in_markdown(capsys):
     fits = _script("fits")
     assert fits.main(["--smoke"]) == 0
     text = capsys.readouterr().out
-    assert "not a measurement" in text and "GGUF rows are not measured" in text
+    assert "not a measurement" in text and "GGUF rows: sampling from bench/gguf.json" in text
     lines = [l for l in text.splitlines() if l.startswith("| ") and "GB/s |" in l]
-    assert len(lines) == 3 * 2 * 3
+    assert len(lines) == len(fits.VRAM_GB) * len(fits.RAM_GB) * len(fits.LINKS_GBPS)
     rows = fits.SMOKE_ROWS
     # 4 GB card: only the 2 GB-budget rows fit; fp8 streams 3.83 GB per step: over 12 GB/s the link bounds.
     f = fits.fit(rows, 4, 16, 12, 3.0)
     assert f.dtype == "fp8" and f.budget_gb == 2 and f.bound == "link"
     assert abs(f.s_per_step - 3_832_965_120 / 12e9) < 1e-9
     assert abs(f.s_per_image - (28 * f.s_per_step + 4.64 - 28 * 0.135)) < 1e-9
-    # At 50 GB/s the resident compute bounds; a 16 GB card holds the model resident.
+    # At 50 GB/s the row's own measured step bounds; a 16 GB card holds the model resident.
     assert fits.fit(rows, 4, 16, 50, 3.0).bound == "compute"
     assert fits.fit(rows, 16, 32, 12, 3.0).budget_gb is None
     # 16 GB of RAM cannot keep bf16's 16 GB host peak: its encoders are evicted first.
@@ -76,6 +76,11 @@ def test_fits_reads_the_measured_results():
     fits = _script("fits")
     rows = fits.load_rows(BENCH / "results.json")
     assert {r.dtype for r in rows} == {"bf16", "fp8"} and any(r.budget_gb is None for r in rows)
+    gguf = fits.load_gguf_rows(rows)
+    assert {r.dtype for r in gguf} == {"gguf-q8_0", "gguf-q4_k"} and all(r.host_ram_peak_gb > 0 for r in gguf)
+    # Over a slow link a 4 GB card is bound by the bytes it streams: Q4_K moves the fewest.
+    slow = fits.fit(rows + gguf, 4, 16, 12, 3.0)
+    assert slow.dtype == "gguf-q4_k" and slow.bound == "link"
 
 
 @pytest.mark.slow

@@ -34,7 +34,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> e4m3 (M, K) and its float32 scales (M, 1): one scale per row."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) * INV_E4M3_MAX
-    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    # times the row's reciprocal, not divided by the scale: one IEEE division per row instead of
+    # per element made the Triton kernel 2.2x faster (bench/fp8_quant_bench.py)
+    return (xf * scale.reciprocal()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
