@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = json.loads((args.final / "results.json").read_text())
     # Every file written here carries the same visit id; report.py marks a section whose file has
     # another id (one this collect did not rewrite) as measured in an earlier visit.
-    stamp = {"date": rows[0]["date"], "machine": rows[0]["machine"],
-             "visit": datetime.now(timezone.utc).isoformat(timespec="minutes")}
-    peers = peer_rows(args.peers, stamp)
+    stamp = {"date": rows[0]["date"], "machine": rows[0]["machine"]}
+    peers = peer_rows(args.peers, stamp)              # rows of results.json: dated like ours, no visit id
+    stamp["visit"] = datetime.now(timezone.utc).isoformat(timespec="minutes")
     (here / "results.json").write_text(json.dumps(rows + peers, indent=1) + "\n")
     (here / "peers.json").write_text(args.peers.read_text())
     old = json.loads((here / "extra.json").read_text()) if (here / "extra.json").exists() else {}

@@ -189,3 +189,15 @@ def test_soak_names_the_runs_whose_rss_stepped_up():
     steps = rss_steps(rows)
     assert [(s["run"], s["new_size"], s["heap_in_use_mib"], s["new_graphs"]) for s in steps] == [
         (1, True, 20, 0), (3, False, 25, 1)]
+
+
+def test_collect_reads_the_fp8_quantiser_table(tmp_path):
+    log = tmp_path / "fp8_quant.log"
+    log.write_text("operand      copy compiled div/w4/4096\n"
+                   "x->qkv          19.2us/ 3133GB/s    53.5us/ 1124GB/s    50.6us/ 1189GB/s\n"
+                   "W qkv           11.0us/ 2411GB/s    26.7us/  993GB/s    26.7us/  993GB/s\n"
+                   "per block       30.2us    80.2us    77.3us\n")
+    got = _script("collect").fp8_quant_from_log(log)
+    assert got["variants"] == ["copy", "compiled", "div/w4/4096"]
+    assert got["operands"]["W qkv"]["compiled"] == {"us": 26.7, "gbps": 993.0}
+    assert got["per_block_us"]["div/w4/4096"] == 77.3
