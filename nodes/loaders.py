@@ -7,9 +7,7 @@ path, size and mtime, so replacing a file reloads it and nothing else does.
 
 from __future__ import annotations
 
-import os
-
-from ..newbie_core.pipeline import (DiTHandle, TextEncoderHandle, VaeHandle, load_dit_handle,
+from ..newbie_core.pipeline import (DiTHandle, TextEncoderHandle, VaeHandle, file_identity, load_dit_handle,
                                     load_text_encoder_handle, load_vae_handle)
 from . import comfy_adapter as adapter
 from .types import CATEGORY, NEWBIE_DIT, NEWBIE_TEXT_ENCODERS, NEWBIE_VAE
@@ -22,8 +20,7 @@ def file_fingerprint(folder: str, filename: str) -> str:
         path = adapter.full_path(folder, filename)
     except FileNotFoundError:
         return f"missing:{folder}/{filename}"
-    st = os.stat(path)
-    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    return "|".join(map(str, file_identity(path)))
 
 
 class _FileLoader:

@@ -3,6 +3,7 @@
 The CLI runs :func:`generate`; the ComfyUI nodes call the stage functions one node at a time.
 """
 
+from ..file_identity import file_identity
 from .conditioning import CONDITIONING_CACHE, Conditioning, ConditioningCache
 from .encode import ENCODER_CALLS, encode_texts
 from .generate import GenerationRequest, GenerationResult, Models, default_device, describe_plan, generate, stage_budget
@@ -17,5 +18,5 @@ __all__ = [
     "GenerationResult", "MemorySettings", "Models", "SampleResult", "SamplingSettings", "StorageDType",
     "TextEncoderHandle", "VaeHandle", "decode_latent", "default_device", "describe_plan", "encode_image",
     "encode_texts", "generate", "load_dit_handle", "load_text_encoder_handle", "load_vae_handle",
-    "run_sampling", "stage_budget",
+    "file_identity", "run_sampling", "stage_budget",
 ]

@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..file_identity import file_identity
+
 log = logging.getLogger(__name__)
 
 
@@ -54,12 +56,6 @@ def batch_conditionings(conds: list[Conditioning], device: torch.device | str, d
         mask[i, : c.length] = True
     pooled = torch.stack([c.pooled for c in conds]).to(device=device, dtype=dtype)  # (B, C_pool)
     return feats, mask, pooled
-
-
-def file_identity(path: os.PathLike | str) -> tuple[str, int, int]:
-    """(absolute path, size, mtime_ns): changes whenever the file is replaced or edited."""
-    st = os.stat(path)
-    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def conditioning_key(gemma_text: str, jina_text: str, *, gemma_max: int, jina_max: int, dtype: str,

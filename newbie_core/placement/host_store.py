@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..file_identity import file_identity
 from .budget import fmt_bytes
 from .copy_engine import CopyEngine
 from .fp8 import pack_block
@@ -71,11 +72,8 @@ def copy_id(key: CacheKey) -> str:
 
 
 def cache_key(paths: Iterable[os.PathLike | str], keys: Iterable[str], storage: str) -> CacheKey:
-    files = []
-    for p in paths:
-        st = Path(p).stat()
-        files.append((str(Path(p).resolve()), st.st_size, st.st_mtime_ns))
-    return CacheKey(tuple(files), hash(tuple(sorted(keys))), str(storage))
+    files = tuple(file_identity(p) for p in paths)
+    return CacheKey(files, hash(tuple(sorted(keys))), str(storage))
 
 
 def alloc_host(nbytes: int, pin: bool) -> torch.Tensor:

@@ -256,3 +256,31 @@ def test_failed_run_is_exit_1_with_one_message(cli, tmp_path, model_args, inject
     rc, _, err = cli("--prompt", "a", "--out", str(tmp_path / "o.png"), "--size", "32x32", "--steps", "1",
                      "--vram-budget", "1", *model_args)
     assert rc == 1 and "error: sample: out of GPU memory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["new-mtime", "mtime-kept"])
+def test_a_model_file_replaced_between_runs_is_read_anew(tmp_path, keep_mtime):
+    """A long-lived server: the DiT file is swapped for another (same name, same size) between two
+    runs, also with the old mtime kept (``cp -p``; before file_identity.py that run mixed old and
+    new blocks). The re-made handle (what ComfyUI does once the loader's IS_CHANGED fingerprint
+    moves) gives exactly what a fresh process with the new file gives; no cached host copy of the
+    old file's blocks or small tensors is served."""
+    import os
+
+    from newbie_core.pipeline import Models, load_dit_handle, load_text_encoder_handle, load_vae_handle
+    from newbie_core.tiny import build_tiny_checkpoints
+    from newbie_core.tiny.dit import write_tiny_dit
+
+    paths = build_tiny_checkpoints(tmp_path / "live")
+    encoders, vae = load_text_encoder_handle(paths.gemma, paths.jina), load_vae_handle(paths.vae)
+    run = lambda dit: generate(Models(load_dit_handle(dit), encoders, vae), _request(), CPU).latent  # noqa: E731
+    old = run(paths.dit)
+    other = write_tiny_dit(tmp_path / "other", seed=1)["dit"]
+    want = run(other)                                       # the new file, read where it was written
+    assert not torch.equal(old, want)
+    st = os.stat(paths.dit)
+    os.replace(other, paths.dit)                            # same path and size: only the content moved
+    if keep_mtime:
+        os.utime(paths.dit, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(paths.dit).st_size == st.st_size
+    assert torch.equal(run(paths.dit), want)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ...file_identity import file_identity
 from ..checkpoint import CheckpointError, TensorSource
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,7 @@ def read_lora(path: os.PathLike | str) -> LoraFile:
         raise CheckpointError(f"LoRA {path}: no such file.")
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"LoRA {path}: only .safetensors LoRA files are read (no pickle/.ckpt/.pt).")
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = file_identity(path)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
