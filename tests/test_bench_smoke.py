@@ -201,3 +201,12 @@ def test_collect_reads_the_fp8_quantiser_table(tmp_path):
     assert got["variants"] == ["copy", "compiled", "div/w4/4096"]
     assert got["operands"]["W qkv"]["compiled"] == {"us": 26.7, "gbps": 993.0}
     assert got["per_block_us"]["div/w4/4096"] == 77.3
+
+
+def test_fp8_quant_bench_smoke_prints_the_table_collect_reads(tmp_path, capsys):
+    assert _script("fp8_quant_bench").main(["--smoke"]) == 0
+    log = tmp_path / "fp8_quant.log"
+    log.write_text(capsys.readouterr().out)
+    got = _script("collect").fp8_quant_from_log(log)
+    assert got["variants"] == ["copy", "eager"] and len(got["operands"]) == 9
+    assert "differs" not in log.read_text() and got["per_block_us"]["eager"] > 0
