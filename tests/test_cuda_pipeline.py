@@ -103,7 +103,7 @@ def test_fused_fp8_upcast_matches_the_torch_path_on_a_full_block(full_dit):
     name, block = model.block_sequence()[5]
     layouts = block_layouts(block, "fp8")
     fused = fp8_cuda.FusedUpcast([(layouts.storage, layouts.compute)], DEV)
-    assert fp8_cuda._STATE["ok"], "the fused kernel failed its self-check"
+    assert fp8_cuda.KERNEL.ok, "the fused kernel failed its self-check"
     source = full_dit.ckpt.source
     tensors = {k[len(name) + 1:]: source.get(k) for k in source.keys() if k.startswith(name + ".")}
     packed = torch.zeros(layouts.storage.nbytes, dtype=torch.uint8)

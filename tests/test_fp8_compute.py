@@ -147,5 +147,5 @@ def test_triton_row_quantiser_is_bitwise_the_torch_one(shape):
     x = (torch.randn(shape, device="cuda") * 5).bfloat16()
     q, scale = fp8_rows_cuda.quantize_rows_fast(x, fallback=lambda t: pytest.fail("the kernel stood down"))
     want_q, want_scale = quantize_rows(x)
-    assert fp8_rows_cuda._STATE["ok"]
+    assert fp8_rows_cuda.KERNEL.ok
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)

@@ -22,15 +22,13 @@ CPU-only installs have no Triton and use the torch path.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
 
+from ..checked_kernel import CheckedKernel
 from .fp8 import pack_block, upcast_block
 from .layout import FP8, BlockLayout, compute_layout, fp8_layout
-
-log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -40,7 +38,6 @@ except ImportError:      # CPU-only installs: the torch path is used
 
 ROW = 4096               # elements per table row (and per Triton program)
 NUM_WARPS = 4
-_STATE = {"checked": False, "ok": triton is not None}
 
 if triton is not None:
     @triton.jit
@@ -112,7 +109,7 @@ class FusedUpcast:
     def __init__(self, pairs: Iterable[tuple[BlockLayout, BlockLayout]], device: torch.device | str):
         self._tables: dict[tuple[BlockLayout, BlockLayout], torch.Tensor] = {}
         device = torch.device(device)
-        if device.type != "cuda" or not _kernel_ok(device):
+        if device.type != "cuda" or not KERNEL.usable(device):
             return
         for storage, compute in pairs:
             if (storage, compute) not in self._tables:
@@ -130,19 +127,6 @@ class FusedUpcast:
 
     def release(self) -> None:
         self._tables.clear()
-
-
-def _kernel_ok(device: torch.device) -> bool:
-    if not _STATE["ok"]:
-        return False
-    if not _STATE["checked"]:
-        _STATE["checked"] = True
-        try:
-            _self_check(device)
-        except Exception as e:   # noqa: BLE001 - any failure means: use the torch path
-            _STATE["ok"] = False
-            log.warning("fp8 Triton upcast disabled (%s); using the slower torch upcast", e)
-    return _STATE["ok"]
 
 
 def _self_check(device: torch.device) -> None:
@@ -166,3 +150,6 @@ def _self_check(device: torch.device) -> None:
         for c in compute.entries:        # padding between entries is scratch for the kernel
             if not torch.equal(out[c.offset:c.offset + c.nbytes], reference[c.offset:c.offset + c.nbytes]):
                 raise RuntimeError(f"result differs from the torch upcast ({dtype}, {c.name})")
+
+
+KERNEL = CheckedKernel("fp8 Triton upcast", triton is not None, _self_check, "the slower torch upcast")

@@ -10,22 +10,20 @@ and writes the e4m3 values and the scale.
 The arithmetic is the torch path's, in the same order and with IEEE division (``div_rn``; plain
 ``/`` in Triton is an approximate division): scale = max(amax, 1e-12) * fp32(1/448), q =
 e4m3(clamp(x * (1 / scale))). One division per row: a division per element ran at 1.1 TB/s,
-the reciprocal form at 2.8 TB/s against a 3.1 TB/s copy (H200, bench/fp8_quant_bench.py). The kernel is checked against the torch path once per process and stands down (with a
-warning) if they ever differ; CPU tensors, installs without Triton and longer rows use the torch
-path. A streamed block and a resident one go through the same function, so fp8 compute stays
+the reciprocal form at 2.8 TB/s against a 3.1 TB/s copy (H200, bench/fp8_quant_bench.py). The
+kernel is checked against the torch path once per process (checked_kernel.py); CPU tensors,
+installs without Triton and longer rows use the torch path. A streamed block and a resident one go through the same function, so fp8 compute stays
 bitwise equal across placement modes either way.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 
+from ...checked_kernel import CheckedKernel
 from .fp8_matmul import _TINY, E4M3, E4M3_MAX, INV_E4M3_MAX, quantize_rows
-
-log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -34,7 +32,6 @@ except ImportError:      # CPU-only installs: the torch path is used
     triton = None
 
 MAX_ROW = 16384          # longest row held in registers; the blocks' rows are 2304 and 6144
-_STATE = {"checked": False, "ok": triton is not None}
 
 if triton is not None:
     @triton.jit
@@ -73,22 +70,9 @@ def _applies(x: torch.Tensor) -> bool:
 def quantize_rows_fast(x: torch.Tensor, fallback: Callable = quantize_rows) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fp8_matmul.quantize_rows` in one pass where the kernel applies, else ``fallback``
     (that function, or its compiled form)."""
-    if _applies(x) and _kernel_ok(x.device):
+    if _applies(x) and KERNEL.usable(x.device):
         return _launch(x)
     return fallback(x)
-
-
-def _kernel_ok(device: torch.device) -> bool:
-    if not _STATE["ok"]:
-        return False
-    if not _STATE["checked"]:
-        _STATE["checked"] = True
-        try:
-            _self_check(device)
-        except Exception as e:   # noqa: BLE001 - any failure means: use the torch path
-            _STATE["ok"] = False
-            log.warning("fp8 Triton quantiser disabled (%s); using the slower torch path", e)
-    return _STATE["ok"]
 
 
 def _self_check(device: torch.device) -> None:
@@ -104,3 +88,6 @@ def _self_check(device: torch.device) -> None:
                 want_q, want_scale = quantize_rows(view)
                 if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)):
                     raise RuntimeError(f"result differs from the torch quantiser ({dtype}, {tuple(shape)})")
+
+
+KERNEL = CheckedKernel("fp8 Triton quantiser", triton is not None, _self_check, "the slower torch path")

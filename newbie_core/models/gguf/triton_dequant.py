@@ -8,14 +8,13 @@ Triton use the torch path. Unverified on a GPU at the time of writing: the check
 
 from __future__ import annotations
 
-import logging
+import functools
 
 import torch
 from gguf import GGMLQuantizationType as T
 
+from ...checked_kernel import CheckedKernel
 from .dequant import dequantize
-
-log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -24,7 +23,6 @@ except ImportError:      # CPU-only installs
     triton = None
 
 BLOCKS_PER_PROGRAM = 8
-_STATE: dict[T, bool] = {}    # type -> kernel checked and usable
 
 if triton is not None:
     @triton.jit
@@ -77,7 +75,7 @@ def _launch(qtype: T, src: torch.Tensor, out: torch.Tensor) -> None:
         _q4_k_kernel[(src.numel() // 144,)](src, flat)
 
 
-def _check(qtype: T, device: torch.device) -> bool:
+def _check(qtype: T, device: torch.device) -> None:
     """The kernel against the torch path on random blocks with finite scales."""
     g = torch.Generator().manual_seed(0)
     size = {T.Q8_0: 34, T.Q4_K: 144}[qtype]
@@ -91,24 +89,17 @@ def _check(qtype: T, device: torch.device) -> bool:
         got = torch.empty_like(want)
         _launch(qtype, src, got)
         if not torch.equal(got, want):
-            return False
-    return True
+            raise RuntimeError(f"result differs from the torch path ({dtype})")
 
 
 def try_decode_into(qtype: T, src: torch.Tensor, out: torch.Tensor) -> bool:
     """Decode with a Triton kernel; False when there is none for ``qtype`` (use the torch path)."""
-    if triton is None or qtype not in (T.Q8_0, T.Q4_K) or not out.is_contiguous():
+    kernel = KERNELS.get(qtype)
+    if kernel is None or not out.is_contiguous() or not kernel.usable(src.device):
         return False
-    ok = _STATE.get(qtype)
-    if ok is None:
-        try:
-            ok = _check(qtype, src.device)
-            if not ok:
-                log.warning("GGUF %s Triton decode differs from the torch path; using the torch path", qtype.name)
-        except Exception as e:   # noqa: BLE001 - any failure means: use the torch path
-            log.warning("GGUF %s Triton decode disabled (%s); using the torch path", qtype.name, e)
-            ok = False
-        _STATE[qtype] = ok
-    if ok:
-        _launch(qtype, src, out)
-    return ok
+    _launch(qtype, src, out)
+    return True
+
+
+KERNELS = {q: CheckedKernel(f"GGUF {q.name} Triton decode", triton is not None, functools.partial(_check, q),
+                            "the torch path") for q in (T.Q8_0, T.Q4_K)}
