@@ -55,6 +55,7 @@ def one_row(cfg: dict) -> dict:
     import torch
     from newbie_core.pipeline import (GenerationRequest, MemorySettings, Models, SamplingSettings, generate,
                                       load_dit_handle, load_text_encoder_handle, load_vae_handle)
+    from newbie_core.pipeline.generate import host_plan
     from newbie_core.placement.host_budget import bytes_read
     from newbie_core.placement.host_store import host_ram_peak
     device = torch.device(cfg["device"])
@@ -64,13 +65,14 @@ def one_row(cfg: dict) -> dict:
                             fp8_streaming=cfg["dtype"] == "fp8")
     request = GenerationRequest(prompt="a girl in a garden, masterpiece", width=cfg["size"], height=cfg["size"],
                                 sampling=SamplingSettings(steps=cfg["steps"], seed=1), memory=memory)
+    predicted = host_plan(models, request, device).predicted_peak      # what --plan says, before any read
     read0, start = bytes_read(), time.perf_counter()
     result = generate(models, request, device)
     whole = time.perf_counter() - start
     steps = result.step_seconds[1:] or result.step_seconds
     save_file({"latent": result.latent.contiguous()}, cfg["latent_out"])     # safetensors: no pickle
     return {"s_per_step": sum(steps) / len(steps), "generation_s": whole,
-            "host_ram_peak_gb": (host_ram_peak() or 0) / 2**30,
+            "host_ram_peak_gb": (host_ram_peak() or 0) / 2**30, "predicted_host_peak_gb": predicted / 2**30,
             "pinned_gb": max((r.pinned_bytes or 0) for r in result.report.records) / 2**30,
             "bytes_read_gb": ((bytes_read() or 0) - (read0 or 0)) / 1e9,
             "stages": result.report.to_dict()["stages"]}
@@ -114,6 +116,8 @@ def compare(rows: list[dict], latents: dict[int, Path]) -> None:
         if "error" in row:
             continue
         ram, vram = row["ram_budget_gb"], row["vram_budget_gb"]
+        if "predicted_host_peak_gb" in row:
+            row["prediction_not_below_measured"] = row["predicted_host_peak_gb"] >= row["host_ram_peak_gb"]
         if ram is not None:
             row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram      # both GiB, as --ram-budget counts
             base = find(None, vram, row["storage"], row["temperature"])

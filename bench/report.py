@@ -301,16 +301,18 @@ def small_pc_sections() -> list[str]:
                 "evicted from the page cache first. RAM budgets and peaks in GiB (what `--ram-budget` counts). "
                 "× unlimited compares with the unlimited-RAM row of the same VRAM budget and temperature.", "",
                 "| storage | RAM budget | VRAM budget | cold/warm | s/step | generation s | × unlimited | VmHWM GiB | "
-                "pinned GiB | read from disk GB | within budget |", "|" + "---|" * 11]
+                "predicted GiB | pinned GiB | read from disk GB | within budget |", "|" + "---|" * 12]
         for r in ram["rows"]:
             if "error" in r:
                 out.append(f"| {r['storage']} | {r['ram_budget_gb']} | {r['vram_budget_gb']} | {r['temperature']} | "
-                           f"failed: {r['error'][:80]} |" + " |" * 6)
+                           f"failed: {r['error'][:80]} |" + " |" * 7)
                 continue
             x = r.get("x_unlimited_generation")
+            predicted = r.get("predicted_host_peak_gb")
             out.append(f"| {r['storage']} | {r['ram_budget_gb'] or 'auto (unlimited)'} | {r['vram_budget_gb']} | "
-                       f"{r['temperature']}{' *' if r.get('earlier_visit') else ''} | {r['s_per_step']:.3f} | {r['generation_s']:.1f} | "
-                       f"{'-' if x is None else f'{x:.3f}'} | {r['host_ram_peak_gb']:.2f} | {r['pinned_gb']:.2f} | "
+                       f"{r['temperature']}{' *' if r.get('earlier_visit') else ''} | {r['s_per_step']:.3f} | "
+                       f"{r['generation_s']:.1f} | {'-' if x is None else f'{x:.3f}'} | {r['host_ram_peak_gb']:.2f} | "
+                       f"{'not recorded' if predicted is None else f'{predicted:.2f}'} | {r['pinned_gb']:.2f} | "
                        f"{r['bytes_read_gb']:.1f} | {r.get('within_ram_budget', '-')} |")
     lora = _load("lora.json")
     if lora:
