@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--soak", type=Path, help="soak.log (or soak.json)")
     ap.add_argument("--parts", type=Path, help="forward_bench --parts log (fused rows)")
     ap.add_argument("--fp8-quant", type=Path, help="fp8_quant_bench.py's log")
+    ap.add_argument("--throttle", type=Path, help="link_throttle_bench.py's --out")
     ap.add_argument("--commands", nargs="*", default=[], help="the visit's command lines, for BENCHMARKS.md")
     ap.add_argument("--into", type=Path, default=BENCH, help="where report.py reads them (default bench/)")
     args = ap.parse_args(argv)
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         (here / "host_ram.json").write_text(json.dumps({"rows": ram_rows, **stamp}, indent=1) + "\n")
     if args.lora:
         (here / "lora.json").write_text(json.dumps({"rows": json.loads(args.lora.read_text()), **stamp}, indent=1) + "\n")
+    if args.throttle:
+        (here / "throttle.json").write_text(json.dumps({"rows": json.loads(args.throttle.read_text()), **stamp},
+                                                       indent=1) + "\n")
     if args.soak:
         soak = json.loads(args.soak.read_text()) if args.soak.suffix == ".json" else soak_from_log(args.soak)
         (here / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")

@@ -8,6 +8,7 @@
 #   bash bench/gpu_visit.sh rows gguf                # our rows (--final), then the GGUF rows
 #   bash bench/gpu_visit.sh peers host-ram           # the peers (same visit as the rows), host RAM
 #   HOST_RAM_LIMIT=330 bash bench/gpu_visit.sh host-ram   # a shorter limit for the host-RAM rows
+#   bash bench/gpu_visit.sh throttle                 # the fits table's link projection, checked at 12/25 GB/s
 #
 # Wheels the machine lacks (diffusers, gguf, importlib_metadata) go in .whl/ (ignored by git).
 # All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
@@ -56,7 +57,11 @@ for part in "$@"; do
             ggufs; timeout "${HOST_RAM_LIMIT:-540}" python3 bench/host_ram_bench.py /tmp/full --targets --steps 4 \
                 --resume bench/host_ram.json --out "$OUT/host_ram.json" > "$OUT/host_ram.log" 2>&1
             tail -n 2 "$OUT/host_ram.log" | cut -c1-200 ;;
-        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram)"; exit 2 ;;
+        throttle)
+            ggufs; timeout 240 python3 bench/link_throttle_bench.py /tmp/full --out "$OUT/throttle.json" \
+                > "$OUT/throttle.log" 2>&1
+            cut -c1-200 "$OUT/throttle.log" | tail -n 6 ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram throttle)"; exit 2 ;;
     esac
 done
 step done

@@ -270,6 +270,21 @@ def _visit(doc: dict) -> str:
     return "same visit" if this and doc.get("visit") == this else "an earlier visit"
 
 
+def throttle_section() -> list[str]:
+    """The link projection checked on the GPU machine with a throttled copy stream."""
+    doc = _load("throttle.json")
+    if not doc:
+        return ["", "Not yet checked against a throttled link (`bash bench/gpu_visit.sh throttle`)."]
+    out = ["", f"Checked at a few points by throttling the copy stream to the link's speed "
+               f"(`bench/link_throttle_bench.py`, {doc['date']}, {_visit(doc)}):", "",
+           "| storage | budget GB | link GB/s | measured s/step | projected s/step | measured / projected |",
+           "|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        out.append(f"| {r['storage']} | {r['budget_gb']} | {r['link_gbps']} | {r['s_per_step']:.3f} | "
+                   f"{r['projected_s_per_step']:.3f} | {r['x_projection']:.3f} |")
+    return out
+
+
 def small_pc_sections() -> list[str]:
     """GGUF rows, host-RAM rows, the LoRA cost and the soak (issues 11-13)."""
     out = []
@@ -402,7 +417,7 @@ def main() -> None:
         empty = c.get("inductor_cache", "empty") == "empty"
         lines += ["", "## First run: torch.compile of the fused kernels"
                   + (" (cold inductor cache)" if empty else " (inductor cache already on disk)"), "",
-                  f"1024² CFG 5, resident bf16, the first generation of a fresh process "
+                  "1024² CFG 5, resident bf16, the first generation of a fresh process "
                   + ("with an empty cache" if empty else f"whose cache was {c['inductor_cache']}") + ": "
                   f"**{c['whole_s']:.1f} s** whole, of which **{c['compile_s']:.1f} s** is "
                   + ("compilation" if empty else "the cache read") + " and first "
@@ -466,7 +481,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     import fits
     pipeline = fits.load_rows(HERE / "results.json")
-    lines += ["", fits.render(pipeline + fits.load_gguf_rows(pipeline))]
+    lines += ["", fits.render(pipeline + fits.load_gguf_rows(pipeline)), *throttle_section()]
     if calib:
         lines += ["", "## Predicted vs measured stage peaks (`--calibrate`, 2026-11-29, before the fused kernels)", "",
                   "The fused kernels hold fewer float32 temporaries, so today's measured peaks sit further under these "

@@ -210,3 +210,15 @@ def test_fp8_quant_bench_smoke_prints_the_table_collect_reads(tmp_path, capsys):
     got = _script("collect").fp8_quant_from_log(log)
     assert got["variants"] == ["copy", "eager"] and len(got["operands"]) == 9
     assert "differs" not in log.read_text() and got["per_block_us"]["eager"] > 0
+
+
+def test_link_throttle_bench_projects_and_throttles_by_the_missing_link_time(tmp_path):
+    bench = _script("link_throttle_bench")
+    # 1 GB over 12 GB/s on a 50 GB/s machine: the side stream must stay busy 1/12 - 1/50 s longer.
+    assert abs(bench.throttle_seconds(10**9, 12e9, 50e9) - (1 / 12 - 1 / 50)) < 1e-12
+    assert bench.throttle_seconds(10**9, 60e9, 50e9) == 0.0            # a faster link: no wait
+    assert bench.projection({"s_per_step": 0.13, "bytes_h2d_per_step": 3.84e9}, 12e9) == 0.32
+    out = tmp_path / "throttle.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and all(not r["throttled"] and r["projected_s_per_step"] == r["s_per_step_unthrottled"] for r in rows)

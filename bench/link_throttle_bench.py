@@ -1,0 +1,128 @@
+"""Check the "what fits your PC" link projection at one point by throttling the copy engine (issue 13).
+
+The fits table (bench/fits.py) projects each PCIe link's s/step as max(the row's own step measured
+on the H200, bytes streamed per step / link bandwidth). Here the H200's copy stream is made as
+slow as a 12 or 25 GB/s link: after every host-to-device copy the side stream spins
+(``torch.cuda._sleep``) for the time the slower link would still need, so compute sees the copy
+finish when that link would have finished it. Each throttled row is set beside its projection.
+
+    python bench/link_throttle_bench.py /tmp/full --out $OUT/throttle.json
+    python bench/link_throttle_bench.py --smoke        # CPU: the projection path on tiny files, no throttle
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from newbie_core.pipeline import StorageDType  # noqa: E402
+from newbie_core.placement import CudaCopyEngine  # noqa: E402
+from newbie_core.placement import session as placement_session  # noqa: E402
+
+from gguf_bench import sample_row  # noqa: E402
+from run_benchmarks import pinned_bandwidth  # noqa: E402
+
+LINKS_GBPS = (12, 25)
+ROWS = (("fp8", 2.0), ("fp8", 4.0), ("gguf-q4_k", 2.0))      # the fits table's picks for a 4 and 8 GB card
+
+
+def throttle_seconds(nbytes: int, link_bps: float, native_bps: float) -> float:
+    """How much longer ``nbytes`` take over ``link_bps`` than over this machine's own link."""
+    return max(0.0, nbytes / link_bps - nbytes / native_bps)
+
+
+class ThrottledCopyEngine(CudaCopyEngine):
+    """The real side stream, kept busy after each host-to-device copy for as long as a
+    ``link_bps`` link would still be copying (device-to-device copies are not throttled)."""
+
+    def __init__(self, device: torch.device | str, link_bps: float, native_bps: float, cycles_per_s: float):
+        super().__init__(device)
+        self.link_bps, self.native_bps, self.cycles_per_s = link_bps, native_bps, cycles_per_s
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None:
+        super().copy(dst, src, side_only)
+        if src.device.type == "cpu":
+            extra = throttle_seconds(src.numel() * src.element_size(), self.link_bps, self.native_bps)
+            if extra > 0:
+                with torch.cuda.stream(self.stream):
+                    torch.cuda._sleep(int(extra * self.cycles_per_s))
+
+
+def spin_cycles_per_second(device: torch.device) -> float:
+    """``torch.cuda._sleep`` cycles per second on this GPU, timed with events."""
+    cycles = 50_000_000
+    torch.cuda._sleep(cycles // 10)                    # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def projection(unthrottled: dict, link_bps: float) -> float:
+    """fits.py's s/step for a link: the row's own measured step, or its copies over the link."""
+    return max(unthrottled["s_per_step"], unthrottled["bytes_h2d_per_step"] / link_bps)
+
+
+def file_for(root: Path, storage: str) -> tuple[Path, StorageDType]:
+    bf16 = root / "diffusion_models" / "NewBie-Image-Exp0.1-bf16.safetensors"
+    if storage.startswith("gguf-"):
+        return bf16.parent / f"NewBie-Image-Exp0.1-{storage[5:].upper()}.gguf", StorageDType.BF16
+    return bf16, StorageDType.FP8 if storage == "fp8" else StorageDType.BF16
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", nargs="?", default="/tmp/full")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        from newbie_core.tiny import build_tiny_checkpoints
+        root = Path(tempfile.mkdtemp(prefix="throttle_"))
+        build_tiny_checkpoints(root)
+        device, size, steps, rows, links = torch.device("cpu"), 64, 3, (("fp8", None),), (12,)
+    else:
+        root, device, size, steps, rows, links = Path(args.root), torch.device("cuda"), 1024, args.steps, ROWS, LINKS_GBPS
+    native = pinned_bandwidth(device) if device.type == "cuda" else float("inf")
+    cycles = spin_cycles_per_second(device) if device.type == "cuda" else 0.0
+    out = []
+    for storage, budget in rows:
+        path, dtype = file_for(root, storage)
+        base = sample_row(path, device, budget, size, steps, storage=dtype)
+        for link in links:
+            link_bps = link * 1e9
+            make = placement_session.make_engine
+            if device.type == "cuda":
+                placement_session.make_engine = lambda d, l=link_bps: ThrottledCopyEngine(d, l, native, cycles)
+            try:
+                row = sample_row(path, device, budget, size, steps, storage=dtype)
+            finally:
+                placement_session.make_engine = make
+            projected = projection(base, link_bps)
+            out.append({"storage": storage, "budget_gb": budget, "link_gbps": link, "size": f"{size}x{size}",
+                        "cfg": True, "steps": steps, "s_per_step": row["s_per_step"],
+                        "s_per_step_unthrottled": base["s_per_step"], "bytes_h2d_per_step": base["bytes_h2d_per_step"],
+                        "projected_s_per_step": projected, "x_projection": row["s_per_step"] / projected,
+                        "throttled": device.type == "cuda", "native_link_gbps": native / 1e9,
+                        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                        "date": datetime.date.today().isoformat()})
+            print(json.dumps(out[-1]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
