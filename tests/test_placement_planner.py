@@ -92,6 +92,18 @@ def test_fp8_blocks_stay_at_compute_dtype_while_the_budget_allows():
     assert dict(one.breakdown)["1 resident block(s) (fp8, 1 kept at compute dtype)"] == segment_bytes(BLOCK)
 
 
+def test_with_graphs_kept_blocks_count_their_upcast_staging():
+    """The staging segment of the one-time upcast stays reserved; a graph's private pool cannot
+    reuse it, so with graphs it is part of the peak, and without graphs (or with nothing kept) not."""
+    plain = plan_stage("sample", BLOCKS, 64 * GiB, storage="fp8")
+    graphs = plan_stage("sample", BLOCKS, 64 * GiB, storage="fp8", activations_in_own_pool=True)
+    label = "one-time upcast staging (the graph pool cannot reuse it)"
+    assert graphs.materialized == plain.materialized == tuple(range(36))
+    assert dict(graphs.breakdown)[label] == segment_bytes(max(b.storage_bytes(Storage.FP8) for b in BLOCKS))
+    assert graphs.predicted_peak - plain.predicted_peak == dict(graphs.breakdown)[label]
+    assert label not in dict(plan_stage("sample", BLOCKS, 64 * GiB, activations_in_own_pool=True).breakdown)
+
+
 def test_fp8_halves_streamed_bytes_and_lowers_the_minimum():
     bf16 = plan(6 * GiB)
     fp8 = plan(6 * GiB, storage="fp8")

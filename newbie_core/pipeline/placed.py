@@ -152,7 +152,8 @@ def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorS
     return plan_stage(inputs.stage, sizes, UNLIMITED if budget is None else budget,
                       always_resident_bytes=inputs.always_resident_bytes,
                       activation_bytes=inputs.activation_bytes,
-                      chunk_candidates=inputs.chunk_candidates, storage=inputs.storage)
+                      chunk_candidates=inputs.chunk_candidates, storage=inputs.storage,
+                      activations_in_own_pool=inputs.graphs)
 
 
 @contextmanager
