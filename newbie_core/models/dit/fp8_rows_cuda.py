@@ -1,19 +1,20 @@
 """Row-wise e4m3 quantisation for fp8 compute in one pass (Triton), bit-identical to the torch path.
 
-fp8 compute quantises nine operands per block and step: five weights and four activations. The
-compiled torch body (``fp8_matmul.quantize_rows``) became a looped reduction that reads each row
-twice: measured on an H200 at 1024² CFG it took 26.4 ms of a 123 ms step, against about 5 ms for
-one read and one write of every operand at the card's bandwidth (issue 10). Here one program
-holds whole rows in registers (rows up to 16384 elements): it reads them once, takes the amax,
-and writes the e4m3 values and the scale.
+fp8 compute quantises nine operands per block and step: five weights and four activations. In the
+measured `--fp8-compute` rows (H200, 1024² CFG) that took 25.9 ms of a 121 ms step. One program
+here holds whole rows in registers (up to 16384 elements): it reads each row once, takes the
+amax, and writes the e4m3 values and the scale.
 
-The arithmetic is the torch path's, in the same order and with IEEE division (``div_rn``; plain
-``/`` in Triton is an approximate division): scale = max(amax, 1e-12) * fp32(1/448), q =
-e4m3(clamp(x * (1 / scale))). One division per row: a division per element ran at 1.1 TB/s,
-the reciprocal form at 2.8 TB/s against a 3.1 TB/s copy (H200, bench/fp8_quant_bench.py). The
-kernel is checked against the torch path once per process (checked_kernel.py); CPU tensors,
-installs without Triton and longer rows use the torch path. A streamed block and a resident one go through the same function, so fp8 compute stays
-bitwise equal across placement modes either way.
+What made it slow was the division, not the passes: a first version of this kernel, dividing
+every element by its row's scale, took 389 us per block, no better than the compiled torch body
+(393 us); one reciprocal per row and a multiply take 176 us, 1.08x a plain copy of the same
+bytes (bench/fp8_quant_bench.py, same H200). The arithmetic is the torch path's, in the same
+order, with IEEE division (``div_rn``; plain ``/`` in Triton is approximate): scale =
+max(amax, 1e-12) * fp32(1/448), q = e4m3(clamp(x * (1 / scale))).
+
+The kernel is checked against the torch path once per process (checked_kernel.py); CPU tensors,
+installs without Triton and longer rows use the torch path. A streamed block and a resident one
+go through the same function, so fp8 compute stays bitwise equal across placement modes.
 """
 
 from __future__ import annotations
