@@ -13,8 +13,9 @@ Scaling, both operands quantised on the fly from the compute-dtype values the bl
 So an fp8 weight file and a bf16 one take the same path (the slot holds compute-dtype weights
 either way), placement is untouched, and a streamed block computes on the same values as a
 resident one: streamed stays bitwise equal to resident. Row-wise scales need sm_90 (Hopper);
-on Ada (sm_89) one scale per tensor is used. The quantisers are plain functions that
-``fused.Kernels`` compiles like the other block functions.
+on Ada (sm_89) one scale per tensor is used. The quantisers are plain functions: on CUDA the
+row-wise one runs as a one-pass Triton kernel with the same bits (fp8_rows_cuda.py), and
+``fused.Kernels`` compiles the per-tensor one like the other block functions.
 """
 
 from __future__ import annotations
