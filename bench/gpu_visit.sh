@@ -9,6 +9,7 @@
 #   bash bench/gpu_visit.sh peers host-ram           # the peers (same visit as the rows), host RAM
 #   HOST_RAM_LIMIT=330 bash bench/gpu_visit.sh host-ram   # a shorter limit for the host-RAM rows
 #   bash bench/gpu_visit.sh throttle                 # the fits table's link projection, checked at 12/25 GB/s
+#   bash bench/gpu_visit.sh decode                   # GGUF decode launch shapes against a copy
 #
 # Wheels the machine lacks (diffusers, gguf, importlib_metadata) go in .whl/ (ignored by git).
 # All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
@@ -61,7 +62,10 @@ for part in "$@"; do
             ggufs; timeout 240 python3 bench/link_throttle_bench.py /tmp/full --out "$OUT/throttle.json" \
                 > "$OUT/throttle.log" 2>&1
             cut -c1-200 "$OUT/throttle.log" | tail -n 6 ;;
-        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram throttle)"; exit 2 ;;
+        decode)
+            timeout 120 python3 bench/gguf_decode_bench.py > "$OUT/gguf_decode.log" 2>&1
+            cat "$OUT/gguf_decode.log" | tail -n 12 ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram throttle decode)"; exit 2 ;;
     esac
 done
 step done

@@ -222,3 +222,10 @@ def test_link_throttle_bench_projects_and_throttles_by_the_missing_link_time(tmp
     assert bench.main(["--smoke", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert rows and all(not r["throttled"] and r["projected_s_per_step"] == r["s_per_step_unthrottled"] for r in rows)
+
+
+def test_gguf_decode_bench_smoke_checks_each_variant(capsys):
+    assert _script("gguf_decode_bench").main(["--smoke"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[:2] for l in lines] == [["Q8_0", "copy"], ["Q8_0", "torch"], ["Q4_K", "copy"], ["Q4_K", "torch"]]
+    assert not any("DIFFERS" in l for l in lines)

@@ -66,13 +66,15 @@ if triton is not None:
         tl.store(out_ptr + b * 256 + sub[:, None] * 32 + e, (dj * q - mj).to(out_ptr.dtype.element_ty))
 
 
-def _launch(qtype: T, src: torch.Tensor, out: torch.Tensor) -> None:
+def _launch(qtype: T, src: torch.Tensor, out: torch.Tensor, blocks: int = BLOCKS_PER_PROGRAM,
+            num_warps: int = 4) -> None:
+    """``blocks`` (Q8_0 blocks per program) and ``num_warps`` are open for bench/gguf_decode_bench.py."""
     flat = out.view(-1)
     if qtype is T.Q8_0:
         n = src.numel() // 34
-        _q8_0_kernel[(triton.cdiv(n, BLOCKS_PER_PROGRAM),)](src, flat, n, BLOCKS=BLOCKS_PER_PROGRAM)
+        _q8_0_kernel[(triton.cdiv(n, blocks),)](src, flat, n, BLOCKS=blocks, num_warps=num_warps)
     else:
-        _q4_k_kernel[(src.numel() // 144,)](src, flat)
+        _q4_k_kernel[(src.numel() // 144,)](src, flat, num_warps=num_warps)
 
 
 def _check(qtype: T, device: torch.device) -> None:

@@ -1,0 +1,87 @@
+"""How fast can one joint layer's GGUF weights be decoded on the GPU? (issue 13)
+
+Under a 2 GB budget every block is decoded per use: 40 x 0.211 ms of Q8_0 decode is most of the
+gap between the Q8_0 2 GB row and its roofline (1.077x, BENCHMARKS.md). The Q8_0 kernel runs 8
+blocks (256 elements) per program; the fp8 upcast, which moves about the same bytes, needs 0.08 ms
+per block with 4096 elements per program. This times the production kernels (triton_dequant.py)
+at other launch shapes beside a plain copy of the same bytes, checking each against the torch path,
+and prints one line per variant: µs per layer, GB/s (packed read + bf16 write) and × the copy.
+
+    python bench/gguf_decode_bench.py             # CUDA + Triton
+    python bench/gguf_decode_bench.py --smoke     # CPU: the torch path on a small layer (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from newbie_core.models.dit import DiTConfig, build_dit  # noqa: E402
+from newbie_core.models.gguf.dequant import block_geometry, dequantize  # noqa: E402
+
+Q8_0_SHAPES = [(8, 4), (32, 4), (64, 4), (64, 8), (128, 8), (256, 8)]     # (blocks per program, warps)
+
+
+def random_blocks(qtype: T, elements: int, device: str) -> torch.Tensor:
+    """Packed random blocks with finite fp16 scales (the first bytes of each block)."""
+    per, nbytes = block_geometry(qtype)
+    raw = torch.randint(0, 256, (elements // per, nbytes), dtype=torch.uint8, device=device)
+    scales = 4 if qtype is T.Q4_K else 2
+    raw[:, :scales] = torch.full((raw.shape[0], scales // 2), 0.01, device=device).half().view(torch.uint8)
+    return raw.reshape(-1)
+
+
+def median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, torch path, a layer / 256 (CI)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    layer = sum(p.numel() for n, p in build_dit(DiTConfig.newbie_exp01(), "meta").named_parameters()
+                if n.startswith("layers.0.") and p.ndim == 2)              # one joint layer's matrices
+    device, elements = ("cpu", layer // 256 // 256 * 256) if args.smoke else ("cuda", layer // 256 * 256)
+    if args.smoke:
+        timer = median_ms
+    else:
+        from triton.testing import do_bench
+        timer = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    for qtype in (T.Q8_0, T.Q4_K):
+        src = random_blocks(qtype, elements, device)
+        out = torch.empty(elements, dtype=torch.bfloat16, device=device)
+        want = dequantize(qtype, src, (elements,)).to(torch.bfloat16)
+        moved = src.numel() + out.numel() * 2                    # packed read + bf16 write
+        a = torch.empty(moved // 4, dtype=torch.bfloat16, device=device)   # a copy of the same bytes
+        b = torch.empty_like(a)
+        variants = {"copy": lambda: b.copy_(a), "torch": lambda: out.copy_(dequantize(qtype, src, (elements,)))}
+        if not args.smoke:
+            from newbie_core.models.gguf.triton_dequant import _launch
+            shapes = Q8_0_SHAPES if qtype is T.Q8_0 else [(1, 4), (1, 8)]
+            for blocks, warps in shapes:
+                variants[f"b{blocks}/w{warps}"] = (lambda bl=blocks, w=warps: _launch(qtype, src, out, bl, w))
+        copy_ms = None
+        for label, fn in variants.items():
+            ms = timer(fn)
+            copy_ms = copy_ms or ms
+            same = label == "copy" or torch.equal(out, want)
+            print(f"{qtype.name:5} {label:8} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
+                  + ("" if same else "  DIFFERS from the torch decode"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
