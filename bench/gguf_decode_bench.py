@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fp8_quant_bench import median_ms  # noqa: E402
 from newbie_core.models.dit import DiTConfig, build_dit  # noqa: E402
 from newbie_core.models.gguf.dequant import block_geometry, dequantize  # noqa: E402
 
@@ -37,16 +38,6 @@ def random_blocks(qtype: T, elements: int, device: str) -> torch.Tensor:
     return raw.reshape(-1)
 
 
-def median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, torch path, a layer / 256 (CI)")
@@ -56,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 if n.startswith("layers.0.") and p.ndim == 2)              # one joint layer's matrices
     device, elements = ("cpu", layer // 256 // 256 * 256) if args.smoke else ("cuda", layer // 256 * 256)
     if args.smoke:
-        timer = median_ms
+        timer = lambda fn: median_ms(fn, 5)  # noqa: E731
     else:
         from triton.testing import do_bench
         timer = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
