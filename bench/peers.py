@@ -61,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from newbie_core.models.dit import DiTConfig, NextDiT, build_dit, flops_per_forward  # noqa: E402
+from newbie_core.models.dit.attention import RMSNorm  # noqa: E402
 from newbie_core.models.dit.fused import EAGER, kernels  # noqa: E402
 
 GB = 2**30
@@ -280,6 +281,22 @@ class Built:
     cleanup: Callable[[], None] = lambda: None
 
 
+def keep_block_norms_on(model: NextDiT, device: torch.device) -> int:
+    """Move the blocks' RMSNorm weights to ``device`` and return their bytes.
+
+    Leaf-level offloading onloads a module's weights when that module is called; our blocks hand
+    the norm weights to fused kernels without calling the norm modules, so their hooks never fire
+    and the weights would stay on the CPU (the device error of the 2026-12-02 visits). They are
+    0.1 MiB a block: kept on the GPU, every matmul weight is still offloaded leaf by leaf.
+    """
+    moved = 0
+    for name, module in model.named_modules():
+        if isinstance(module, RMSNorm) and name.split(".")[0] in ("layers", "noise_refiner", "context_refiner"):
+            module.weight.data = module.weight.data.to(device)
+            moved += module.weight.numel() * module.weight.element_size()
+    return moved
+
+
 def build_peer(peer: Peer, ours: NextDiT, config: DiTConfig, device: torch.device, opts, first: Pass) -> Built:
     """Turn the resident reference model into the peer; ``ours`` may be moved or hooked."""
     cpu = torch.device("cpu")
@@ -294,7 +311,10 @@ def build_peer(peer: Peer, ours: NextDiT, config: DiTConfig, device: torch.devic
         kw = {"num_blocks_per_group": 1} if peer.mode == "block_level" else {}
         apply_group_offloading(ours, onload_device=device, offload_device=cpu, offload_type=peer.mode,
                                use_stream=streams, record_stream=streams, **kw)
-        return Built(ours_forward(ours), [f"{peer.mode}, use_stream={streams}, record_stream={streams}"])
+        notes = [f"{peer.mode}, use_stream={streams}, record_stream={streams}"]
+        if peer.mode == "leaf_level":
+            notes.append(f"blocks' RMSNorm weights kept on the GPU ({keep_block_norms_on(ours, device) / 2**20:.1f} MiB)")
+        return Built(ours_forward(ours), notes)
     if peer.kind == "accelerate":
         from accelerate import cpu_offload
         ours.to(cpu)
