@@ -32,7 +32,7 @@ LINKS_GBPS = (12, 25, 50)
 STEPS = 28
 GIB = 2**30
 HOST_MARGIN_GB = 2.0          # what 'auto' leaves to the OS (placement.host_budget.HOST_MARGIN)
-PROCESS_BASELINE_GB = 1.5     # Python + torch + CUDA before any weight (placement.host_budget)
+PROCESS_BASELINE_GB = 3.25    # a CUDA process beside its host copies (placement.host_budget.CUDA_PROCESS_BASELINE)
 VRAM_HEADROOM_GB = 0.75       # a card's CUDA context and the desktop: a row must peak below size - this
 
 

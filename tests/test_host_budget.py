@@ -87,3 +87,20 @@ def test_plan_matches_what_the_host_cache_does():
     assert modes == [r.mode for r in plan.rows] == [HostMode.PINNED, HostMode.PINNED]
     assert [r.evicted for r in plan.rows] == [(), ("a",)]
     cache.clear()
+
+
+def test_a_cuda_process_plans_with_its_measured_baseline():
+    """The same models and budget predict more for a CUDA process (libraries, context, compiled
+    kernels beside the host copies), and what the cache may hold shrinks by the same amount."""
+    import torch
+
+    from newbie_core.pipeline import MemorySettings
+    from newbie_core.pipeline.host_ram import describe_host, stage_host_budget
+    from newbie_core.placement.host_budget import CUDA_PROCESS_BASELINE, PROCESS_BASELINE
+
+    memory = MemorySettings(ram_budget_gb=32)
+    cpu, cuda = (describe_host([GEMMA, JINA, DIT], memory, torch.device(d)) for d in ("cpu", "cuda"))
+    assert (cpu.baseline, cuda.baseline) == (PROCESS_BASELINE, CUDA_PROCESS_BASELINE)
+    assert cuda.predicted_peak - cpu.predicted_peak == CUDA_PROCESS_BASELINE - PROCESS_BASELINE
+    gap = stage_host_budget(memory, torch.device("cpu")) - stage_host_budget(memory, torch.device("cuda"))
+    assert gap == CUDA_PROCESS_BASELINE - PROCESS_BASELINE

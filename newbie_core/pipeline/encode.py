@@ -231,7 +231,7 @@ def _run_encoder(name: str, plan_encoder, source, table_prefix: str, run, memory
         log.info("%s plan:\n%s", stage, plan.render())
         # Refuse before reading, and make room for the embedding table before it is loaded.
         table = host_tensor_bytes(encoder, source, device, ENCODER_DTYPE, (table_prefix,))
-        store_budget = check_stage(host_model(stage, encoder, inputs, plan, source, extra_bytes=table), memory)
+        store_budget = check_stage(host_model(stage, encoder, inputs, plan, source, extra_bytes=table), memory, device)
         HOST_CACHE.make_room(store_budget)
         with stage_guard(stage, device) as guard, measure_stage(report, stage, device, plan.predicted_peak) as rec:
             guard.on_release(lambda: encoder.to_empty(device="meta"))

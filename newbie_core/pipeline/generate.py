@@ -150,7 +150,7 @@ def host_plan(models: Models, request: GenerationRequest, device: torch.device |
         # The VRAM budget now is not the one each stage will get (and a cached prompt skips the
         # encoders): the host copies are sized without it, which holds every block's storage.
         host = _stage_plans(models, request, device, None)[2]
-    return describe_host(host, request.memory)
+    return describe_host(host, request.memory, device)
 
 
 def describe_plan(models: Models, request: GenerationRequest, device: torch.device | None = None) -> str:
@@ -161,6 +161,6 @@ def describe_plan(models: Models, request: GenerationRequest, device: torch.devi
     if device.type == "cuda":     # the roofline from this machine's measured bandwidths (cached)
         from ..placement.bandwidth import disk_bandwidth, link_bandwidth
         link, disk = link_bandwidth(device), disk_bandwidth(models.dit.files[0])
-    parts = [p.render() for p in stages] + [describe_host(host, request.memory).render(link, disk)]
+    parts = [p.render() for p in stages] + [describe_host(host, request.memory, device).render(link, disk)]
     header = f"device {device}, VRAM budget " + ("none (CPU)" if budget is None else f"{budget / 2**30:.2f} GiB")
     return "\n\n".join([header] + parts)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..placement import HOST_CACHE, StagePlan, block_sizes
-from ..placement.host_budget import (PROCESS_BASELINE, HostModel, HostPlan, auto_host_budget, auto_margin_text,
-                                     plan_host)
+from ..placement.host_budget import (HostModel, HostPlan, auto_host_budget, auto_margin_text, plan_host,
+                                     process_baseline)
 from .placed import PlacementInputs, non_block_parameters, packed_spec
 from .settings import MemorySettings
 
@@ -35,10 +35,10 @@ def budget_text(memory: MemorySettings) -> str:
     return "given" if memory.ram_budget_bytes is not None else auto_margin_text()
 
 
-def stage_host_budget(memory: MemorySettings, extra_bytes: int = 0) -> int | None:
-    """What the host cache may hold while a stage runs (the plan's rule, module docstring)."""
+def stage_host_budget(memory: MemorySettings, device: torch.device, extra_bytes: int = 0) -> int | None:
+    """What the host cache may hold while a stage on ``device`` runs (the plan's rule, module docstring)."""
     budget = host_budget(memory)
-    return None if budget is None else max(0, budget - PROCESS_BASELINE - extra_bytes)
+    return None if budget is None else max(0, budget - process_baseline(device.type) - extra_bytes)
 
 
 def copy_key(files) -> str:
@@ -75,14 +75,15 @@ def host_model(name: str, model, inputs: PlacementInputs, plan: StagePlan, sourc
     return HostModel(name, sum(stored), max(stored), streamed, extra_bytes, key=copy_key(inputs.files))
 
 
-def describe_host(models: list[HostModel], memory: MemorySettings) -> HostPlan:
+def describe_host(models: list[HostModel], memory: MemorySettings, device: torch.device) -> HostPlan:
     """The host plan from the cache's current contents; raises HostBudgetTooSmallError (before
     anything is read) when some model cannot fit the budget at all."""
-    return plan_host(models, host_budget(memory), budget_text=budget_text(memory), cached=HOST_CACHE.entries())
+    return plan_host(models, host_budget(memory), baseline=process_baseline(device.type),
+                     budget_text=budget_text(memory), cached=HOST_CACHE.entries())
 
 
-def check_stage(model: HostModel, memory: MemorySettings) -> int | None:
+def check_stage(model: HostModel, memory: MemorySettings, device: torch.device) -> int | None:
     """Refuse one stage (the nodes run stages one by one) that cannot fit the RAM budget, before
     its weights are read; returns the host cache's budget for it."""
-    plan_host([model], host_budget(memory), cached=HOST_CACHE.entries())
-    return stage_host_budget(memory, model.extra_bytes)
+    plan_host([model], host_budget(memory), baseline=process_baseline(device.type), cached=HOST_CACHE.entries())
+    return stage_host_budget(memory, device, model.extra_bytes)

@@ -270,6 +270,7 @@ def dit_store_budget(handle: DiTHandle, model, inputs: PlacementInputs, plan: St
     """The host cache's budget for the DiT stage; refuses (before reading) a RAM budget it cannot
     fit and evicts older copies (the encoders') to make room for its non-block weights."""
     extra = host_tensor_bytes(model, handle.ckpt.source, device, inputs.compute_dtype)
-    store_budget = check_stage(host_model("sample", model, inputs, plan, handle.ckpt.source, extra_bytes=extra), memory)
+    store_budget = check_stage(host_model("sample", model, inputs, plan, handle.ckpt.source, extra_bytes=extra), memory,
+                               device)
     HOST_CACHE.make_room(store_budget)
     return store_budget

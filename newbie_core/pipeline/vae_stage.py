@@ -162,4 +162,4 @@ def vae_host_model(handle: VaeHandle, device: torch.device) -> HostModel:
 
 def _vae_host_room(handle: VaeHandle, memory: MemorySettings, device: torch.device) -> None:
     """Refuse a RAM budget the VAE cannot fit, and evict older host copies to make its room."""
-    HOST_CACHE.make_room(check_stage(vae_host_model(handle, device), memory))
+    HOST_CACHE.make_room(check_stage(vae_host_model(handle, device), memory, device))

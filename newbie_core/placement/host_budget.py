@@ -23,8 +23,18 @@ from .host_store import HostMode, choose_host_mode
 # 'auto' leaves this much of the available RAM (or 10 % of the total, if larger) to the OS,
 # ComfyUI and the page cache the disk-streamed modes read through.
 HOST_MARGIN = 2 * GiB
-# Python + torch + CUDA context resident before any weight is read (measured ~1.2-1.6 GiB).
+# What the process holds beside the host copies of the weights. On the CPU: Python + torch
+# (measured ~1.2-1.6 GiB). A CUDA process also maps the CUDA libraries (cuBLAS, cuDNN), its context
+# and the compiled kernels: measured on an H200 (torch 2.11, 2026-12-02), VmHWM minus the pinned
+# host copies over five whole 1024² generations was 2.26-3.05 GiB, so 3.25 GiB; with 1.5 GiB the
+# plans were 1.2-1.4 GiB below what the runs used.
 PROCESS_BASELINE = 1536 * MiB
+CUDA_PROCESS_BASELINE = 3328 * MiB
+
+
+def process_baseline(device_type: str) -> int:
+    """The baseline of a process computing on ``device_type`` ("cuda", "cpu", ...)."""
+    return CUDA_PROCESS_BASELINE if device_type == "cuda" else PROCESS_BASELINE
 
 
 class HostBudgetTooSmallError(ValueError):
