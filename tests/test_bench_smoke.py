@@ -229,3 +229,20 @@ def test_gguf_decode_bench_smoke_checks_each_variant(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [l.split()[:2] for l in lines] == [["Q8_0", "copy"], ["Q8_0", "torch"], ["Q4_K", "copy"], ["Q4_K", "torch"]]
     assert not any("DIFFERS" in l for l in lines)
+
+
+def test_hollow_files_have_real_headers_and_no_data(tmp_path):
+    """offline_plans.py's files read like the real ones (names, dtypes, shapes, GGUF types, the
+    tokenizer bytes) while their data is a hole."""
+    from gguf import GGMLQuantizationType as T, GGUFReader
+    from safetensors import safe_open
+    bench = _script("offline_plans")
+    st = bench.hollow_safetensors(tmp_path / "a.safetensors", {"w": (64, 32), "n": (32,)}, {"spiece_model": b"abc"},
+                                  {"format": "pt"})
+    with safe_open(str(st), "pt") as f:
+        assert f.get_slice("w").get_shape() == [64, 32] and f.get_slice("n").get_dtype() == "BF16"
+        assert bytes(f.get_tensor("spiece_model").tolist()) == b"abc"
+    gg = bench.hollow_gguf(tmp_path / "b.gguf", "lumina2", [("w", (64, 256), T.Q4_K), ("n", (256,), T.F32)])
+    tensors = {t.name: t for t in GGUFReader(str(gg)).tensors}
+    assert tensors["w"].tensor_type == T.Q4_K and tensors["w"].n_bytes == 64 * 144
+    assert tensors["n"].tensor_type == T.F32 and list(tensors["n"].shape) == [256]
