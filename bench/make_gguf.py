@@ -29,7 +29,8 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from newbie_core.models.dit.loading import AXES_METADATA_KEY  # noqa: E402
-from newbie_core.tiny.gguf_files import _gemma_gguf_name, dit_tensor_type, encode_tensor, spm_vocabulary  # noqa: E402
+from newbie_core.tiny.gguf_files import (_gemma_gguf_name, add_spm_tokenizer, dit_tensor_type, encode_tensor,  # noqa: E402
+                                         gemma_tensor_type)
 
 THREADS = max(1, (os.cpu_count() or 1) // 4)     # per conversion; four conversions run side by side
 
@@ -70,28 +71,17 @@ def convert_gemma(src: Path, dst: Path, qtype: T) -> Path:
         with tempfile.NamedTemporaryFile(suffix=".model") as tmp:
             tmp.write(spm)
             tmp.flush()
-            tokens, scores, types = spm_vocabulary(Path(tmp.name))
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        for add, i in ((writer.add_pad_token_id, 0), (writer.add_eos_token_id, 1), (writer.add_bos_token_id, 2),
-                       (writer.add_unk_token_id, 3)):
-            add(i)
+            add_spm_tokenizer(writer, Path(tmp.name))
         for key, value in (f.metadata() or {}).items():
             if key.startswith("newbie.gemma."):
                 writer.add_string(key, value)
-        per = 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32
-
         def items() -> Iterator[tuple[str, torch.Tensor, T]]:
             for key in f.keys():
                 if key == "spiece_model" or not key.startswith("model."):
                     continue
                 t = f.get_tensor(key)
-                if key.endswith("norm.weight"):
-                    yield _gemma_gguf_name(key), t.float() + 1.0, T.F32
-                else:
-                    yield _gemma_gguf_name(key), t, qtype if t.shape[-1] % per == 0 else T.F16
+                yield (_gemma_gguf_name(key), t.float() + 1.0 if key.endswith("norm.weight") else t,
+                       gemma_tensor_type(key, tuple(t.shape), qtype))
         _add_all(writer, items())
     return _finish(writer, dst)
 

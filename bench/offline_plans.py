@@ -17,7 +17,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import full_size  # noqa: E402
 from newbie_core.models.dit import DiTConfig  # noqa: E402
 from newbie_core.models.dit.loading import AXES_METADATA_KEY, expected_shapes  # noqa: E402
-from newbie_core.tiny.gguf_files import _gemma_gguf_name, dit_tensor_type, spm_vocabulary  # noqa: E402
+from newbie_core.tiny.gguf_files import (_gemma_gguf_name, add_spm_tokenizer, dit_tensor_type,  # noqa: E402
+                                         gemma_tensor_type)
 from newbie_core.tiny.vae import bfl_vae_shapes  # noqa: E402
 
 GiB = 2**30
@@ -92,20 +92,6 @@ def hollow_gguf(path: Path, arch: str, tensors: list[tuple[str, tuple[int, ...],
     return path
 
 
-def _gemma_tokenizer(writer: GGUFWriter) -> None:
-    with tempfile.NamedTemporaryFile(suffix=".model") as tmp:
-        tmp.write((full_size.FIXTURES / "gemma_tiny.model").read_bytes())
-        tmp.flush()
-        tokens, scores, types = spm_vocabulary(Path(tmp.name))
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for add, i in ((writer.add_pad_token_id, 0), (writer.add_eos_token_id, 1), (writer.add_bos_token_id, 2),
-                   (writer.add_unk_token_id, 3)):
-        add(i)
-
-
 def write_hollow_models(root: Path, quant_types: tuple[str, ...] = ("Q8_0", "Q4_K")) -> None:
     """The full-size files of bench/full_size.py and bench/make_gguf.py, hollow, under ``root``."""
     config = DiTConfig.newbie_exp01()
@@ -123,7 +109,7 @@ def write_hollow_models(root: Path, quant_types: tuple[str, ...] = ("Q8_0", "Q4_
         if not (root / name).exists():
             hollow_safetensors(root / name, shapes, real, meta)
     for q in quant_types:
-        qtype, per = T[q], GGML_QUANT_SIZES[T[q]][0]
+        qtype = T[q]
         dit = root / f"diffusion_models/NewBie-Image-Exp0.1-{q}.gguf"
         if not dit.exists():
             hollow_gguf(dit, "lumina2", [(k, s, dit_tensor_type(k, tuple(s), qtype))
@@ -131,9 +117,9 @@ def write_hollow_models(root: Path, quant_types: tuple[str, ...] = ("Q8_0", "Q4_
                         lambda w: w.add_string(AXES_METADATA_KEY, json.dumps(list(config.axes_dims))))
         gemma = root / f"text_encoders/gemma-3-4b-it-{q}.gguf"
         if not gemma.exists():
-            hollow_gguf(gemma, "gemma3", [(_gemma_gguf_name(k), s, T.F32 if k.endswith("norm.weight")
-                                           else qtype if s[-1] % per == 0 else T.F16)
-                                          for k, s in sorted(full_size.gemma_shapes().items())], _gemma_tokenizer)
+            hollow_gguf(gemma, "gemma3", [(_gemma_gguf_name(k), s, gemma_tensor_type(k, tuple(s), qtype))
+                                          for k, s in sorted(full_size.gemma_shapes().items())],
+                        lambda w: add_spm_tokenizer(w, full_size.FIXTURES / "gemma_tiny.model"))
 
 
 def host_rows(root: Path, measured: list[dict]) -> list[dict]:

@@ -133,6 +133,27 @@ def spm_vocabulary(model_file: Path) -> tuple[list[str], list[float], list[int]]
     return pieces, scores, types
 
 
+def gemma_tensor_type(key: str, shape: tuple[int, ...], qtype: T) -> T:
+    """The type llama.cpp's converter gives one Gemma tensor (HF ``key``) when asked for ``qtype``:
+    norms F32, matrices ``qtype``, F16 where its block does not divide a row."""
+    if key.endswith("norm.weight"):
+        return T.F32
+    return qtype if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else T.F16
+
+
+def add_spm_tokenizer(writer: GGUFWriter, model_file: Path) -> None:
+    """A SentencePiece model as llama.cpp's tokenizer metadata, with Gemma's special token ids."""
+    tokens, scores, token_types = spm_vocabulary(model_file)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(token_types)
+    writer.add_pad_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_bos_token_id(2)
+    writer.add_unk_token_id(3)
+
+
 def write_tiny_gemma_gguf(path: Path, qtype: T | str = T.Q8_0, seed: int = 0) -> Path:
     """The tiny Gemma in llama.cpp's layout: llama.cpp names, norms +1, matrices in ``qtype``
     (F16 where its block does not divide a row), norms F32, tokenizer in the metadata."""
@@ -142,23 +163,12 @@ def write_tiny_gemma_gguf(path: Path, qtype: T | str = T.Q8_0, seed: int = 0) ->
     tensors, types = {}, {}
     for key, value in weights.items():
         name = _gemma_gguf_name(key)
-        if key.endswith("norm.weight"):
-            tensors[name], types[name] = value.float() + 1.0, T.F32
-        else:
-            tensors[name] = value
-            types[name] = qtype if value.shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else T.F16
+        types[name] = gemma_tensor_type(key, tuple(value.shape), qtype)
+        tensors[name] = value.float() + 1.0 if key.endswith("norm.weight") else value
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), "gemma3")
-    tokens, scores, token_types = spm_vocabulary(FIXTURES / "gemma_tiny.model")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(token_types)
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
-    writer.add_unk_token_id(3)
-    writer.add_pad_token_id(0)
+    add_spm_tokenizer(writer, FIXTURES / "gemma_tiny.model")
     writer.add_uint32("gemma3.attention.sliding_window", GEMMA_TINY["sliding_window"])
     writer.add_string("newbie.gemma.query_pre_attn_scalar", json.dumps(GEMMA_TINY["head_dim"]))
     return _write_tensors(writer, tensors, types, path)
