@@ -29,6 +29,7 @@ from newbie_core.placement import CudaCopyEngine  # noqa: E402
 from newbie_core.placement import session as placement_session  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
+from host_ram_bench import STORAGES  # noqa: E402
 from run_benchmarks import pinned_bandwidth  # noqa: E402
 
 LINKS_GBPS = (12, 25)
@@ -75,10 +76,9 @@ def projection(unthrottled: dict, link_bps: float) -> float:
 
 
 def file_for(root: Path, storage: str) -> tuple[Path, StorageDType]:
-    bf16 = root / "diffusion_models" / "NewBie-Image-Exp0.1-bf16.safetensors"
-    if storage.startswith("gguf-"):
-        return bf16.parent / f"NewBie-Image-Exp0.1-{storage[5:].upper()}.gguf", StorageDType.BF16
-    return bf16, StorageDType.FP8 if storage == "fp8" else StorageDType.BF16
+    """The DiT file and storage of a host_ram_bench storage name (one table for both benches)."""
+    dit, _, dtype = STORAGES[storage]
+    return root / "diffusion_models" / dit, StorageDType(dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import full_size  # noqa: E402
+from host_ram_bench import STORAGES  # noqa: E402
 from newbie_core.models.dit import DiTConfig  # noqa: E402
 from newbie_core.models.dit.loading import AXES_METADATA_KEY, expected_shapes  # noqa: E402
 from newbie_core.tiny.gguf_files import (_gemma_gguf_name, add_spm_tokenizer, dit_tensor_type,  # noqa: E402
@@ -127,8 +128,6 @@ def host_rows(root: Path, measured: list[dict]) -> list[dict]:
     from newbie_core.pipeline import (GenerationRequest, MemorySettings, Models, SamplingSettings, load_dit_handle,
                                       load_text_encoder_handle, load_vae_handle)
     from newbie_core.pipeline.generate import host_plan
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from host_ram_bench import STORAGES
     out = []
     for r in measured:
         if "error" in r or r.get("ram_budget_gb") is None or r.get("temperature") != "warm":

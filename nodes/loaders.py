@@ -2,7 +2,8 @@
 
 Weights are read (once, into the host cache) by the stage that first needs them. ComfyUI caches
 a loader's output while its inputs and IS_CHANGED value stay the same; IS_CHANGED is the file's
-path, size and mtime, so replacing a file reloads it and nothing else does.
+identity (path, size, mtime, inode, ctime: file_identity.py), so replacing a file reloads it, even
+with its mtime kept, and nothing else does.
 """
 
 from __future__ import annotations

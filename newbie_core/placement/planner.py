@@ -109,9 +109,8 @@ def resident_set(n: int, k: int) -> tuple[int, ...]:
 class _Ctx:
     """The planner's inputs, and how one configuration turns into a StagePlan."""
 
-    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots, own_pool=False):
-        self.stage, self.blocks, self.budget, self.fixed = stage, blocks, budget, fixed
-        self.own_pool = own_pool
+    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots, own_pool):
+        self.stage, self.blocks, self.budget, self.fixed, self.own_pool = stage, blocks, budget, fixed, own_pool
         self.act, self.chunks, self.bandwidth, self.compute_s = act, chunks, bandwidth, compute_s
         self.max_slots = max(1, max_slots)
         self.n = len(blocks)

@@ -2,8 +2,9 @@
 
 Each kernel does the torch path's float32 arithmetic in the same order (dequant.py), so on one
 device the two agree; each is checked against the torch path once per process and stands down
-(with a warning) if it ever differs or fails. Other types, CPU tensors and installs without
-Triton use the torch path. Unverified on a GPU at the time of writing: the check is the guard.
+(with a warning) if it ever differs or fails (checked_kernel.py). Other types, CPU tensors and
+installs without Triton use the torch path. On the H200 both pass, and streamed runs are bitwise
+equal to resident ones (test_gguf_cuda.py; 0.211 ms per joint layer, BENCHMARKS.md).
 """
 
 from __future__ import annotations
