@@ -55,6 +55,18 @@ def fp8_quant_from_log(log: Path) -> dict:
     return {"variants": header, "operands": operands, "per_block_us": {v: float(x) for v, x in zip(header, block)}}
 
 
+def decode_from_log(log: Path) -> list[dict]:
+    """gguf_decode_bench.py's lines: type, variant, µs per joint layer, GB/s, × a copy, and whether
+    the variant differed from the torch decode."""
+    out = []
+    for line in log.read_text().splitlines():
+        m = re.match(r"(\S+)\s+(\S+)\s+([\d.]+) us\s+(\d+) GB/s\s+([\d.]+)x copy(.*)", line)
+        if m:
+            out.append({"qtype": m[1], "variant": m[2], "us": float(m[3]), "gbps": float(m[4]),
+                        "x_copy": float(m[5]), "differs": "DIFFERS" in m[6]})
+    return out
+
+
 def soak_from_log(log: Path) -> dict:
     """soak.py's summary rebuilt from its log, which outlives a time-out that cut the run short."""
     sys.path.insert(0, str(BENCH))
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parts", type=Path, help="forward_bench --parts log (fused rows)")
     ap.add_argument("--fp8-quant", type=Path, help="fp8_quant_bench.py's log")
     ap.add_argument("--throttle", type=Path, help="link_throttle_bench.py's --out")
+    ap.add_argument("--forward", type=Path, help="forward_bench.py's forward.json (whole-forward variants)")
+    ap.add_argument("--decode", type=Path, help="gguf_decode_bench.py's log")
     ap.add_argument("--commands", nargs="*", default=[], help="the visit's command lines, for BENCHMARKS.md")
     ap.add_argument("--into", type=Path, default=BENCH, help="where report.py reads them (default bench/)")
     args = ap.parse_args(argv)
@@ -100,6 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         extra["fp8_quant"] = fp8_quant_from_log(args.fp8_quant)
     elif "fp8_quant" in old:
         extra["fp8_quant"] = old["fp8_quant"]
+    for key, path, read in (("forward_variants", args.forward, lambda p: json.loads(p.read_text())),
+                            ("gguf_decode", args.decode, decode_from_log)):
+        if path:
+            extra[key] = read(path)
+        elif key in old:                       # kept from an earlier visit, with its id
+            extra[key] = old[key]
+            extra[key + "_visit"] = old.get(key + "_visit", old.get("visit"))
+        if path:
+            extra[key + "_visit"] = stamp["visit"]
     (here / "extra.json").write_text(json.dumps(extra, indent=1) + "\n")
     if args.gguf:
         gguf_rows = [{**r, "visit": stamp["visit"]} for r in json.loads(args.gguf.read_text())]

@@ -1,10 +1,11 @@
 """How fast can one joint layer's GGUF weights be decoded on the GPU? (issue 13)
 
 Under a 2 GB budget every block is decoded per use: 40 x 0.211 ms of Q8_0 decode is most of the
-gap between the Q8_0 2 GB row and its roofline (1.077x, BENCHMARKS.md). The Q8_0 kernel runs 8
-blocks (256 elements) per program; the fp8 upcast, which moves about the same bytes, needs 0.08 ms
-per block with 4096 elements per program. This times the production kernels (triton_dequant.py)
-at other launch shapes beside a plain copy of the same bytes, checking each against the torch path,
+gap between the Q8_0 2 GB row and its roofline (1.077x, BENCHMARKS.md). The first kernels read
+one byte per load and ran 8 Q8_0 blocks (or one Q4_K super-block) per program; the fp8 upcast,
+which moves about the same bytes, needs 0.08 ms per block. This times both kernel forms of
+triton_dequant.py (bytes, and words: 16/32-bit loads, several blocks per program) at several
+launch shapes beside a plain copy of the same bytes, checking each against the torch path,
 and prints one line per variant: µs per layer, GB/s (packed read + bf16 write) and × the copy.
 
     python bench/gguf_decode_bench.py             # CUDA + Triton
@@ -26,7 +27,11 @@ from fp8_quant_bench import median_ms  # noqa: E402
 from newbie_core.models.dit import DiTConfig, build_dit  # noqa: E402
 from newbie_core.models.gguf.dequant import block_geometry, dequantize  # noqa: E402
 
-Q8_0_SHAPES = [(8, 4), (32, 4), (64, 4), (64, 8), (128, 8), (256, 8)]     # (blocks per program, warps)
+# (kernel form, blocks or super-blocks per program, warps); triton_dequant.LAUNCH holds the chosen one
+SHAPES = {T.Q8_0: [("bytes", 8, 4), ("bytes", 64, 4), ("bytes", 128, 8), ("words", 16, 4), ("words", 32, 4),
+                   ("words", 64, 4), ("words", 64, 8), ("words", 128, 8), ("words", 256, 8)],
+          T.Q4_K: [("bytes", 1, 4), ("bytes", 1, 8), ("words", 2, 4), ("words", 4, 4), ("words", 4, 8),
+                   ("words", 8, 4), ("words", 8, 8), ("words", 16, 8)]}
 
 
 def random_blocks(qtype: T, elements: int, device: str) -> torch.Tensor:
@@ -61,15 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"copy": lambda: b.copy_(a), "torch": lambda: out.copy_(dequantize(qtype, src, (elements,)))}
         if not args.smoke:
             from newbie_core.models.gguf.triton_dequant import _launch
-            shapes = Q8_0_SHAPES if qtype is T.Q8_0 else [(1, 4), (1, 8)]
-            for blocks, warps in shapes:
-                variants[f"b{blocks}/w{warps}"] = (lambda bl=blocks, w=warps: _launch(qtype, src, out, bl, w))
+            for form, blocks, warps in SHAPES[qtype]:
+                variants[f"{form}/b{blocks}/w{warps}"] = (lambda f=form, bl=blocks, w=warps: _launch(qtype, src, out, f, bl, w))
         copy_ms = None
         for label, fn in variants.items():
             ms = timer(fn)
             copy_ms = copy_ms or ms
             same = label == "copy" or torch.equal(out, want)
-            print(f"{qtype.name:5} {label:8} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
+            print(f"{qtype.name:5} {label:16} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
                   + ("" if same else "  DIFFERS from the torch decode"), flush=True)
     return 0
 

@@ -8,8 +8,11 @@
 #   bash bench/gpu_visit.sh rows gguf                # our rows (--final), then the GGUF rows
 #   bash bench/gpu_visit.sh peers host-ram           # the peers (same visit as the rows), host RAM
 #   HOST_RAM_LIMIT=330 bash bench/gpu_visit.sh host-ram   # a shorter limit for the host-RAM rows
+#   HOST_RAM_REDO="16:8:bf16 8:4:gguf-q4_k" bash bench/gpu_visit.sh host-ram   # re-run rows whose plan changed
+#   ROW_SECTIONS=1024,512,fp8c ROWS_LIMIT=240 bash bench/gpu_visit.sh rows    # some of the row groups
 #   bash bench/gpu_visit.sh throttle                 # the fits table's link projection, checked at 12/25 GB/s
 #   bash bench/gpu_visit.sh decode                   # GGUF decode launch shapes against a copy
+#   bash bench/gpu_visit.sh probe                    # fused-kernel and forward variants, idle gaps
 #
 # Wheels the machine lacks (diffusers, gguf, importlib_metadata) go in .whl/ (ignored by git).
 # All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
@@ -44,7 +47,8 @@ for part in "$@"; do
             models; timeout 90 python3 bench/lora_bench.py --models /tmp/full --out "$OUT/lora.json" > "$OUT/lora.log" 2>&1
             tail -n 4 "$OUT/lora.log" ;;
         rows)
-            models; timeout 360 python3 bench/run_benchmarks.py --models /tmp/full --out "$OUT/rb" --final > "$OUT/final.log" 2>&1
+            models; timeout "${ROWS_LIMIT:-360}" python3 bench/run_benchmarks.py --models /tmp/full --out "$OUT/rb" --final \
+                --sections "${ROW_SECTIONS:-first,1024,512,seed,fp8c,profiles,drift}" > "$OUT/final.log" 2>&1
             grep -E "ms/step|drift" "$OUT/final.log" | cut -c1-160 ;;
         gguf)
             ggufs; timeout 150 python3 bench/gguf_bench.py /tmp/full --out "$OUT/gguf.json" > "$OUT/gguf.log" 2>&1
@@ -56,16 +60,26 @@ for part in "$@"; do
         host-ram)
             # rows already in bench/host_ram.json (an earlier visit) are kept, not run again
             ggufs; timeout "${HOST_RAM_LIMIT:-540}" python3 bench/host_ram_bench.py /tmp/full --targets --steps 4 \
-                --resume bench/host_ram.json --out "$OUT/host_ram.json" > "$OUT/host_ram.log" 2>&1
+                --resume bench/host_ram.json --redo ${HOST_RAM_REDO:-} --out "$OUT/host_ram.json" > "$OUT/host_ram.log" 2>&1
             tail -n 2 "$OUT/host_ram.log" | cut -c1-200 ;;
         throttle)
             ggufs; timeout 240 python3 bench/link_throttle_bench.py /tmp/full --out "$OUT/throttle.json" \
                 > "$OUT/throttle.log" 2>&1
             cut -c1-200 "$OUT/throttle.log" | tail -n 6 ;;
+        probe)
+            # kernel choices before the rows: fused-function variants, the block GEMMs, whole-forward
+            # variants (with and without one CUDA graph) with their idle gaps and host-side time
+            timeout 150 python3 bench/forward_bench.py --parts --part-list fused,gemm --out "$OUT/parts" \
+                > "$OUT/parts.log" 2>&1
+            grep -E "^fused|w1" "$OUT/parts.log" | cut -c1-220
+            timeout 300 python3 bench/forward_bench.py --sizes 1024 --iters 10 --out "$OUT/fwd" \
+                --host --variants "${PROBE_VARIANTS:-compiled,compiled-graph,compiled-fp8,compiled-graph-fp8}" \
+                > "$OUT/forward.log" 2>&1
+            grep -E "cfg=|gaps|host" "$OUT/forward.log" | cut -c1-400 ;;
         decode)
             timeout 120 python3 bench/gguf_decode_bench.py > "$OUT/gguf_decode.log" 2>&1
             cat "$OUT/gguf_decode.log" | tail -n 12 ;;
-        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram throttle decode)"; exit 2 ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram throttle decode probe)"; exit 2 ;;
     esac
 done
 step done

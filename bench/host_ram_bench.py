@@ -66,6 +66,8 @@ def one_row(cfg: dict) -> dict:
     request = GenerationRequest(prompt="a girl in a garden, masterpiece", width=cfg["size"], height=cfg["size"],
                                 sampling=SamplingSettings(steps=cfg["steps"], seed=1), memory=memory)
     predicted = host_plan(models, request, device).predicted_peak      # what --plan says, before any read
+    if cfg.get("plan_only"):
+        return {"predicted_host_peak_gb": predicted / 2**30}
     read0, start = bytes_read(), time.perf_counter()
     result = generate(models, request, device)
     whole = time.perf_counter() - start
@@ -116,7 +118,7 @@ def compare(rows: list[dict], latents: dict[int, Path]) -> None:
         if "error" in row:
             continue
         ram, vram = row["ram_budget_gb"], row["vram_budget_gb"]
-        if "predicted_host_peak_gb" in row:
+        if row.get("predicted_host_peak_gb") is not None:
             row["prediction_not_below_measured"] = row["predicted_host_peak_gb"] >= row["host_ram_peak_gb"]
         if ram is not None:
             row["within_ram_budget"] = row["host_ram_peak_gb"] <= ram      # both GiB, as --ram-budget counts
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fits", action="store_true")
     ap.add_argument("--targets", action="store_true", help="only the issue's target rows (TARGETS), cold and warm")
     ap.add_argument("--resume", help="an earlier --out file: its rows are kept and not run again")
+    ap.add_argument("--redo", nargs="*", default=[], metavar="RAM:VRAM:STORAGE",
+                    help="with --resume: run these combos again (e.g. rows whose plan changed); RAM 'none' = auto")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(one_row(json.loads(args.child))))
@@ -173,9 +177,25 @@ def main(argv: list[str] | None = None) -> None:
         jina, vae, device = root / "text_encoders/jina_clip_v2_bf16.safetensors", root / "vae/ae.safetensors", "cuda"
     earlier = json.loads(Path(args.resume).read_text()) if args.resume else []
     rows = earlier["rows"] if isinstance(earlier, dict) else earlier      # collect.py's file, or --out's
+    redo = {(None if ram == "none" else float(ram), float(vram), storage)
+            for ram, vram, storage in (c.split(":") for c in args.redo)}
+    rows = [r for r in rows if (r["ram_budget_gb"], r["vram_budget_gb"], r["storage"]) not in redo]
     for r in rows:
         r["earlier_visit"] = True               # kept as measured then; the report says so
     done = {(r["ram_budget_gb"], r["vram_budget_gb"], r["storage"], r["temperature"]) for r in rows if "error" not in r}
+
+    def config(storage: str, ram, vram, latent: Path) -> dict:
+        dit, gemma = files[storage]
+        return {"dit": str(dit), "gemma": str(gemma), "jina": str(jina), "vae": str(vae),
+                "dtype": STORAGES[storage][2], "vram_gb": vram, "ram_gb": ram, "device": device,
+                "steps": args.steps, "size": args.size, "latent_out": str(latent)}
+    for r in rows:      # a kept row measured before predictions were recorded: its plan's, made now
+        if "error" not in r and r.get("predicted_host_peak_gb") is None:
+            planned = run_row({**config(r["storage"], r["ram_budget_gb"], r["vram_budget_gb"], Path("-")),
+                               "plan_only": True})
+            if "predicted_host_peak_gb" in planned:
+                r["predicted_host_peak_gb"] = planned["predicted_host_peak_gb"]
+                r["prediction_planned_later"] = True
     latents: dict[int, Path] = {}
     combos = TARGETS if args.targets else [(ram, vram, storage) for ram in args.ram for vram in args.vram
                                             for storage in args.storages]
@@ -187,9 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             if temperature == "cold":
                 evict([Path(p) for p in (dit, gemma, jina, vae)])
             latent = Path(f"/tmp/host_ram_bench_{storage}_{ram}_{vram}.safetensors")
-            cfg = {"dit": str(dit), "gemma": str(gemma), "jina": str(jina), "vae": str(vae),
-                   "dtype": STORAGES[storage][2], "vram_gb": vram, "ram_gb": ram, "device": device,
-                   "steps": args.steps, "size": args.size, "latent_out": str(latent)}
+            cfg = config(storage, ram, vram, latent)
             row = {"bench": "host_ram", "storage": storage, "ram_budget_gb": ram, "vram_budget_gb": vram,
                    "temperature": temperature, "steps": args.steps, "size": args.size, **run_row(cfg)}
             if "error" not in row:
@@ -199,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
             if args.out:                    # after every row: a run cut short keeps what it measured
                 Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    compare(rows, latents)                  # also when every row was kept
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     if args.fits:

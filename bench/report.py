@@ -272,6 +272,44 @@ def _visit(doc: dict) -> str:
     return "same visit" if this and doc.get("visit") == this else "an earlier visit"
 
 
+def _when(extra: dict, key: str) -> str:
+    return "same visit" if extra.get(key + "_visit") == extra.get("visit") else "an earlier visit"
+
+
+def forward_section(extra: dict) -> list[str]:
+    """The DiT forward alone (bench/forward_bench.py): launched op by op against one CUDA graph,
+    with the host's issue time, so launch cost and host-bound stretches show."""
+    fwd = extra.get("forward_variants")
+    if not fwd:
+        return []
+    out = ["", f"## The forward alone, 1024² CFG (`bench/forward_bench.py --host`, {_when(extra, 'forward_variants')})",
+           "", "Resident full-size random weights, the sampler's input shapes, median of 10 forwards. *graph* = the "
+           "whole forward replayed as one CUDA graph (what launch cost and idle gaps take); host issue = how long "
+           "the host needs to enqueue one forward when nothing waits for the GPU.", "",
+           "| variant | ms (min-max) | TFLOP/s | host issue ms | rel L2 vs eager |", "|---|---|---|---|---|"]
+    for r in fwd:
+        host = r.get("host", {}).get("issue_ms")
+        out.append(f"| {r['row'].removeprefix('ours-forward-')} | {r['ms']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
+                   f"{r['tflops']:.0f} | {'-' if host is None else host} | {r['rel_l2_vs_eager']:.1e} |")
+    return out
+
+
+def decode_section(extra: dict) -> list[str]:
+    """GGUF decode launch shapes (bench/gguf_decode_bench.py)."""
+    dec = extra.get("gguf_decode")
+    if not dec:
+        return []
+    out = ["", f"GGUF decode of one joint layer (87 M weights) on the GPU (`bench/gguf_decode_bench.py`, "
+               f"{_when(extra, 'gguf_decode')}); bytes = one byte per load, words = 16/32-bit loads and many "
+               "blocks per program (form/blocks per program/warps); the production shape is "
+               "`triton_dequant.LAUNCH`:", "", "| type | variant | µs | GB/s | × copy | = torch decode |",
+           "|---|---|---|---|---|---|"]
+    for r in dec:
+        out.append(f"| {r['qtype']} | {r['variant']} | {r['us']:.1f} | {r['gbps']:.0f} | {r['x_copy']:.2f} | "
+                   f"{'-' if r['variant'] in ('copy', 'torch') else ('no' if r['differs'] else 'yes')} |")
+    return out
+
+
 def throttle_section() -> list[str]:
     """The link projection checked on the GPU machine with a throttled copy stream."""
     doc = _load("throttle.json")
@@ -309,6 +347,7 @@ def small_pc_sections() -> list[str]:
                        f"{r['bytes_h2d_per_step'] / 1e6:.0f} | {r['resident_blocks']}/{r['n_blocks']} | "
                        f"{r.get('bitwise_equal_to_resident', '-')} | {'-' if drift is None else f'{drift:.3f}'} | "
                        f"{r.get('dequant_ms_per_layer', '-') if r.get('dequant_ms_per_layer') is None else round(r['dequant_ms_per_layer'], 3)} |")
+    out += decode_section(_load("extra.json") or {})
     ram = _load("host_ram.json")
     if ram:
         earlier = any(r.get("earlier_visit") for r in ram["rows"])
@@ -455,6 +494,7 @@ def main() -> None:
         label = f"{pr['storage']} {pr['budget_gb'] or 'resident'}" + (" fp8 compute" if pr.get("fp8_compute") else "")
         lines.append(f"| {label} | {m['gemm']} | {m['attention']} | {m['elementwise']} | {m['copies']} | {m['idle']} | "
                      f"{m['kernels']} |")
+    lines += forward_section(extra)
     lines += fp8_compute_section(rows, peers, extra)
     parts = extra.get("parts", {})
     if parts.get("attention"):

@@ -246,3 +246,45 @@ def test_hollow_files_have_real_headers_and_no_data(tmp_path):
     tensors = {t.name: t for t in GGUFReader(str(gg)).tensors}
     assert tensors["w"].tensor_type == T.Q4_K and tensors["w"].n_bytes == 64 * 144
     assert tensors["n"].tensor_type == T.F32 and list(tensors["n"].shape) == [256]
+
+
+def test_host_ram_resume_redoes_named_combos_and_plans_kept_rows(tmp_path, monkeypatch):
+    """--redo runs a kept combo again (its plan changed); a kept row without a prediction gets its
+    plan's, made now (a plan-only child), so no row lacks the predicted-vs-measured check."""
+    bench = _script("host_ram_bench")
+    calls = []
+
+    def fake_run_row(cfg):
+        calls.append(cfg)
+        if cfg.get("plan_only"):
+            return {"predicted_host_peak_gb": 9.0}
+        return {"s_per_step": 1.0, "generation_s": 5.0, "host_ram_peak_gb": 7.0, "predicted_host_peak_gb": 7.5,
+                "pinned_gb": 1.0, "bytes_read_gb": 2.0, "stages": []}
+    monkeypatch.setattr(bench, "run_row", fake_run_row)
+    monkeypatch.setattr(bench, "evict", lambda paths: None)
+    monkeypatch.setattr(bench, "TARGETS", [(16, 8, "bf16"), (12, 8, "fp8")])
+    kept = [{"storage": s, "ram_budget_gb": r, "vram_budget_gb": 8, "temperature": t, "steps": 4, "size": 1024,
+             "s_per_step": 1.0, "generation_s": 5.0, "host_ram_peak_gb": 9.5, "predicted_host_peak_gb": None}
+            for s, r in (("bf16", 16), ("fp8", 12)) for t in ("cold", "warm")]
+    resume, out = tmp_path / "old.json", tmp_path / "new.json"
+    resume.write_text(json.dumps(kept))
+    bench.main([str(tmp_path), "--targets", "--resume", str(resume), "--redo", "16:8:bf16", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    redone = [r for r in rows if r["storage"] == "bf16"]
+    assert [r["temperature"] for r in redone] == ["cold", "warm"] and all(not r.get("earlier_visit") for r in redone)
+    assert all(r["host_ram_peak_gb"] == 7.0 and r["prediction_not_below_measured"] for r in redone)
+    fp8 = [r for r in rows if r["storage"] == "fp8"]
+    assert all(r["earlier_visit"] and r["prediction_planned_later"] and r["predicted_host_peak_gb"] == 9.0
+               and r["prediction_not_below_measured"] is False for r in fp8)      # 9.0 < 9.5 measured
+    assert sum(bool(c.get("plan_only")) for c in calls) == 2
+
+
+def test_collect_reads_the_decode_log_and_forward_variants(tmp_path):
+    collect = _script("collect")
+    log = tmp_path / "decode.log"
+    log.write_text("Q8_0  copy                 68.2 us    3919 GB/s   1.00x copy\n"
+                   "Q8_0  words/b256/w8        70.8 us    3774 GB/s   1.04x copy\n"
+                   "Q4_K  bytes/b1/w4         210.8 us    1061 GB/s   3.59x copy  DIFFERS from the torch decode\n")
+    got = collect.decode_from_log(log)
+    assert [(r["qtype"], r["variant"], r["us"], r["differs"]) for r in got] == [
+        ("Q8_0", "copy", 68.2, False), ("Q8_0", "words/b256/w8", 70.8, False), ("Q4_K", "bytes/b1/w4", 210.8, True)]

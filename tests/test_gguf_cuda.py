@@ -54,3 +54,23 @@ def test_triton_decode_equals_torch_decode(qtype):
     out = torch.empty(4096 * per, dtype=torch.bfloat16, device="cuda")
     assert try_decode_into(qtype, src, out), "the Triton kernel stood down (see the log warning)"
     assert torch.equal(out, dequantize(qtype, src, (4096 * per,)).to(torch.bfloat16))
+
+
+@cuda
+@pytest.mark.parametrize("qtype", (T.Q8_0, T.Q4_K), ids=lambda t: t.name)
+@pytest.mark.parametrize("form", ("bytes", "words"))
+@pytest.mark.parametrize("offset", (0, 1), ids=("aligned", "odd-address"))
+def test_each_kernel_form_equals_torch_decode(qtype, form, offset):
+    """Both kernel forms at the production launch shape, on a block count that leaves the last
+    program partly empty, and on packed bytes at an odd address (words then runs bytes)."""
+    from newbie_core.models.gguf.triton_dequant import LAUNCH, _launch
+    size, per = {T.Q8_0: (34, 32), T.Q4_K: (144, 256)}[qtype]
+    n = 3 * LAUNCH[qtype][1] + 5
+    raw = torch.randint(0, 256, (n, size), dtype=torch.uint8)
+    raw[:, 0:4] = (torch.rand(n, 2) * 0.02).half().view(torch.uint8)
+    buffer = torch.zeros(n * size + 1, dtype=torch.uint8, device="cuda")
+    buffer[offset:offset + n * size] = raw.reshape(-1).cuda()
+    src = buffer[offset:offset + n * size]
+    out = torch.full((n * per,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _launch(qtype, src, out, form)
+    assert torch.equal(out, dequantize(qtype, src, (n * per,)).to(torch.bfloat16))

@@ -5,17 +5,23 @@ These stay plain submodules of ``NextDiT`` (never streamed): together they are ~
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
 
+@functools.lru_cache(maxsize=8)
+def _frequencies(half: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """Computed on the CPU (the same bits on every device), kept on ``device``: a forward then
+    copies nothing from the host, so it can be captured as a CUDA graph."""
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
+
+
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) flow time in [0, 1] (not scaled by 1000) -> (B, dim) float32, cosine half first."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs.to(t.device)[None]
+    args = t.float()[:, None] * _frequencies(dim // 2, max_period, t.device)[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
