@@ -41,11 +41,13 @@ GB = 2**30
 
 
 def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: int, steps: int,
-               chunks: tuple[int, int] = (0, 0), storage: StorageDType = StorageDType.BF16) -> dict:
+               chunks: tuple[int, int] = (0, 0), storage: StorageDType = StorageDType.BF16,
+               link_gbps: float | None = None) -> dict:
+    """One sampling run's row; ``link_gbps`` plans for that link instead of the measured one."""
     handle = load_dit_handle(path, storage)
     conds = _conds(handle.ckpt.config, 300 if device.type == "cuda" else 7)
     report = Report()
-    memory = MemorySettings(attention_chunk=chunks[0], ffn_chunk=chunks[1])
+    memory = MemorySettings(attention_chunk=chunks[0], ffn_chunk=chunks[1], link_gbps=link_gbps)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -59,6 +61,7 @@ def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: 
             "s_per_step": statistics.median(steady), "s_step_min": min(steady), "s_step_max": max(steady),
             "peak_reserved_gb": (record.peak_reserved or 0) / GB, "predicted_peak_gb": (record.predicted_peak or 0) / GB,
             "bytes_h2d_per_step": record.bytes_h2d / steps, "resident_blocks": len(plan.resident),
+            "predicted_step_s": plan.predicted_step_s,
             "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk], "_latent": result.latent}
 
 

@@ -4,7 +4,9 @@ The fits table (bench/fits.py) projects each PCIe link's s/step as max(the row's
 on the H200, bytes streamed per step / link bandwidth). Here the H200's copy stream is made as
 slow as a 12 or 25 GB/s link: after every host-to-device copy the side stream spins
 (``torch.cuda._sleep``) for the time the slower link would still need, so compute sees the copy
-finish when that link would have finished it. Each throttled row is set beside its projection.
+finish when that link would have finished it. Each throttled row is planned for the throttled link
+(``MemorySettings.link_gbps``), as a user's machine with that link would plan it, and set beside
+its projection.
 
     python bench/link_throttle_bench.py /tmp/full --out $OUT/throttle.json
     python bench/link_throttle_bench.py --smoke        # CPU: the projection path on tiny files, no throttle
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 placement_session.make_engine = lambda d, l=link_bps: ThrottledCopyEngine(d, l, native, cycles)
             try:
-                row = sample_row(path, device, budget, size, steps, storage=dtype)
+                row = sample_row(path, device, budget, size, steps, storage=dtype, link_gbps=link)
             finally:
                 placement_session.make_engine = make
             projected = projection(base, link_bps)

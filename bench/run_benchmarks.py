@@ -143,7 +143,7 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
         "host_ram_peak_gb": max((r.host_ram_peak or 0) for r in recs.values()) / GB,
         "streamed_bytes_per_step": streamed_bytes_per_forward(models, plan, compute),
         "resident_blocks": len(plan.resident), "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk],
-        "slots": plan.slots, "materialized_blocks": len(plan.materialized),
+        "slots": plan.slots, "materialized_blocks": len(plan.materialized), "predicted_step_s": plan.predicted_step_s,
         "cuda_graphs": use_graphs(memory, batch, cap + (size // 16) ** 2, device),
         "_latent": result.latent, "_step_seconds": list(result.step_seconds),
     }

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ def add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8-compute", action="store_true",
                    help="run the DiT's big matmuls in fp8 (e4m3, scaled) on Ada/Hopper GPUs: faster, slightly "
                         "different images (BENCHMARKS.md gives the drift); off by default")
+    g.add_argument("--link-gbps", type=float, metavar="GBPS",
+                   help="host->GPU link in GB/s for planning; default: measured once on this machine and cached")
     g.add_argument("--cache-dir", help="also keep encoded prompts in this folder, so later runs skip the encoders")
     g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     g.add_argument("--plan", action="store_true", help="print the memory plan and exit")
@@ -108,6 +111,7 @@ class CheckedArgs:
     vram_budget: float | None
     ram_budget: float | None
     cache_dir: Path | None
+    link_gbps: float | None = None     # None: the measured link
 
 
 def check_args(args: argparse.Namespace) -> CheckedArgs:
@@ -132,6 +136,7 @@ def check_args(args: argparse.Namespace) -> CheckedArgs:
     v.check_chunk(args.ffn_chunk, "--ffn-chunk")
     v.check_vae_tile(args.vae_tile, "--vae-tile")
     cache = v.check_folder(args.cache_dir, "--cache-dir") if args.cache_dir else None
+    link = check_link_gbps(args.link_gbps, "--link-gbps")
     for lora in args.lora:
         v.check_lora(lora)
     paths = (args.dit, args.gemma, args.jina, args.vae)
@@ -141,7 +146,15 @@ def check_args(args: argparse.Namespace) -> CheckedArgs:
         if missing:
             raise v.InputError(missing[0], f"give all four model paths or none; missing {', '.join(missing)}.")
         models = tuple(str(v.check_model_path(p, f"--{n}")) for n, p in zip(("dit", "gemma", "jina", "vae"), paths))
-    return CheckedArgs(prompt, negative, size, out, init, models, vram, ram, cache)
+    return CheckedArgs(prompt, negative, size, out, init, models, vram, ram, cache, link)
+
+
+def check_link_gbps(gbps: float | None, field: str) -> float | None:
+    """GB/s: positive and finite, or None (measured). Checked here, before torch is imported."""
+    if gbps is not None and not (math.isfinite(gbps) and gbps > 0):
+        raise v.InputError(field, f"must be a positive number of GB/s (or leave it out to use the link "
+                                  f"measured on this machine), got {gbps}.")
+    return gbps
 
 
 def _models(args: argparse.Namespace, checked: CheckedArgs):
@@ -183,7 +196,7 @@ def _request(args: argparse.Namespace, checked: CheckedArgs):
                             conditioning_cache_dir=str(checked.cache_dir) if checked.cache_dir else None,
                             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
                             compile={"auto": None, "on": True, "off": False}[args.compile],
-                            fp8_compute=args.fp8_compute)
+                            fp8_compute=args.fp8_compute, link_gbps=checked.link_gbps)
     sampling = SamplingSettings(steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed,
                                 denoise=args.denoise, cfg_renorm=args.cfg_renorm, cfg_trunc=args.cfg_trunc)
     init = None

@@ -142,6 +142,10 @@ class PlacementInputs:
     chunk_candidates: tuple[tuple[int | None, int | None], ...] = ((None, None),)
     graphs: bool = False          # blocks replay as CUDA graphs (the estimate counts their pool)
     patches: BlockPatches | None = None   # LoRA changes to the blocks, added by placement
+    # This machine's rates, for the planner's time prediction and its order of sacrifices
+    # (plan_stage); None where unknown (the CPU), which plans as if copies were hidden.
+    bandwidth: float | None = None        # host -> device bytes/s
+    block_compute_s: float | None = None  # seconds of compute per block
 
 
 def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorSource | None = None) -> StagePlan:
@@ -153,6 +157,7 @@ def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorS
                       always_resident_bytes=inputs.always_resident_bytes,
                       activation_bytes=inputs.activation_bytes,
                       chunk_candidates=inputs.chunk_candidates, storage=inputs.storage,
+                      bandwidth=inputs.bandwidth, block_compute_s=inputs.block_compute_s,
                       activations_in_own_pool=inputs.graphs)
 
 

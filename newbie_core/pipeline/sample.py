@@ -18,6 +18,8 @@ import torch
 from ..models.dit import (ActivationChunks, AttentionKernel, DiTConfig, NextDiT, build_dit,
                           estimate_activation_bytes)
 from ..models.dit.fused import kernels
+from ..models.dit.estimate import joint_block_flops
+from ..placement.bandwidth import link_bandwidth, matmul_throughput
 from ..placement import HOST_CACHE, Report, StagePlan, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
 from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow_sigmas, initial_noise,
                         noise_latent, normalize_latent, sample)
@@ -78,16 +80,14 @@ def chunk_candidates(memory: MemorySettings, batch: int, tokens: int) -> tuple[t
     return tuple((a, f) for a in attn for f in ffn)
 
 
-# Measured on an H200 (1024² with CFG, bf16 and fp8, budgets 2-8 GB): the live activations
-# reserve about 2.1x the analytic sum of the largest tensors, because the fp32 temporaries of the
-# RMSNorms and RoPE and the allocator's per-size segments add up. Calibrated there (2026-11-29,
-# before the fused kernels); 512² without CFG and 768² were the check. Since the fused kernels
-# (visit of 2026-12-02) the sample stage measures 0.26-0.28 GB under this prediction at every
-# 1024² CFG budget, while 512² without CFG (graphs) stays tight, one row 13 MB over it (fp8
-# resident, 6.877 GB against 6.864). A refit needs the formula and the factor together
-# (estimate.py still counts the fp32 RoPE temporaries and repeated K/V the fused forward no
-# longer makes) and a visit to measure the plans it changes.
-DIT_ACTIVATION_FACTOR = 2.2
+# The live activations reserve more than the analytic sum of the largest tensors (estimate.py):
+# the allocator's per-size segments, inductor's buffers, cuDNN's workspace. Refitted on the H200
+# rows of 2026-12-02 (the fused forward; 1024² CFG bf16/fp8/fp16 at budgets none/4/2 GB, fp8
+# compute, 512² without CFG with graphs): those stage peaks need a factor of 1.38-1.79 on the
+# formula that no longer counts float32 RoPE temporaries or repeated K/V; 1.9 keeps every one of
+# them under its prediction (by 0.07-0.3 GB at 1024²; the old 2.2 on the old formula over-predicted
+# 0.26-0.28 GB there and chunked the fp8 2 GB row's FFN for nothing).
+DIT_ACTIVATION_FACTOR = 1.9
 # With CUDA graphs the blocks' temporaries live in the graph pool and the code between blocks
 # (embedders, packing, RoPE tables, final layer) keeps its own cache beside it, plus one static
 # copy of each block input. Measured on an H200 (eager vs graphs, same plan): +0.06 GiB at 512²
@@ -115,16 +115,40 @@ def use_graphs(memory: MemorySettings, batch: int, tokens: int, device: torch.de
 
 def dit_activation_estimate(config: DiTConfig, batch: int, cap_tokens: int, image_tokens: int,
                             dtype: torch.dtype, device: torch.device,
-                            graphs: bool = False) -> Callable[[int | None, int | None], int]:
+                            graphs: bool = False, fp8_compute: bool = False) -> Callable[[int | None, int | None], int]:
     kernel = AttentionKernel.FLASH if device.type == "cuda" else AttentionKernel.MATH
     latent = batch * config.in_channels * image_tokens * config.patch_size ** 2 * 4   # fp32 x, v, denoised
     sequence = batch * (cap_tokens + image_tokens) * config.dim * dtype.itemsize
     graph_extra = GRAPH_FIXED_BYTES + GRAPH_SEQUENCE_FACTOR * sequence if graphs and device.type == "cuda" else 0
 
     def estimate(attn: int | None, ffn: int | None) -> int:
-        act = estimate_activation_bytes(config, batch, cap_tokens, image_tokens, dtype, attn, ffn, kernel)
+        act = estimate_activation_bytes(config, batch, cap_tokens, image_tokens, dtype, attn, ffn, kernel, fp8_compute)
         return int(DIT_ACTIVATION_FACTOR * act) + 4 * latent + graph_extra
     return estimate
+
+
+# How much of the square-matmul peak (placement.bandwidth.matmul_throughput) a whole forward
+# reaches, measured on an H200 on 2026-12-02 at 1024² CFG: bf16 529 TFLOP/s against an 803 TFLOP/s
+# probe; fp8 compute 634 against 1378 (attention, the elementwise kernels and, with fp8, the
+# quantisers run below the peak). Dividing by the bare peak instead called the H200's own 1024²
+# bf16 copies (3.2 ms a block against 3.1 ms of compute, hidden as measured) transfer-bound.
+FORWARD_EFFICIENCY = {False: 0.66, True: 0.46}
+
+
+def block_rates(config: DiTConfig, memory: MemorySettings, batch: int, tokens: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[float | None, float | None]:
+    """This GPU's link (bytes/s; the user's ``link_gbps`` or measured once and cached) and one joint
+    block's compute time (s) at this batch and sequence: the planner's time per forward and its
+    order of sacrifices. None on the CPU, where nothing streams, or when a probe fails."""
+    if device.type != "cuda":
+        return None, None
+    try:
+        bandwidth = memory.link_bytes_per_s or link_bandwidth(device)
+        peak = matmul_throughput(device, torch.float8_e4m3fn if memory.fp8_compute else dtype)
+    except RuntimeError as e:       # a failed probe (no room, no fp8 kernel) only costs the prediction
+        log.warning("could not measure this GPU's link or matmul rate (%s); planning without them", e)
+        return None, None
+    return bandwidth, joint_block_flops(config, batch, tokens) / (peak * FORWARD_EFFICIENCY[memory.fp8_compute])
 
 
 def _storage(handle: DiTHandle, memory: MemorySettings) -> StorageChoice:
@@ -155,12 +179,14 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     if patches is not None:
         small += patches.device_bytes            # factors on the device + one application's temporaries
     graphs = use_graphs(memory, batch, cap_tokens + image_tokens, device)
+    bandwidth, block_compute_s = block_rates(config, memory, batch, cap_tokens + image_tokens, dtype, device)
     inputs = PlacementInputs(
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
-        activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs),
+        activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs,
+                                                 memory.fp8_compute),
         chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens), graphs=graphs,
-        patches=patches)
+        patches=patches, bandwidth=bandwidth, block_compute_s=block_compute_s)
     return model, inputs, plan_for(model, inputs, budget, handle.ckpt.source)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -36,6 +37,9 @@ class MemorySettings:
     the compilation (cached on disk for later runs); False runs the same math eagerly.
     ``fp8_compute``: the blocks' big matmuls on e4m3 operands with ``torch._scaled_mm``
     (``models/dit/fp8_matmul.py``): faster on Ada/Hopper, less precise; off by default.
+    ``link_gbps``: the host -> GPU link (GB/s, 1e9 bytes) the sampling plan assumes. None = the
+    link measured once on this machine and cached (``placement.bandwidth``); set it to plan for
+    another machine's link, or where the probe misjudges a shared one.
     """
     vram_budget_gb: float | None = None
     ram_budget_gb: float | None = None
@@ -49,6 +53,7 @@ class MemorySettings:
     cuda_graphs: bool | None = None
     compile: bool | None = None
     fp8_compute: bool = False
+    link_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
@@ -57,6 +62,9 @@ class MemorySettings:
             raise ValueError(f"ram_budget_gb must be positive or None (auto), got {self.ram_budget_gb}.")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.compute_dtype!r}.")
+        if self.link_gbps is not None and not (math.isfinite(self.link_gbps) and self.link_gbps > 0):
+            raise ValueError(f"link_gbps must be a positive, finite number of GB/s (or None: measured), "
+                             f"got {self.link_gbps}.")
         if self.vae_overlap_px < 0 or self.vae_overlap_px % 8:
             raise ValueError(f"vae_overlap_px must be a non-negative multiple of 8, got {self.vae_overlap_px}.")
 
@@ -67,6 +75,10 @@ class MemorySettings:
     @property
     def ram_budget_bytes(self) -> int | None:
         return None if self.ram_budget_gb is None else int(self.ram_budget_gb * GIB)
+
+    @property
+    def link_bytes_per_s(self) -> float | None:
+        return None if self.link_gbps is None else self.link_gbps * 1e9
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:

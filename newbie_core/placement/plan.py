@@ -65,6 +65,8 @@ class StagePlan:
     also use the ring, except the ``materialized`` ones: resident fp8-stored blocks that the
     budget lets stay at compute dtype, upcast once when placed (the same bits as every-use
     upcasts, none of their cost). ``breakdown`` lists what the predicted peak is made of.
+    ``bandwidth`` (host -> device bytes/s) and ``block_compute_s`` are the rates the plan was
+    made with, None where the caller had none; with both, ``predicted_step_s`` is known.
     """
     stage: str
     budget: int
@@ -82,6 +84,8 @@ class StagePlan:
     reason: str
     predicted_step_s: float | None = None
     materialized: tuple[int, ...] = ()
+    bandwidth: float | None = None
+    block_compute_s: float | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -117,6 +121,9 @@ class StagePlan:
                      + (f", staging {fmt_bytes(self.staging_bytes)} per slot" if self.staging_bytes else "")),
             ("chunks (attention / ffn)", f"{self.attn_chunk} / {self.ffn_chunk}"),
         ]
+        if self.bandwidth is not None and self.block_compute_s is not None:
+            rows.append(("rates planned with", f"link {self.bandwidth / 1e9:.1f} GB/s, compute "
+                                               f"{self.block_compute_s * 1e3:.2f} ms per block"))
         if self.predicted_step_s is not None:
             rows.append(("predicted time per forward", f"{self.predicted_step_s * 1e3:.1f} ms"))
         rows += [(f"  peak: {label}", fmt_bytes(b)) for label, b in self.breakdown]

@@ -182,7 +182,8 @@ class _Ctx:
             resident=resident, storage=tuple(kind for _ in self.blocks), slots=slots,
             prefetch_depth=max(0, slots - 1), slot_bytes=slot_bytes, staging_bytes=staging,
             attn_chunk=attn, ffn_chunk=ffn, predicted_peak=peak, breakdown=breakdown,
-            reason=self.reason(kind, n_resident, slots, chunk, len(kept)), predicted_step_s=step, materialized=kept)
+            reason=self.reason(kind, n_resident, slots, chunk, len(kept)), predicted_step_s=step, materialized=kept,
+            bandwidth=self.bandwidth, block_compute_s=self.compute_s)
 
     def predict_time(self, kind: Storage, streamed: Sequence[int]) -> float | None:
         if not (self.bandwidth and self.compute_s):

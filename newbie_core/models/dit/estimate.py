@@ -9,18 +9,22 @@ Peak = max over the phases of a joint block (the longest sequence), plus what li
 whole forward (RoPE cos/sin for three sequences, caption + image streams while packing):
 
   attention phase  = 2*B*S*D*e              residual x + normed branch input
-                   + B*S*(H+2Hkv)*d*e       fused qkv output
-                   + B*S*H*d*4              fp32 RoPE temporaries (q; k is smaller)
-                   + 3*B*S*H*d*e            q after RoPE, k and v repeated to H heads
-                   + B*S*D*e                attention output before ``out``
+                   + B*S*(H+2Hkv)*d*e       fused qkv output (v is read from it in place)
+                   + B*S*(H+Hkv)*d*e        q and k after QK-norm + RoPE (one fused kernel)
+                   + B*S*H*d*e + S*H*d*e    attention output, and one sample's SDPA result
+                   + B*S*D*e                ``out`` projection result
                    + workspace               math: B*H*q*S*(2e+1) scores, softmax, mask
                                              efficient/flash: B*H*S*4 (log-sum-exp)
   ffn phase        = 3*B*S*D*e              residual, h, normed h
-                   + 3*f*F*e                w1 out, w3 out, silu(w1) (product reuses one)
+                   + 3*f*F*e                w1 out, w3 out, silu(w1) * w3
                    + f*D*e                  w2 chunk output
                    + B*S*D*e  (if f < B*S)  the output the chunks are written into
+  fp8 compute      + 3*D*F + f*(D + F)       the FFN's e4m3 weights, and its inputs in e4m3
   packing          = B*(Lc + N + S)*D*e     caption, image and joint streams together
   persistent       = 2*B*(Lc + N + S)*(d/2)*4   cos/sin
+
+GQA heads are never repeated (SDPA's ``enable_gqa``) and RoPE makes no float32 temporaries (it
+is fused with the QK-norm), so neither is counted.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ def _elem(dtype: torch.dtype) -> int:
 def estimate_activation_bytes(config: DiTConfig, batch: int, cap_tokens: int, image_tokens: int,
                               dtype: torch.dtype, attn_query_chunk: int | None = None,
                               ffn_token_chunk: int | None = None,
-                              kernel: AttentionKernel = AttentionKernel.EFFICIENT) -> int:
+                              kernel: AttentionKernel = AttentionKernel.EFFICIENT,
+                              fp8_compute: bool = False) -> int:
     """Largest set of simultaneously live activation bytes in one forward (formula above)."""
     e, b = _elem(dtype), batch
     d_model, h, hkv, hd, f_dim = config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
@@ -57,10 +62,12 @@ def estimate_activation_bytes(config: DiTConfig, batch: int, cap_tokens: int, im
         workspace = b * h * q * s * (2 * e + 1)
     else:
         workspace = b * h * s * 4
-    attention = (2 * b * s * d_model * e + b * s * (h + 2 * hkv) * hd * e + b * s * h * hd * 4
-                 + 3 * b * s * h * hd * e + b * s * d_model * e + workspace)
+    attention = (2 * b * s * d_model * e + b * s * (h + 2 * hkv) * hd * e + b * s * (h + hkv) * hd * e
+                 + (b + 1) * s * h * hd * e + b * s * d_model * e + workspace)
     chunked_out = b * s * d_model * e if f < b * s else 0
     ffn = 3 * b * s * d_model * e + 3 * f * f_dim * e + f * d_model * e + chunked_out
+    if fp8_compute:
+        ffn += 3 * d_model * f_dim + f * (d_model + f_dim)
     packing = b * (cap_tokens + image_tokens + s) * d_model * e
     persistent = 2 * b * (cap_tokens + image_tokens + s) * (hd // 2) * 4
     return int(max(attention, ffn, packing) + persistent)
@@ -76,6 +83,12 @@ def _block_flops(config: DiTConfig, batch: int, seq: int, modulated: bool) -> in
     if modulated:
         flops += 2 * batch * config.adaln_dim * 4 * d_model
     return flops
+
+
+def joint_block_flops(config: DiTConfig, batch: int, seq: int) -> int:
+    """Matmul FLOPs of one joint (modulated) block over ``batch`` sequences of ``seq`` tokens:
+    what the planner weighs a block's copy against."""
+    return int(_block_flops(config, batch, seq, True))
 
 
 def flops_per_forward(config: DiTConfig, batch: int, cap_tokens: int, image_tokens: int) -> int:
