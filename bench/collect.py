@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     old = json.loads((here / "extra.json").read_text()) if (here / "extra.json").exists() else {}
     extra = {**{k: old[k] for k in ("official_parity_cuda", "official_parity_date") if k in old},
              **json.loads((args.final / "extra.json").read_text()), **stamp, "commands": args.commands}
+    for key in ("profiles", "drift"):         # a visit that skipped these keeps the earlier ones, marked
+        if key not in extra and key in old:
+            extra[key] = old[key]
+            extra[key + "_visit"] = old.get(key + "_visit", old.get("visit"))
     if "official_parity_cuda" in old and "official_parity_date" not in old:
         extra["official_parity_date"] = old.get("date", "")
     parts = {"attention": old.get("parts", {}).get("attention", []),

@@ -246,7 +246,8 @@ def fp8_compute_section(rows: list[dict], peers: list[dict], extra: dict) -> lis
             out.append(f"| {v} | {per_block[v]:.1f} | {per_block[v] / copy:.2f} |")
     drift = extra.get("drift", {})
     if drift:
-        out += ["", "Final-latent drift against the bf16 resident row (28 steps, 1024² CFG, random weights):", "",
+        when = f"; {_when(extra, 'drift')}" if "drift_visit" in extra else ""
+        out += ["", f"Final-latent drift against the bf16 resident row (28 steps, 1024² CFG, random weights{when}):", "",
                 "| variant | rel L2 | mean abs / RMS | max abs / RMS |", "|---|---|---|---|"]
         labels = {"fp16": "fp16 compute", "fp8": "fp8 storage (bf16 compute)"}
         for k, d in drift.items():
@@ -483,7 +484,7 @@ def main() -> None:
         lines += ["", "seed-full-gpu (every model on the GPU at once) has no staged equivalent: its step is the "
                       "resident row's, its peak the sum of the four models (about 16 GB of weights)."]
     lines += ["", "## Where a sampling step's time goes (torch profiler, 1024² CFG, ms per step)", "",
-              "Four profiled steps per row, in the same visit. GEMM, attention and elementwise are kernel time; "
+              f"Four profiled steps per row, in the {_when(extra, 'profiles') if 'profiles_visit' in extra else 'same visit'}. GEMM, attention and elementwise are kernel time; "
               "copies run on the side streams, overlapped with compute; idle is the rest of the wall time and "
               "here includes the stage's own setup (host-cache rebuild, first-step uploads), so the steady-state "
               "gap is the row's s/step above minus the three kernel columns.", "",

@@ -88,6 +88,9 @@ def measure_link(device: torch.device, nbytes: int = LINK_PROBE_BYTES, repeats: 
         best = min(best, start.elapsed_time(end) / 1e3)
     del src, dst
     torch.cuda.empty_cache()      # the probe's buffers must not lower the auto budget that follows
+    host_empty = getattr(torch._C, "_host_emptyCache", None)
+    if host_empty is not None:    # nor stay pinned in torch's host cache (256 MiB of page-locked RAM)
+        host_empty()
     return nbytes / best
 
 
