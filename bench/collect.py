@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--throttle", type=Path, help="link_throttle_bench.py's --out")
     ap.add_argument("--forward", type=Path, help="forward_bench.py's forward.json (whole-forward variants)")
     ap.add_argument("--decode", type=Path, help="gguf_decode_bench.py's log")
+    ap.add_argument("--earlier", nargs="*", default=[], metavar="KEY=WHEN",
+                    help="extra.json keys given here that another lease measured (e.g. forward_variants='probe "
+                         "lease, 13:55'): marked as such instead of as this visit")
     ap.add_argument("--commands", nargs="*", default=[], help="the visit's command lines, for BENCHMARKS.md")
     ap.add_argument("--into", type=Path, default=BENCH, help="where report.py reads them (default bench/)")
     args = ap.parse_args(argv)
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
             extra[key + "_visit"] = old.get(key + "_visit", old.get("visit"))
         if path:
             extra[key + "_visit"] = stamp["visit"]
+    for item in args.earlier:
+        key, _, when = item.partition("=")
+        extra[key + "_visit"] = when or "an earlier visit"
     (here / "extra.json").write_text(json.dumps(extra, indent=1) + "\n")
     if args.gguf:
         gguf_rows = [{**r, "visit": stamp["visit"]} for r in json.loads(args.gguf.read_text())]

@@ -123,11 +123,20 @@ def write_hollow_models(root: Path, quant_types: tuple[str, ...] = ("Q8_0", "Q4_
                         lambda w: add_spm_tokenizer(w, full_size.FIXTURES / "gemma_tiny.model"))
 
 
+# The GPU machine's rates, measured there on 2026-12-02 (placement/bandwidth.py's probes), which a
+# CUDA process's sampling plan is made with; this machine has no GPU to measure.
+H200_LINK = 55.2e9
+H200_MATMUL = {torch.bfloat16: 803e12, torch.float16: 770e12, torch.float8_e4m3fn: 1378e12}
+
+
 def host_rows(root: Path, measured: list[dict]) -> list[dict]:
     """Each measured host-RAM row with an explicit RAM budget, beside its plan's prediction."""
     from newbie_core.pipeline import (GenerationRequest, MemorySettings, Models, SamplingSettings, load_dit_handle,
                                       load_text_encoder_handle, load_vae_handle)
+    from newbie_core.pipeline import sample
     from newbie_core.pipeline.generate import host_plan
+    sample.link_bandwidth = lambda device: H200_LINK
+    sample.matmul_throughput = lambda device, dtype: H200_MATMUL[dtype]
     out = []
     for r in measured:
         if "error" in r or r.get("ram_budget_gb") is None or r.get("temperature") != "warm":

@@ -238,9 +238,9 @@ def fp8_compute_section(rows: list[dict], peers: list[dict], extra: dict) -> lis
         out += ["", "What one block's nine quantisations cost (`bench/fp8_quant_bench.py`, one call each on the "
                 "operand shapes of a 1024² CFG step; `copy` moves the same bytes; div = an IEEE division per "
                 "element, rcp = one reciprocal per row then a multiply; w = warps; the last number = elements "
-                "per program). The fp8 compute rows above ran the first kernel (div/w8/4096, 26 ms of "
-                "quantisation per step in the profile); the code now runs rcp/w4/4096, bitwise equal to the "
-                "torch path on the H200 (CUDA tier), its whole-step time not yet measured.", "",
+                "per program; an earlier visit). The fp8 compute rows above run rcp/w4/4096, bitwise equal "
+                "to the torch path on the H200 (CUDA tier); with the first kernel (div/w8/4096) the resident "
+                "fp8-compute step was 121.3 ms.", "",
                 "| variant | µs per block | × copy |", "|---|---|---|"]
         for v in quant["variants"]:
             out.append(f"| {v} | {per_block[v]:.1f} | {per_block[v] / copy:.2f} |")
@@ -274,7 +274,11 @@ def _visit(doc: dict) -> str:
 
 
 def _when(extra: dict, key: str) -> str:
-    return "same visit" if extra.get(key + "_visit") == extra.get("visit") else "an earlier visit"
+    """"same visit" as the rows, or which earlier visit (collect.py --earlier names it)."""
+    when = extra.get(key + "_visit")
+    if when == extra.get("visit"):
+        return "same visit"
+    return when if when and not when[:4].isdigit() else "an earlier visit"
 
 
 def forward_section(extra: dict) -> list[str]:
@@ -288,10 +292,13 @@ def forward_section(extra: dict) -> list[str]:
            "whole forward replayed as one CUDA graph (what launch cost and idle gaps take); host issue = how long "
            "the host needs to enqueue one forward when nothing waits for the GPU.", "",
            "| variant | ms (min-max) | TFLOP/s | host issue ms | rel L2 vs eager |", "|---|---|---|---|---|"]
-    for r in fwd:
+    for r in fwd + extra.get("forward_host", {}).get("rows", []):
         host = r.get("host", {}).get("issue_ms")
-        out.append(f"| {r['row'].removeprefix('ours-forward-')} | {r['ms']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
+        name = r["row"].removeprefix("ours-forward-").removesuffix("-nohand")
+        out.append(f"| {name} | {r['ms']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
                    f"{r['tflops']:.0f} | {'-' if host is None else host} | {r['rel_l2_vs_eager']:.1e} |")
+    if extra.get("forward_host"):
+        out += ["", extra["forward_host"]["note"]]
     return out
 
 
@@ -323,6 +330,11 @@ def throttle_section() -> list[str]:
     for r in doc["rows"]:
         out.append(f"| {r['storage']} | {r['budget_gb']} | {r['link_gbps']} | {r['s_per_step']:.3f} | "
                    f"{r['projected_s_per_step']:.3f} | {r['x_projection']:.3f} |")
+    worst = max(doc["rows"], key=lambda r: r["x_projection"])
+    out += ["", f"The projection is optimistic where copy and compute are nearly equal: worst "
+                f"{worst['x_projection']:.2f}x ({worst['storage']}, {worst['budget_gb']} GB, {worst['link_gbps']} GB/s). "
+                "Read the table's s/step as a lower bound there; where one side clearly dominates it held within "
+                "about 10 %."]
     return out
 
 
@@ -484,7 +496,8 @@ def main() -> None:
         lines += ["", "seed-full-gpu (every model on the GPU at once) has no staged equivalent: its step is the "
                       "resident row's, its peak the sum of the four models (about 16 GB of weights)."]
     lines += ["", "## Where a sampling step's time goes (torch profiler, 1024² CFG, ms per step)", "",
-              f"Four profiled steps per row, in the {_when(extra, 'profiles') if 'profiles_visit' in extra else 'same visit'}. GEMM, attention and elementwise are kernel time; "
+              f"Four profiled steps per row, {'in ' + _when(extra, 'profiles') if 'profiles_visit' in extra else 'in the same visit'} "
+              "(the visit before this one's rows: the forward has not changed since, the plans have). GEMM, attention and elementwise are kernel time; "
               "copies run on the side streams, overlapped with compute; idle is the rest of the wall time and "
               "here includes the stage's own setup (host-cache rebuild, first-step uploads), so the steady-state "
               "gap is the row's s/step above minus the three kernel columns.", "",
@@ -506,10 +519,12 @@ def main() -> None:
             lines.append(f"| {a['backend']} | {a['mode']} | {a.get('ms', float('nan')):.3f} | "
                          f"{a.get('tflops', 0):.0f} |" if "ms" in a else f"| {a['backend']} | {a['mode']} | no kernel | |")
     if parts.get("fused"):
-        lines += ["", "Each fused block function at 1024² CFG sizes (`forward_bench.py --parts`):", "",
-                  "| function | variant | µs | TB/s |", "|---|---|---|---|"]
+        lines += ["", f"Each fused block function at 1024² CFG sizes (`forward_bench.py --parts`, "
+                      f"{_when(extra, 'parts') if 'parts_visit' in extra else 'same visit'}); the last column is "
+                      "the largest difference from the reference body run op by op:", "",
+                  "| function | variant | µs | TB/s | max abs vs reference |", "|---|---|---|---|---|"]
         for f in parts["fused"]:
-            lines.append(f"| {f['fn']} | {f['variant']} | {f.get('us')} | {f.get('tb_s')} |")
+            lines.append(f"| {f['fn']} | {f['variant']} | {f.get('us')} | {f.get('tb_s')} | {f.get('vs_ref_max_abs', '-')} |")
     par = extra.get("official_parity_cuda", [])
     if par:
         lines += ["", "## Numerics against the official `NextDiT_CLIP` (`bench/official_parity.py`, padded CFG pair, "
