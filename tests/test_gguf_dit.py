@@ -12,7 +12,7 @@ from gguf.quants import dequantize as reference_dequantize
 
 from newbie_core.models.checkpoint import CheckpointError
 from newbie_core.models.dit import open_dit
-from newbie_core.models.gguf import GGUFSource, QUANTISED, dequantize
+from newbie_core.models.gguf import GGUFSource, dequantize
 from newbie_core.models.gguf.quantize import K_TYPES, quantize
 from newbie_core.pipeline import Models, generate, load_dit_handle
 from newbie_core.pipeline.placed import packed_spec

@@ -13,7 +13,7 @@ from newbie_core.models.tokenizers import GemmaSpm, piece_offsets, tokenizer_fro
 from newbie_core.pipeline.encode import (ENCODER_CALLS, apply_token_weights, conditioning_keys, encode_texts, run_gemma,
                                          token_weights)
 from newbie_core.placement import Report
-from newbie_core.prompt import (TEXT_SYSTEM_PREFIX, Segment, WeightedText, parse_weights, prepare_texts,
+from newbie_core.prompt import (TEXT_SYSTEM_PREFIX, WeightedText, parse_weights, prepare_texts,
                                 prepare_weighted_texts, weighted_text)
 from newbie_core.tiny.text_encoders import FIXTURES, xlmr_tokenizer_json
 
