@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import replace
 
 import pytest
@@ -302,3 +303,18 @@ def test_the_throttle_bench_plans_its_throttled_rows_for_the_throttled_link(monk
     monkeypatch.setattr(newbie_core.tiny, "build_tiny_checkpoints", lambda root: None)
     assert bench.main(["--smoke"]) == 0
     assert seen == [None, 12], "the unthrottled row plans with the measured link, the throttled one with 12 GB/s"
+
+
+def test_plan_text_uses_the_users_link_figure_and_says_so(tiny_models, monkeypatch):
+    """--plan's host table takes its copy roofline from the user's link, not a measurement, and
+    names the figure as given (the disk is still measured)."""
+    from newbie_core.pipeline import GenerationRequest, SamplingSettings, describe_plan
+    _forbid_measuring(monkeypatch)
+    monkeypatch.setattr(bw, "link_bandwidth", lambda *a: (_ for _ in ()).throw(AssertionError("measured")))
+    monkeypatch.setattr(bw, "disk_bandwidth", lambda path: 1e9)
+    monkeypatch.setattr(sample, "matmul_throughput", lambda device, dtype: 100e12)
+    memory = MemorySettings(vram_budget_gb=1, link_gbps=9.0, compile=False, cuda_graphs=False)
+    request = GenerationRequest(prompt="a", width=64, height=64, sampling=SamplingSettings(steps=2), memory=memory)
+    text = describe_plan(tiny_models, request, torch.device("cuda"))
+    assert "given link 9.0 GB/s, measured disk 1.00 GB/s" in text
+    assert re.search(r"rates planned with\s+link 9\.0 GB/s", text), "the sampling plan uses it too"

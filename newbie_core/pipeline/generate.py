@@ -160,7 +160,9 @@ def describe_plan(models: Models, request: GenerationRequest, device: torch.devi
     link = disk = None
     if device.type == "cuda":     # the roofline from this machine's measured bandwidths (cached)
         from ..placement.bandwidth import disk_bandwidth, link_bandwidth
-        link, disk = link_bandwidth(device), disk_bandwidth(models.dit.files[0])
-    parts = [p.render() for p in stages] + [describe_host(host, request.memory, device).render(link, disk)]
+        link = request.memory.link_bytes_per_s or link_bandwidth(device)    # the user's figure, as the plan
+        disk = disk_bandwidth(models.dit.files[0])
+    given = request.memory.link_gbps is not None
+    parts = [p.render() for p in stages] + [describe_host(host, request.memory, device).render(link, disk, given)]
     header = f"device {device}, VRAM budget " + ("none (CPU)" if budget is None else f"{budget / 2**30:.2f} GiB")
     return "\n\n".join([header] + parts)

@@ -140,8 +140,9 @@ class HostPlan:
     budget_text: str = ""
     peak_cached: int = 0      # the most host-copy bytes the cache holds at once (its own accounting)
 
-    def render(self, link_bps: float | None = None, disk_bps: float | None = None) -> str:
-        """The table; with measured bandwidths, each row's copy roofline in s/step too."""
+    def render(self, link_bps: float | None = None, disk_bps: float | None = None, link_given: bool = False) -> str:
+        """The table; with bandwidths, each row's copy roofline in s/step too. ``link_given``: the
+        link figure is the user's, not this machine's measurement (the heading says which)."""
         head = ("model", "host mode", "host bytes", "pinned", "disk read / step", "evicts")
         if link_bps:
             head += ("copy roofline s/step",)
@@ -154,7 +155,8 @@ class HostPlan:
         lines.insert(1, "  ".join("-" * w for w in widths))
         budget = fmt_bytes(self.budget) if self.budget is not None else "none"
         top = [f"host RAM budget  {budget}" + (f" ({self.budget_text})" if self.budget_text else ""),
-               *([f"measured link {link_bps / 1e9:.1f} GB/s" + (f", disk {disk_bps / 1e9:.2f} GB/s" if disk_bps else "")]
+               *([("given" if link_given else "measured") + f" link {link_bps / 1e9:.1f} GB/s"
+                  + (f", {'measured ' if link_given else ''}disk {disk_bps / 1e9:.2f} GB/s" if disk_bps else "")]
                  if link_bps else []),
                f"predicted host peak  {fmt_bytes(self.predicted_peak)} (process baseline {fmt_bytes(self.baseline)})"]
         return "\n".join(top + lines)
