@@ -24,6 +24,7 @@ from pathlib import Path
 RESULTS = Path(__file__).with_name("results.json")
 GGUF = Path(__file__).with_name("gguf.json")
 HOST_RAM = Path(__file__).with_name("host_ram.json")
+THROTTLE = Path(__file__).with_name("throttle.json")
 VRAM_GB = (4, 8, 16)
 RAM_GB = (8, 12, 16, 32)
 STORAGES = ("bf16", "fp8", "gguf-q8_0", "gguf-q4_k")     # ties go to the earlier (more exact) one
@@ -58,6 +59,23 @@ class Fit:
     s_per_image: float
     bound: str
     host_note: str
+    s_per_step_checked: float | None = None    # with the throttled check's overlap loss (overlap_loss)
+
+
+def overlap_loss(throttle: Path = THROTTLE) -> float | None:
+    """How much of the smaller of compute and copy time the throttled runs lost on top of the
+    larger one (bench/link_throttle_bench.py): max over its rows of (measured - max(c, t)) / min(c, t),
+    c the row's unthrottled step and t its bytes over the link. None when there is no such file.
+    Copies and compute overlap worse than max() assumes when the two are close (H200, 2026-12-02:
+    up to 0.49 at 25 GB/s)."""
+    if not throttle.exists():
+        return None
+    rows = json.loads(throttle.read_text())["rows"]
+    losses = []
+    for r in rows:
+        c, t = r["s_per_step_unthrottled"], r["bytes_h2d_per_step"] / (r["link_gbps"] * 1e9)
+        losses.append(max(0.0, (r["s_per_step"] - max(c, t)) / min(c, t)))
+    return max(losses) if losses else None
 
 
 def load_rows(path: Path) -> list[Row]:
@@ -101,8 +119,10 @@ def _ram_budget(ram_gb: int) -> float:
     return ram_gb - max(HOST_MARGIN_GB, ram_gb / 10)
 
 
-def fit(rows: list[Row], vram_gb: int, ram_gb: int, link_gbps: float, disk_gbps: float) -> Fit | None:
-    """The fastest storage whose row fits ``vram_gb``, projected to the link (module docstring)."""
+def fit(rows: list[Row], vram_gb: int, ram_gb: int, link_gbps: float, disk_gbps: float,
+        loss: float | None = None) -> Fit | None:
+    """The fastest storage whose row fits ``vram_gb``, projected to the link (module docstring);
+    with ``loss`` (:func:`overlap_loss`) also the step as the throttled check saw such steps."""
     best = None
     for dtype in STORAGES:
         mine = [r for r in rows if r.dtype == dtype]
@@ -125,14 +145,22 @@ def fit(rows: list[Row], vram_gb: int, ram_gb: int, link_gbps: float, disk_gbps:
         bound = max(terms, key=terms.get)
         s_step = terms[bound]
         other_s = max(0.0, row.whole_s - STEPS * row.s_per_step)     # encode + decode, as measured
+        checked = None
+        if loss is not None:
+            copies = max(v for k, v in terms.items() if k != "compute")
+            checked = max(compute, copies) + loss * min(compute, copies) if copies else compute
         candidate = Fit(vram_gb, ram_gb, link_gbps, dtype, row.budget_gb, s_step, STEPS * s_step + other_s,
-                        bound, note)
+                        bound, note, checked)
         if best is None or candidate.s_per_image < best.s_per_image * 0.98:   # ties go to bf16 (exact)
             best = candidate
     return best
 
 
-def render(rows: list[Row], disk_gbps: float = 3.0, source: str = "bench/results.json") -> str:
+def render(rows: list[Row], disk_gbps: float = 3.0, source: str = "bench/results.json",
+           loss: float | None = None) -> str:
+    checked = "" if loss is None else (
+        f" *checked s/step* adds {loss:.2f} x the smaller of the two, the worst the throttled-link check "
+        "below lost on top of max() when copy and compute were close: read the two as a range.")
     out = ["## What fits your PC (roofline projection)", "",
            f"**A projection, not a measurement.** Compute s/step is measured on an NVIDIA H200 ({source}); "
            f"each link's s/step is max(that compute, bytes streamed per step / link bandwidth). s/image = "
@@ -140,22 +168,25 @@ def render(rows: list[Row], disk_gbps: float = 3.0, source: str = "bench/results
            f"these are lower bounds for it). GGUF rows: sampling from bench/gguf.json, host RAM from "
            f"bench/host_ram.json, encode/decode from the bf16 row of the same budget; their latents drift from bf16 (Q8_0 little, Q4_K much: "
            f"see the GGUF section). 1024x1024, CFG; a row fits a card when its measured peak is "
-           f"{VRAM_HEADROOM_GB} GB below the card's size.", "",
-           "| VRAM | RAM | PCIe link | settings | s/step | s/image | bound by | host RAM |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"{VRAM_HEADROOM_GB} GB below the card's size.{checked}", "",
+           "| VRAM | RAM | PCIe link | settings | s/step | " + ("checked s/step | " if loss is not None else "")
+           + "s/image | bound by | host RAM |",
+           "|---|---|---|---|---|---|---|---|" + ("---|" if loss is not None else "")]
     for vram in VRAM_GB:
         for ram in RAM_GB:
             for link in LINKS_GBPS:
-                f = fit(rows, vram, ram, link, disk_gbps)
+                f = fit(rows, vram, ram, link, disk_gbps, loss)
                 if f is None:
-                    out.append(f"| {vram} GB | {ram} GB | {link} GB/s | no measured row fits | - | - | - | - |")
+                    out.append(f"| {vram} GB | {ram} GB | {link} GB/s | no measured row fits | - | - | - | - |"
+                               + (" - |" if loss is not None else ""))
                     continue
                 budget = "(auto: all resident)" if f.budget_gb is None else f"--vram-budget {f.budget_gb:g}"
                 files = (f"--dit ...-{GGUF_FILES[f.dtype]}.gguf --gemma ...-{GGUF_FILES[f.dtype]}.gguf"
                          if f.dtype in GGUF_FILES else f"--dtype {f.dtype}")
                 settings = f"{files} {budget} --ram-budget {_ram_budget(ram):.1f}"
                 out.append(f"| {vram} GB | {ram} GB | {link} GB/s | `{settings}` | {f.s_per_step:.3f} | "
-                           f"{f.s_per_image:.1f} | {f.bound} | {f.host_note} |")
+                           + (f"{f.s_per_step_checked:.3f} | " if loss is not None else "")
+                           + f"{f.s_per_image:.1f} | {f.bound} | {f.host_note} |")
     return "\n".join(out)
 
 
@@ -178,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no 1024x1024 CFG rows in {args.results}", file=sys.stderr)
         return 1
-    print(render(rows, args.disk_gbps, "built-in sample rows" if args.smoke else args.results.name))
+    print(render(rows, args.disk_gbps, "built-in sample rows" if args.smoke else args.results.name,
+                 None if args.smoke else overlap_loss()))
     return 0
 
 

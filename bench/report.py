@@ -539,7 +539,8 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     import fits
     pipeline = fits.load_rows(HERE / "results.json")
-    lines += ["", fits.render(pipeline + fits.load_gguf_rows(pipeline)), *throttle_section()]
+    lines += ["", fits.render(pipeline + fits.load_gguf_rows(pipeline), loss=fits.overlap_loss(HERE / "throttle.json")),
+              *throttle_section()]
     if calib:
         lines += ["", "## Predicted vs measured stage peaks (`--calibrate`, 2026-11-29, before the fused kernels)", "",
                   "The fused kernels hold fewer float32 temporaries, so today's measured peaks sit further under these "

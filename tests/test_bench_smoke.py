@@ -288,3 +288,23 @@ def test_collect_reads_the_decode_log_and_forward_variants(tmp_path):
     got = collect.decode_from_log(log)
     assert [(r["qtype"], r["variant"], r["us"], r["differs"]) for r in got] == [
         ("Q8_0", "copy", 68.2, False), ("Q8_0", "words/b256/w8", 70.8, False), ("Q4_K", "bytes/b1/w4", 210.8, True)]
+
+
+def test_fits_checked_step_adds_the_throttled_checks_overlap_loss(tmp_path):
+    """The loss is the worst (measured - max(c, t)) / min(c, t) of the throttled rows; the checked
+    step adds that share of the smaller term to the roofline's max."""
+    fits = _script("fits")
+    throttle = tmp_path / "throttle.json"
+    throttle.write_text(json.dumps({"rows": [
+        {"s_per_step": 0.15, "s_per_step_unthrottled": 0.10, "bytes_h2d_per_step": 2.5e9, "link_gbps": 25},  # t=0.1
+        {"s_per_step": 0.30, "s_per_step_unthrottled": 0.10, "bytes_h2d_per_step": 3.6e9, "link_gbps": 12}]}))
+    loss = fits.overlap_loss(throttle)
+    assert loss == pytest.approx(0.5), "row 1: (0.15 - 0.10) / 0.10; row 2 lost nothing"
+    f = fits.fit(fits.SMOKE_ROWS, 4, 16, 25, 3.0, loss)
+    compute, copies = 0.135, 3_832_965_120 / 25e9
+    assert f.s_per_step == pytest.approx(max(compute, copies))
+    assert f.s_per_step_checked == pytest.approx(max(compute, copies) + 0.5 * min(compute, copies))
+    resident = fits.fit(fits.SMOKE_ROWS, 16, 32, 25, 3.0, loss)
+    assert resident.budget_gb is None and resident.s_per_step_checked == resident.s_per_step, "nothing streams"
+    assert fits.overlap_loss(tmp_path / "absent.json") is None
+    assert "checked s/step" in fits.render(fits.SMOKE_ROWS, loss=loss)
