@@ -5,7 +5,8 @@ gap between the Q8_0 2 GB row and its roofline (1.077x, BENCHMARKS.md). The firs
 one byte per load and ran 8 Q8_0 blocks (or one Q4_K super-block) per program; the fp8 upcast,
 which moves about the same bytes, needs 0.08 ms per block. This times both kernel forms of
 triton_dequant.py (bytes, and words: 16/32-bit loads, several blocks per program) at several
-launch shapes beside a plain copy of the same bytes, checking each against the torch path,
+launch shapes beside a plain copy of the same bytes, and the layer decoded tensor by tensor as
+placement does it today (``per-tensor``: one launch each), checking each against the torch path,
 and prints one line per variant: µs per layer, GB/s (packed read + bf16 write) and × the copy.
 
     python bench/gguf_decode_bench.py             # CUDA + Triton
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, torch path, a layer / 256 (CI)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    layer = sum(p.numel() for n, p in build_dit(DiTConfig.newbie_exp01(), "meta").named_parameters()
-                if n.startswith("layers.0.") and p.ndim == 2)              # one joint layer's matrices
+    sizes = [p.numel() for n, p in build_dit(DiTConfig.newbie_exp01(), "meta").named_parameters()
+             if n.startswith("layers.0.") and p.ndim == 2]               # one joint layer's matrices
+    layer = sum(sizes)
     device, elements = ("cpu", layer // 256 // 256 * 256) if args.smoke else ("cuda", layer // 256 * 256)
     if args.smoke:
         timer = lambda fn: median_ms(fn, 5)  # noqa: E731
@@ -68,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             from newbie_core.models.gguf.triton_dequant import _launch
             for form, blocks, warps in SHAPES[qtype]:
                 variants[f"{form}/b{blocks}/w{warps}"] = (lambda f=form, bl=blocks, w=warps: _launch(qtype, src, out, f, bl, w))
+            # What placement does today: one launch per tensor of the layer (the runs above are one
+            # launch for the whole layer); the difference is the per-tensor launch cost.
+            per, nbytes = block_geometry(qtype)
+            pieces, at = [], 0
+            for n in sizes:
+                pieces.append((src[at // per * nbytes:(at + n) // per * nbytes], out[at:at + n]))
+                at += n
+            variants["per-tensor"] = lambda: [_launch(qtype, a, b) for a, b in pieces]
         copy_ms = None
         for label, fn in variants.items():
             ms = timer(fn)
