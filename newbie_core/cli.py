@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -136,7 +135,7 @@ def check_args(args: argparse.Namespace) -> CheckedArgs:
     v.check_chunk(args.ffn_chunk, "--ffn-chunk")
     v.check_vae_tile(args.vae_tile, "--vae-tile")
     cache = v.check_folder(args.cache_dir, "--cache-dir") if args.cache_dir else None
-    link = check_link_gbps(args.link_gbps, "--link-gbps")
+    link = v.check_link_gbps(args.link_gbps, "--link-gbps")
     for lora in args.lora:
         v.check_lora(lora)
     paths = (args.dit, args.gemma, args.jina, args.vae)
@@ -148,13 +147,6 @@ def check_args(args: argparse.Namespace) -> CheckedArgs:
         models = tuple(str(v.check_model_path(p, f"--{n}")) for n, p in zip(("dit", "gemma", "jina", "vae"), paths))
     return CheckedArgs(prompt, negative, size, out, init, models, vram, ram, cache, link)
 
-
-def check_link_gbps(gbps: float | None, field: str) -> float | None:
-    """GB/s: positive and finite, or None (measured). Checked here, before torch is imported."""
-    if gbps is not None and not (math.isfinite(gbps) and gbps > 0):
-        raise v.InputError(field, f"must be a positive number of GB/s (or leave it out to use the link "
-                                  f"measured on this machine), got {gbps}.")
-    return gbps
 
 
 def _models(args: argparse.Namespace, checked: CheckedArgs):

@@ -208,6 +208,14 @@ def check_budget(gb: float | None, field: str, *, zero_is_auto: bool = False) ->
     return value
 
 
+def check_link_gbps(gbps: float | None, field: str) -> float | None:
+    """GB/s: positive and finite, or None (the link measured on this machine)."""
+    if gbps is not None and not (math.isfinite(gbps) and gbps > 0):
+        raise InputError(field, f"must be a positive number of GB/s (or leave it out to use the link "
+                                f"measured on this machine), got {gbps}.")
+    return gbps
+
+
 MIN_VAE_TILE_PX = 128     # twice the 64 px overlap the tiles are blended over (MemorySettings.vae_overlap_px)
 
 

@@ -19,7 +19,7 @@ from .encode import ENCODER_DTYPE, encode_texts, plan_gemma, plan_jina
 from .handles import DiTHandle, TextEncoderHandle, VaeHandle
 from ..placement.host_budget import HostPlan
 from .host_ram import describe_host, host_model, host_tensor_bytes
-from .sample import StepCallback, plan_sampling, run_sampling
+from .sample import StepCallback, plan_sampling, planning_link, run_sampling
 from .settings import MemorySettings, SamplingSettings
 from .vae_stage import decode_latent, encode_image, plan_vae, vae_host_model
 
@@ -159,9 +159,8 @@ def describe_plan(models: Models, request: GenerationRequest, device: torch.devi
     budget, stages, host = _stage_plans(models, request, device, stage_budget(request.memory, device))
     link = disk = None
     if device.type == "cuda":     # the roofline from this machine's measured bandwidths (cached)
-        from ..placement.bandwidth import disk_bandwidth, link_bandwidth
-        link = request.memory.link_bytes_per_s or link_bandwidth(device)    # the user's figure, as the plan
-        disk = disk_bandwidth(models.dit.files[0])
+        from ..placement.bandwidth import disk_bandwidth
+        link, disk = planning_link(request.memory, device), disk_bandwidth(models.dit.files[0])
     given = request.memory.link_gbps is not None
     parts = [p.render() for p in stages] + [describe_host(host, request.memory, device).render(link, disk, given)]
     header = f"device {device}, VRAM budget " + ("none (CPU)" if budget is None else f"{budget / 2**30:.2f} GiB")

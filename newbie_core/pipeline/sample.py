@@ -135,6 +135,12 @@ def dit_activation_estimate(config: DiTConfig, batch: int, cap_tokens: int, imag
 FORWARD_EFFICIENCY = {False: 0.66, True: 0.46}
 
 
+def planning_link(memory: MemorySettings, device: torch.device) -> float:
+    """The host -> GPU bytes/s plans assume: the user's ``link_gbps``, else this machine's,
+    measured once and cached."""
+    return memory.link_bytes_per_s or link_bandwidth(device)
+
+
 def block_rates(config: DiTConfig, memory: MemorySettings, batch: int, tokens: int, dtype: torch.dtype,
                 device: torch.device) -> tuple[float | None, float | None]:
     """This GPU's link (bytes/s; the user's ``link_gbps`` or measured once and cached) and one joint
@@ -143,7 +149,7 @@ def block_rates(config: DiTConfig, memory: MemorySettings, batch: int, tokens: i
     if device.type != "cuda":
         return None, None
     try:
-        bandwidth = memory.link_bytes_per_s or link_bandwidth(device)
+        bandwidth = planning_link(memory, device)
         peak = matmul_throughput(device, torch.float8_e4m3fn if memory.fp8_compute else dtype)
     except RuntimeError as e:       # a failed probe (no room, no fp8 kernel) only costs the prediction
         log.warning("could not measure this GPU's link or matmul rate (%s); planning without them", e)

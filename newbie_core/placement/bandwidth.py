@@ -10,6 +10,7 @@ the matmul, the file system's device for the disk. A later run reads the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -78,14 +79,7 @@ def measure_link(device: torch.device, nbytes: int = LINK_PROBE_BYTES, repeats: 
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst.copy_(src, non_blocking=True)        # warm-up: the first copy maps the pages
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
+    best = _best_seconds(functools.partial(dst.copy_, src, non_blocking=True), repeats)
     del src, dst
     torch.cuda.empty_cache()      # the probe's buffers must not lower the auto budget that follows
     host_empty = getattr(torch._C, "_host_emptyCache", None)
@@ -128,6 +122,11 @@ def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, inner: int, r
         run = lambda: torch.matmul(a, b, out=out)   # noqa: E731
     for _ in range(3):
         run()
+    return _best_seconds(run, repeats, inner)
+
+
+def _best_seconds(run: Callable[[], object], repeats: int, inner: int = 1) -> float:
+    """The fastest of ``repeats`` CUDA-event-timed runs of ``inner`` calls, in seconds per call."""
     best = float("inf")
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
