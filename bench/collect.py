@@ -75,6 +75,13 @@ def soak_from_log(log: Path) -> dict:
     return {**summarize(runs), "note": "bench/soak.py; a run cut short by its time-out keeps the runs it finished"}
 
 
+def keep_earlier(extra: dict, old: dict, key: str) -> None:
+    """A key this visit did not measure keeps the earlier extra.json's value, marked with its visit."""
+    if key not in extra and key in old:
+        extra[key] = old[key]
+        extra[key + "_visit"] = old.get(key + "_visit", old.get("visit"))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--final", type=Path, required=True, help="run_benchmarks.py --final's --out folder")
@@ -107,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = {**{k: old[k] for k in ("official_parity_cuda", "official_parity_date") if k in old},
              **json.loads((args.final / "extra.json").read_text()), **stamp, "commands": args.commands}
     for key in ("profiles", "drift"):         # a visit that skipped these keeps the earlier ones, marked
-        if key not in extra and key in old:
-            extra[key] = old[key]
-            extra[key + "_visit"] = old.get(key + "_visit", old.get("visit"))
+        keep_earlier(extra, old, key)
     if "official_parity_cuda" in old and "official_parity_date" not in old:
         extra["official_parity_date"] = old.get("date", "")
     parts = {"attention": old.get("parts", {}).get("attention", []),
@@ -124,12 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, path, read in (("forward_variants", args.forward, lambda p: json.loads(p.read_text())),
                             ("gguf_decode", args.decode, decode_from_log)):
         if path:
-            extra[key] = read(path)
-        elif key in old:                       # kept from an earlier visit, with its id
-            extra[key] = old[key]
-            extra[key + "_visit"] = old.get(key + "_visit", old.get("visit"))
-        if path:
-            extra[key + "_visit"] = stamp["visit"]
+            extra[key], extra[key + "_visit"] = read(path), stamp["visit"]
+        else:
+            keep_earlier(extra, old, key)
     for item in args.earlier:
         key, _, when = item.partition("=")
         extra[key + "_visit"] = when or "an earlier visit"

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from newbie_core.models.dit import DiTConfig, NextDiT, flops_per_forward  # noqa: E402
 from newbie_core.models.dit.fused import kernels  # noqa: E402
 
-HOST_PROFILE = False              # --host: also time and profile the host side of a forward
 CAPTION = 256                     # padded caption length of the benchmark prompt (Gemma tokens)
 UNCOND = 24                       # the empty negative prompt with the system prefix
 
@@ -204,7 +203,8 @@ def host_side(forward, inputs, device: str, forwards: int = 3, top: int = 25) ->
 
 
 def run(config: DiTConfig, size: int, cfg: bool, device: str, iters: int, variants: list[str],
-        profile: bool) -> list[dict]:
+        profile: bool, host: bool = False) -> list[dict]:
+    """Each variant timed (and with ``profile`` profiled; with ``host`` its host side too)."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = random_dit(config, device, dtype)
     inputs, lens = sampler_inputs(config, size, cfg, device, dtype)
@@ -221,7 +221,7 @@ def run(config: DiTConfig, size: int, cfg: bool, device: str, iters: int, varian
         row["tflops"] = flops / (row["ms"] / 1e3) / 1e12
         if profile and device.startswith("cuda"):
             row["profile_ms"] = profile_forward(forward, inputs, device)
-        if HOST_PROFILE and device.startswith("cuda"):
+        if host and device.startswith("cuda"):
             row["host"] = host_side(forward, inputs, device)
             print("     host", row["host"], flush=True)
         prof = {k: v for k, v in row.get("profile_ms", {}).items() if k not in ("top", "gaps")}
@@ -356,8 +356,6 @@ def main() -> None:
                         help="only the SDPA backends and the fused functions' variants (attention.json, fused.json)")
     parser.add_argument("--host", action="store_true", help="also the host side: issue time, ops by host time")
     args = parser.parse_args()
-    global HOST_PROFILE
-    HOST_PROFILE = args.host
     if args.parts:
         benches = {"gemm": gemm_variants, "attention": attention_variants, "fused": fused_variants}
         parts = {name: benches[name]("cuda") for name in args.part_list.split(",")}
@@ -371,7 +369,7 @@ def main() -> None:
     rows = []
     for size in map(int, args.sizes.split(",")):
         rows += run(DiTConfig.newbie_exp01(), size, size == 1024, "cuda", args.iters, args.variants.split(","),
-                    not args.no_profile)
+                    not args.no_profile, args.host)
         torch.cuda.empty_cache()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

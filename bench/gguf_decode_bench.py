@@ -1,9 +1,9 @@
 """How fast can one joint layer's GGUF weights be decoded on the GPU? (issue 13)
 
-Under a 2 GB budget every block is decoded per use: 40 x 0.211 ms of Q8_0 decode is most of the
-gap between the Q8_0 2 GB row and its roofline (1.077x, BENCHMARKS.md). The first kernels read
-one byte per load and ran 8 Q8_0 blocks (or one Q4_K super-block) per program; the fp8 upcast,
-which moves about the same bytes, needs 0.08 ms per block. This times both kernel forms of
+Under a 2 GB budget every block is decoded per use. The first kernels read one byte per load and
+ran 8 Q8_0 blocks (or one Q4_K super-block) per program: 0.211 ms a layer, most of the gap between
+the Q8_0 2 GB row and its roofline then (1.077x); the fp8 upcast, which moves about the same
+bytes, needs 0.08 ms per block. This times both kernel forms of
 triton_dequant.py (bytes, and words: 16/32-bit loads, several blocks per program) at several
 launch shapes beside a plain copy of the same bytes, and the layer decoded tensor by tensor as
 placement does it today (``per-tensor``: one launch each), checking each against the torch path,

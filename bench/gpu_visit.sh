@@ -14,7 +14,7 @@
 #   bash bench/gpu_visit.sh decode                   # GGUF decode launch shapes against a copy
 #   bash bench/gpu_visit.sh probe                    # fused-kernel and forward variants, idle gaps
 #
-# Wheels the machine lacks (diffusers, gguf, importlib_metadata) go in .whl/ (ignored by git).
+# Wheels the machine lacks (diffusers, gguf, importlib_metadata, platformdirs) go in .whl/ (ignored by git).
 # All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
 # first compile of a visit is cold.
 set -u

@@ -496,8 +496,9 @@ def main() -> None:
         lines += ["", "seed-full-gpu (every model on the GPU at once) has no staged equivalent: its step is the "
                       "resident row's, its peak the sum of the four models (about 16 GB of weights)."]
     lines += ["", "## Where a sampling step's time goes (torch profiler, 1024² CFG, ms per step)", "",
-              f"Four profiled steps per row, {'in ' + _when(extra, 'profiles') if 'profiles_visit' in extra else 'in the same visit'} "
-              "(the visit before this one's rows: the forward has not changed since, the plans have). GEMM, attention and elementwise are kernel time; "
+              "Four profiled steps per row, " + (f"in {_when(extra, 'profiles')} (the forward may have changed "
+                                                 "since, the plans may differ)" if "profiles_visit" in extra
+                                                 else "in the same visit") + ". GEMM, attention and elementwise are kernel time; "
               "copies run on the side streams, overlapped with compute; idle is the rest of the wall time and "
               "here includes the stage's own setup (host-cache rebuild, first-step uploads), so the steady-state "
               "gap is the row's s/step above minus the three kernel columns.", "",
