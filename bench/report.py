@@ -1,6 +1,7 @@
 """Render the benchmark JSON (results.json with our rows and the peer rows, extra.json,
 calibration.json) as BENCHMARKS.md, and the chart docs/benchmark_chart.png. bench/peers.json
-keeps the peer run's own output, with the commands of each child process.
+keeps the peer run's own output, with the commands of each child process. The small-PC sections
+(GGUF, host RAM, LoRA, soak, the throttled link) come from bench/report_small_pc.py.
 
     python bench/report.py > BENCHMARKS.md
 """
@@ -12,6 +13,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from report_small_pc import _ms, _when, small_pc_sections, throttle_section  # noqa: E402
 STAGES = ("encode:gemma", "encode:jina", "sample", "decode")
 
 
@@ -64,10 +68,6 @@ def calibration_table(rows: list[dict]) -> list[str]:
                 out.append(f"| {r['size']} | {r['cfg']} | {r['dtype']} | {r['budget_gb']} | {s} | {m:.2f} | {p:.2f} | "
                            f"{p / m:.3f} |")
     return out
-
-
-def _ms(x: float) -> str:
-    return f"{1e3 * x:.1f}"
 
 
 def peers_table(peers: list[dict], rows: list[dict]) -> list[str]:
@@ -261,26 +261,6 @@ def fp8_compute_section(rows: list[dict], peers: list[dict], extra: dict) -> lis
     return out
 
 
-def _load(name: str):
-    path = HERE / name
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _visit(doc: dict) -> str:
-    """Whether ``doc`` was written by the collect that wrote extra.json (the visit of the rows
-    above) or is kept from an earlier one."""
-    this = (_load("extra.json") or {}).get("visit")
-    return "same visit" if this and doc.get("visit") == this else "an earlier visit"
-
-
-def _when(extra: dict, key: str) -> str:
-    """"same visit" as the rows, or which earlier visit (collect.py --earlier names it)."""
-    when = extra.get(key + "_visit")
-    if when == extra.get("visit"):
-        return "same visit"
-    return when if when and not when[:4].isdigit() else "an earlier visit"
-
-
 def forward_section(extra: dict) -> list[str]:
     """The DiT forward alone (bench/forward_bench.py): launched op by op against one CUDA graph,
     with the host's issue time, so launch cost and host-bound stretches show."""
@@ -299,119 +279,6 @@ def forward_section(extra: dict) -> list[str]:
                    f"{r['tflops']:.0f} | {'-' if host is None else host} | {r['rel_l2_vs_eager']:.1e} |")
     if extra.get("forward_host"):
         out += ["", extra["forward_host"]["note"]]
-    return out
-
-
-def decode_section(extra: dict) -> list[str]:
-    """GGUF decode launch shapes (bench/gguf_decode_bench.py)."""
-    dec = extra.get("gguf_decode")
-    if not dec:
-        return []
-    out = ["", f"GGUF decode of one joint layer (87 M weights) on the GPU (`bench/gguf_decode_bench.py`, "
-               f"{_when(extra, 'gguf_decode')}); bytes = one byte per load, words = 16/32-bit loads and many "
-               "blocks per program (form/blocks per program/warps); the production shape is "
-               "`triton_dequant.LAUNCH`:", "", "| type | variant | µs | GB/s | × copy | = torch decode |",
-           "|---|---|---|---|---|---|"]
-    for r in dec:
-        out.append(f"| {r['qtype']} | {r['variant']} | {r['us']:.1f} | {r['gbps']:.0f} | {r['x_copy']:.2f} | "
-                   f"{'-' if r['variant'] in ('copy', 'torch') else ('no' if r['differs'] else 'yes')} |")
-    return out
-
-
-def throttle_section() -> list[str]:
-    """The link projection checked on the GPU machine with a throttled copy stream."""
-    doc = _load("throttle.json")
-    if not doc:
-        return ["", "Not yet checked against a throttled link (`bash bench/gpu_visit.sh throttle`)."]
-    out = ["", f"Checked at a few points by throttling the copy stream to the link's speed "
-               f"(`bench/link_throttle_bench.py`, {doc['date']}, {_visit(doc)}):", "",
-           "| storage | budget GB | link GB/s | measured s/step | projected s/step | measured / projected |",
-           "|---|---|---|---|---|---|"]
-    for r in doc["rows"]:
-        out.append(f"| {r['storage']} | {r['budget_gb']} | {r['link_gbps']} | {r['s_per_step']:.3f} | "
-                   f"{r['projected_s_per_step']:.3f} | {r['x_projection']:.3f} |")
-    worst = max(doc["rows"], key=lambda r: r["x_projection"])
-    out += ["", f"The projection is optimistic where copy and compute are nearly equal: worst "
-                f"{worst['x_projection']:.2f}x ({worst['storage']}, {worst['budget_gb']} GB, {worst['link_gbps']} GB/s). "
-                "Read the table's s/step as a lower bound there; where one side clearly dominates it held within "
-                "about 10 %."]
-    return out
-
-
-def small_pc_sections() -> list[str]:
-    """GGUF rows, host-RAM rows, the LoRA cost and the soak (issues 11-13)."""
-    out = []
-    gguf = _load("gguf.json")
-    if gguf:
-        out += ["", f"## GGUF and fp8 DiT files, sampling only (`bench/gguf_bench.py`, {gguf[0]['date']}, "
-                f"{_visit(gguf[0])})", "",
-                "1024² CFG, 28 steps, fixed random conditioning. MB/step = bytes copied to the GPU per step "
-                "(the first step's uploads included); roofline = max(the same file's resident step, MB/step over "
-                f"{gguf[0]['bandwidth_gbps']:.1f} GB/s). Dequant = Triton decode of one joint layer's weights.", "",
-                "| storage | budget GB | ms/step (min-max) | × bf16 resident | × roofline | peak GB (predicted) | "
-                "MB/step | resident blocks | bitwise = its resident | latent vs bf16 (rel L2) | dequant ms/layer |",
-                "|" + "---|" * 11]
-        base = gguf[0]
-        for r in gguf:
-            drift = r.get("drift_vs_bf16", {}).get("rel_l2")
-            out.append(f"| {r['storage']} | {r['budget_gb'] or 'none'} | {1e3 * r['s_per_step']:.1f} "
-                       f"({_ms(r['s_step_min'])}-{_ms(r['s_step_max'])}) | {r['s_per_step'] / base['s_per_step']:.3f} | "
-                       f"{r.get('x_roofline', 1.0):.3f} | {r['peak_reserved_gb']:.2f} ({r['predicted_peak_gb']:.2f}) | "
-                       f"{r['bytes_h2d_per_step'] / 1e6:.0f} | {r['resident_blocks']}/{r['n_blocks']} | "
-                       f"{r.get('bitwise_equal_to_resident', '-')} | {'-' if drift is None else f'{drift:.3f}'} | "
-                       f"{r.get('dequant_ms_per_layer', '-') if r.get('dequant_ms_per_layer') is None else round(r['dequant_ms_per_layer'], 3)} |")
-    out += decode_section(_load("extra.json") or {})
-    ram = _load("host_ram.json")
-    if ram:
-        earlier = any(r.get("earlier_visit") for r in ram["rows"])
-        out += ["", f"## Host RAM (`bench/host_ram_bench.py --targets`, {ram['date']}, {_visit(ram)}"
-                + ("; rows marked * from the visit before it (`--resume`)" if earlier else "") + ")", "",
-                "Whole generations at 1024² CFG, 4 steps, one fresh process per row; cold = the model files "
-                "evicted from the page cache first. RAM budgets and peaks in GiB (what `--ram-budget` counts). "
-                "× unlimited compares with the unlimited-RAM row of the same VRAM budget and temperature.", "",
-                "| storage | RAM budget | VRAM budget | cold/warm | s/step | generation s | × unlimited | VmHWM GiB | "
-                "predicted GiB | pinned GiB | read from disk GB | within budget |", "|" + "---|" * 12]
-        for r in ram["rows"]:
-            if "error" in r:
-                out.append(f"| {r['storage']} | {r['ram_budget_gb']} | {r['vram_budget_gb']} | {r['temperature']} | "
-                           f"failed: {r['error'][:80]} |" + " |" * 7)
-                continue
-            x = r.get("x_unlimited_generation")
-            predicted = r.get("predicted_host_peak_gb")
-            out.append(f"| {r['storage']} | {r['ram_budget_gb'] or 'auto (unlimited)'} | {r['vram_budget_gb']} | "
-                       f"{r['temperature']}{' *' if r.get('earlier_visit') else ''} | {r['s_per_step']:.3f} | "
-                       f"{r['generation_s']:.1f} | {'-' if x is None else f'{x:.3f}'} | {r['host_ram_peak_gb']:.2f} | "
-                       f"{'not recorded' if predicted is None else f'{predicted:.2f}'} | {r['pinned_gb']:.2f} | "
-                       f"{r['bytes_read_gb']:.1f} | {r.get('within_ram_budget', '-')} |")
-    lora = _load("lora.json")
-    if lora:
-        first = lora["rows"][0]
-        out += ["", f"## LoRA cost (`bench/lora_bench.py`, rank-32 PEFT LoRA on every linear, {lora['date']}, "
-                f"{_visit(lora)})", "",
-                f"Reading and mapping the LoRA: {first['lora_read_map_s']:.2f} s the first time, "
-                f"{first['lora_cached_map_s']:.3f} s from the cache (a strength change reads no file).", "",
-                "| budget | resident blocks | ms/step without | with LoRA | per-step cost |", "|---|---|---|---|---|"]
-        for r in lora["rows"]:
-            out.append(f"| {r['budget']} | {r['resident_blocks']}/{r['n_blocks']} | {1e3 * r['step_s']:.1f} | "
-                       f"{1e3 * r['step_s_lora']:.1f} | {100 * r['overhead']:+.1f} % |")
-    soak = _load("soak.json")
-    if soak:
-        g, c = soak["growth_after_first_mib"], soak.get("growth_after_first_cycle_mib", {})
-        runs = soak["runs"]
-        out += ["", f"## Soak (`bench/soak.py`, full-size files, {soak['date']}, {_visit(soak)})", "",
-                f"{len(runs)} consecutive whole generations in one process (sizes 512², 640×512, 512×640; budgets "
-                f"none / 4 / 2 GB; five prompts; 2 steps). After each: VRAM allocated/reserved, pinned host "
-                f"memory, RSS (MiB).", "",
-                "| | allocated | reserved | pinned | RSS |", "|---|---|---|---|---|",
-                f"| run 0 | {runs[0]['allocated_mib']:.0f} | {runs[0]['reserved_mib']:.0f} | {runs[0]['pinned_mib']:.0f} | "
-                f"{runs[0]['rss_mib']:.0f} |",
-                f"| run {len(runs) - 1} | {runs[-1]['allocated_mib']:.0f} | {runs[-1]['reserved_mib']:.0f} | "
-                f"{runs[-1]['pinned_mib']:.0f} | {runs[-1]['rss_mib']:.0f} |",
-                f"| growth after run 0 | {g['allocated_mib']:+.1f} | {g['reserved_mib']:+.1f} | {g['pinned_mib']:+.1f} | "
-                f"{g['rss_mib']:+.1f} |"]
-        if c:
-            out.append(f"| growth after run 5 (each size and budget seen once) | {c['allocated_mib']:+.1f} | "
-                       f"{c['reserved_mib']:+.1f} | {c['pinned_mib']:+.1f} | {c['rss_mib']:+.1f} |")
     return out
 
 
