@@ -62,8 +62,10 @@ def decode_from_log(log: Path) -> list[dict]:
     for line in log.read_text().splitlines():
         m = re.match(r"(\S+)\s+(\S+)\s+([\d.]+) us\s+(\d+) GB/s\s+([\d.]+)x copy(.*)", line)
         if m:
+            host = re.search(r"host ([\d.]+) us", m[6])
             out.append({"qtype": m[1], "variant": m[2], "us": float(m[3]), "gbps": float(m[4]),
-                        "x_copy": float(m[5]), "differs": "DIFFERS" in m[6]})
+                        "x_copy": float(m[5]), "differs": "DIFFERS" in m[6],
+                        **({"host_us": float(host[1])} if host else {})})
     return out
 
 

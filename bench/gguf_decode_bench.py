@@ -6,8 +6,10 @@ the Q8_0 2 GB row and its roofline then (1.077x); the fp8 upcast, which moves ab
 bytes, needs 0.08 ms per block. This times both kernel forms of
 triton_dequant.py (bytes, and words: 16/32-bit loads, several blocks per program) at several
 launch shapes beside a plain copy of the same bytes, and the layer decoded tensor by tensor as
-placement does it today (``per-tensor``: one launch each), checking each against the torch path,
+placement did it first (``per-tensor``: one launch each), checking each against the torch path,
 and prints one line per variant: µs per layer, GB/s (packed read + bf16 write) and × the copy.
+Then placement's own upcast of a packed joint block (``block/per-tensor``: 13 launches, against
+``block/one-launch``: the whole-block kernel), with the host µs it takes to issue one block.
 
     python bench/gguf_decode_bench.py             # CUDA + Triton
     python bench/gguf_decode_bench.py --smoke     # CPU: the torch path on a small layer (CI)
@@ -85,7 +87,53 @@ def main(argv: list[str] | None = None) -> int:
             same = label == "copy" or torch.equal(out, want)
             print(f"{qtype.name:5} {label:16} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
                   + ("" if same else "  DIFFERS from the torch decode"), flush=True)
+        if not args.smoke:
+            whole_block(qtype, timer, copy_ms)
     return 0
+
+
+def whole_block(qtype: T, timer, copy_ms: float) -> None:
+    """Placement's real upcast of a joint block held packed (its 6 matrices in ``qtype``, 7 plain
+    tensors): per tensor (13 launches) against the one-launch block kernel, in GPU µs and in host
+    µs to issue one block's decode (the thread that issues them also drives the forward)."""
+    import importlib
+    import time
+
+    from newbie_core.models.gguf import codec_name, packed_nbytes
+    from newbie_core.placement.fp8 import upcast_block
+    from newbie_core.placement.fp8_cuda import FusedUpcast
+    from newbie_core.placement.layout import PackedTensor, block_tensors, compute_layout, packed_layout
+
+    importlib.import_module("newbie_core.pipeline.placed")     # registers the GGUF codecs and block fuser
+    block = build_dit(DiTConfig.newbie_exp01(), "meta").layers[0]
+    compute = compute_layout(block_tensors(block, torch.bfloat16))
+    storage = packed_layout(compute, {e.name: PackedTensor(codec_name(qtype), packed_nbytes(qtype, e.nbytes // 2))
+                                      for e in compute.entries if len(e.shape) == 2})
+    src = torch.zeros(storage.nbytes, dtype=torch.uint8, device="cuda")
+    for e in storage.entries:
+        if e.codec:
+            src[e.offset:e.offset + e.shape[0]] = random_blocks(qtype, e.shape[0] // block_geometry(qtype)[1]
+                                                                * block_geometry(qtype)[0], "cuda")
+        else:
+            src[e.offset:e.offset + e.nbytes] = torch.randn(e.nbytes // 2, device="cuda").bfloat16().view(torch.uint8)
+    want, got = (torch.zeros(compute.nbytes, dtype=torch.uint8, device="cuda") for _ in range(2))
+    fused = FusedUpcast([(storage, compute)], "cuda")
+    variants = {"block/per-tensor": lambda: upcast_block(storage, compute, src, want),
+                "block/one-launch": lambda: fused(storage, compute, src, got)}
+    moved = storage.nbytes + compute.nbytes
+    for label, fn in variants.items():
+        ms = timer(fn)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(50):                     # 50 x 13 launches stay below the launch queue's depth
+            fn()
+        host_us = (time.perf_counter() - start) / 50 * 1e6
+        torch.cuda.synchronize()
+        same = all(torch.equal(got[c.offset:c.offset + c.nbytes], want[c.offset:c.offset + c.nbytes])
+                   for c in compute.entries) if label.endswith("one-launch") else True
+        print(f"{qtype.name:5} {label:16} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
+              f"  host {host_us:.1f} us" + ("" if same else "  DIFFERS from the per-tensor decode")
+              + ("" if label.endswith("per-tensor") or fused._fused else "  (block kernel stood down)"), flush=True)
 
 
 if __name__ == "__main__":

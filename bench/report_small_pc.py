@@ -44,10 +44,12 @@ def decode_section(extra: dict) -> list[str]:
     out = ["", f"GGUF decode of one joint layer (87 M weights) on the GPU (`bench/gguf_decode_bench.py`, "
                f"{_when(extra, 'gguf_decode')}); bytes = one byte per load, words = 16/32-bit loads and many "
                "blocks per program (form/blocks per program/warps); the production shape is "
-               "`triton_dequant.LAUNCH`:", "", "| type | variant | µs | GB/s | × copy | = torch decode |",
-           "|---|---|---|---|---|---|"]
+               "`triton_dequant.LAUNCH`. The `block/` rows are placement's upcast of a whole packed joint "
+               "block (13 tensors) tensor by tensor or in one launch, with the host time to issue it:", "",
+           "| type | variant | µs | GB/s | × copy | host µs | = torch decode |", "|---|---|---|---|---|---|---|"]
     for r in dec:
-        out.append(f"| {r['qtype']} | {r['variant']} | {r['us']:.1f} | {r['gbps']:.0f} | {r['x_copy']:.2f} | "
+        host = f"{r['host_us']:.1f}" if "host_us" in r else "-"
+        out.append(f"| {r['qtype']} | {r['variant']} | {r['us']:.1f} | {r['gbps']:.0f} | {r['x_copy']:.2f} | {host} | "
                    f"{'-' if r['variant'] in ('copy', 'torch') else ('no' if r['differs'] else 'yes')} |")
     return out
 

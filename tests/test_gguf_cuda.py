@@ -74,3 +74,33 @@ def test_each_kernel_form_equals_torch_decode(qtype, form, offset):
     out = torch.full((n * per,), float("nan"), dtype=torch.bfloat16, device="cuda")
     _launch(qtype, src, out, form)
     assert torch.equal(out, dequantize(qtype, src, (n * per,)).to(torch.bfloat16))
+
+
+@cuda
+@pytest.mark.parametrize("qtype", (T.Q8_0, T.Q4_K), ids=lambda t: t.name)
+def test_the_one_launch_block_decode_runs_and_equals_the_per_tensor_path(qtype):
+    """Placement's upcast takes the whole-block kernel for a DiT-like packed block, and its bits
+    equal decoding tensor by tensor (the path streamed == resident was first proven on)."""
+    from newbie_core.placement.fp8 import upcast_block
+    from newbie_core.placement.fp8_cuda import FusedUpcast
+    from test_gguf_block_decode import dit_like_layouts
+
+    storage, compute = dit_like_layouts(qtype)
+    upcast = FusedUpcast([(storage, compute)], "cuda")
+    assert (storage, compute) in upcast._fused, "the block kernel stood down (see the log warning)"
+    src = torch.randint(0, 256, (storage.nbytes,), dtype=torch.uint8)
+    per, nbytes = {T.Q8_0: (32, 34), T.Q4_K: (256, 144)}[qtype]
+    for e in storage.entries:
+        if e.codec:
+            blocks = src[e.offset:e.offset + e.shape[0]].view(-1, nbytes)
+            blocks[:, 0:4] = (torch.rand(blocks.shape[0], 2) * 0.02).half().view(torch.uint8)
+        else:
+            src[e.offset:e.offset + e.nbytes] = torch.randn(e.nbytes // 2).to(torch.bfloat16).view(torch.uint8)
+    src = src.cuda()
+    want = torch.zeros(compute.nbytes, dtype=torch.uint8, device="cuda")
+    got = torch.full_like(want, 0xFF)
+    upcast_block(storage, compute, src, want)
+    upcast(storage, compute, src, got)
+    for c in compute.entries:
+        assert torch.equal(got[c.offset:c.offset + c.nbytes], want[c.offset:c.offset + c.nbytes]), c.name
+    upcast.release()

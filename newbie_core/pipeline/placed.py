@@ -22,8 +22,9 @@ from ..models.checkpoint import TensorSource, assign_parameter
 from .lora import patched_value
 from ..models.gguf import BLOCK_DECODERS, codec_name
 from ..models.gguf.dequant import decode_into
-from ..placement.codecs import register_codec
-from ..placement.layout import PackedTensor
+from ..models.gguf.triton_dequant import Piece, block_decoder
+from ..placement.codecs import register_block_fuser, register_codec
+from ..placement.layout import BlockLayout, PackedTensor
 from ..placement.patches import BlockPatches, WeightPatch
 from ..placement.plan import UNBOUNDED
 from ..placement import (HOST_CACHE, BlockSize, StagePlan, StorageChoice, StreamingSession, block_sizes,
@@ -34,9 +35,30 @@ log = logging.getLogger(__name__)
 # Planning on the CPU: no budget applies, everything is resident.
 UNLIMITED = UNBOUNDED
 
-# GGUF blocks stay packed in placement's buffers; placement decodes them through these codecs.
+# GGUF blocks stay packed in placement's buffers; placement decodes them through these codecs,
+# and whole blocks in one launch where the Triton block kernel applies.
 for _qtype in BLOCK_DECODERS:
     register_codec(codec_name(_qtype), lambda src, out, q=_qtype: decode_into(q, src, out))
+_QTYPE_OF_CODEC = {codec_name(q): q for q in BLOCK_DECODERS}
+
+
+def gguf_block_fuser(storage: BlockLayout, compute: BlockLayout, device: torch.device):
+    """Placement's layouts as the GGUF block kernel's pieces, or None where it does not apply."""
+    dtypes = {c.dtype for c in compute.entries}
+    if len(dtypes) != 1:
+        return None
+    pieces = []
+    for s, c in zip(storage.entries, compute.entries):
+        if s.codec is None and s.dtype != c.dtype:
+            return None
+        qtype = _QTYPE_OF_CODEC.get(s.codec) if s.codec is not None else None
+        if s.codec is not None and qtype is None:
+            return None
+        pieces.append(Piece(qtype, s.offset, c.offset, c.nbytes // c.dtype.itemsize))
+    return block_decoder(pieces, dtypes.pop(), device)
+
+
+register_block_fuser(gguf_block_fuser)
 
 
 def block_keys(model, source: TensorSource) -> list[list[str]]:

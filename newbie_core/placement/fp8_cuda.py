@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import torch
 
 from ..checked_kernel import CheckedKernel
+from .codecs import BlockDecode, fused_block_decode
 from .fp8 import pack_block, upcast_block
 from .layout import FP8, BlockLayout, compute_layout, fp8_layout
 
@@ -104,29 +105,45 @@ def launch(table: torch.Tensor, storage: BlockLayout, compute: BlockLayout, src:
 
 
 class FusedUpcast:
-    """Upcasts one stage's fp8 blocks: the fused kernel where it applies, else the torch path."""
+    """Upcasts one stage's fp8 and packed blocks: one launch per block where a fused kernel
+    applies (this module's for fp8, a registered block fuser for packed layouts, codecs.py),
+    else the per-tensor torch path."""
 
     def __init__(self, pairs: Iterable[tuple[BlockLayout, BlockLayout]], device: torch.device | str):
         self._tables: dict[tuple[BlockLayout, BlockLayout], torch.Tensor] = {}
+        self._fused: dict[tuple[BlockLayout, BlockLayout], BlockDecode] = {}
         device = torch.device(device)
-        if device.type != "cuda" or not KERNEL.usable(device):
+        if device.type != "cuda":
             return
         for storage, compute in pairs:
-            if (storage, compute) not in self._tables:
+            key = (storage, compute)
+            if key in self._tables or key in self._fused:
+                continue
+            if storage.is_packed:
+                decode = fused_block_decode(storage, compute, device)
+                if decode is not None:
+                    self._fused[key] = decode
+            elif KERNEL.usable(device):
                 table = build_table(storage, compute, device)
                 if table is not None:
-                    self._tables[(storage, compute)] = table
+                    self._tables[key] = table
 
     def __call__(self, storage: BlockLayout, compute: BlockLayout, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Fill compute-layout ``dst`` from storage-layout ``src`` (both uint8) on the current stream."""
-        table = self._tables.get((storage, compute))
+        key = (storage, compute)
+        table = self._tables.get(key)
         if table is not None:
             launch(table, storage, compute, src, dst)
+            return
+        decode = self._fused.get(key)
+        if decode is not None:
+            decode(src, dst)
         else:
             upcast_block(storage, compute, src, dst)
 
     def release(self) -> None:
         self._tables.clear()
+        self._fused.clear()
 
 
 def _self_check(device: torch.device) -> None:

@@ -20,7 +20,8 @@ Decisions, and why:
   then runs on two slots). Measured on an H200 at 512² without CFG under 2 GB, against the
   residents-first order: bf16 8 resident blocks instead of 7, 102.1 ms per step instead of 104.3;
   fp8 13 instead of 9, but 55.0 ms instead of 53.9, because with two slots a streamed fp8 block
-  waits for its slot before its upcast (a third slot for upcast-per-use storage is untried).
+  waits for its slot before its upcast. So upcast-per-use storage (fp8, packed) keeps its third
+  slot while residents go, and drops to two only when nothing is left resident.
 - **fp8 storage with room to spare.** fp8 is a storage format: a resident fp8 block is upcast
   into a ring slot before every use. When the budget allows, resident blocks are instead kept at
   compute dtype, upcast once when placed (*materialized*): same bits, no per-use upcast. The
@@ -150,7 +151,11 @@ class _Ctx:
             materialized = [(n, self.slots_for(kind, n, m), 0, m) for m in range(n, 0, -1)]
         if self.transfer_bound(kind):
             cfgs = [(n, self.slots_for(kind, n), c, 0) for c in range(last + 1)]
-            cfgs += [(r, low(r), last, 0) for r in range(n - 1, -1, -1)]
+            if kind.upcast_per_use:     # a third slot lets the next copy land while two upcast
+                cfgs += [(r, self.slots_for(kind, r), last, 0) for r in range(n - 1, -1, -1)]
+                cfgs.append((0, low(0), last, 0))
+            else:
+                cfgs += [(r, low(r), last, 0) for r in range(n - 1, -1, -1)]
             return materialized + cfgs
         cfgs = [(r, self.slots_for(kind, r), 0, 0) for r in range(n, -1, -1)]
         cfgs += [(0, low(0), c, 0) for c in range(last + 1)]

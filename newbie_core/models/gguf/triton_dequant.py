@@ -14,12 +14,14 @@ equal to resident ones (test_gguf_cuda.py).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from gguf import GGMLQuantizationType as T
 
 from ...checked_kernel import CheckedKernel
-from .dequant import dequantize
+from .dequant import block_geometry, dequantize
 
 try:
     import triton
@@ -70,11 +72,9 @@ if triton is not None:
         tl.store(out_ptr + b * 256 + sub[:, None] * 32 + e, (dj * q - mj).to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _q8_0_words_kernel(src16_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
+    def _q8_0_words(src16_ptr, out_ptr, blk, ok, BLOCKS: tl.constexpr):
         """Q8_0 read as 16-bit words (a block is 17 of them: the f16 scale, then 16 pairs of
-        int8): half the loads of the byte kernel, same arithmetic."""
-        blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)[:, None]      # (BLOCKS, 1)
-        ok = blk < n_blocks
+        int8): half the loads of the byte kernel, same arithmetic. ``blk``: (BLOCKS, 1) indices."""
         base = src16_ptr + blk * 17
         d = tl.load(base, mask=ok, other=0).to(tl.float16, bitcast=True).to(tl.float32)
         w = tl.load(base + 1 + tl.arange(0, 16)[None, :], mask=ok, other=0)              # (BLOCKS, 16) int16
@@ -84,11 +84,14 @@ if triton is not None:
         tl.store(out_ptr + blk * 32 + tl.arange(0, 32)[None, :], (d * q).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _q4_k_words_kernel(src8_ptr, src32_ptr, out_ptr, n_blocks, SUPER: tl.constexpr):
-        """Q4_K, ``SUPER`` super-blocks (256 elements, 36 32-bit words) per program; the 128 bytes
-        of nibbles read as 32 words, each giving 4 elements of two sub-blocks."""
-        sb = tl.program_id(0).to(tl.int64) * SUPER + tl.arange(0, SUPER)                 # (SUPER,)
-        ok = sb < n_blocks
+    def _q8_0_words_kernel(src16_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
+        blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)[:, None]      # (BLOCKS, 1)
+        _q8_0_words(src16_ptr, out_ptr, blk, blk < n_blocks, BLOCKS)
+
+    @triton.jit
+    def _q4_k_words(src8_ptr, src32_ptr, out_ptr, sb, ok, SUPER: tl.constexpr):
+        """Q4_K, ``SUPER`` super-blocks (256 elements, 36 32-bit words) at indices ``sb``; the 128
+        bytes of nibbles read as 32 words, each giving 4 elements of two sub-blocks."""
         head = tl.load(src32_ptr + sb * 36, mask=ok, other=0)                            # d | dmin << 16
         d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -115,6 +118,34 @@ if triton is not None:
         tl.store(out_ptr + sb[:, None] * 256 + e, tl.reshape(x, (SUPER, 256)).to(out_ptr.dtype.element_ty),
                  mask=ok[:, None])
 
+    @triton.jit
+    def _q4_k_words_kernel(src8_ptr, src32_ptr, out_ptr, n_blocks, SUPER: tl.constexpr):
+        sb = tl.program_id(0).to(tl.int64) * SUPER + tl.arange(0, SUPER)                 # (SUPER,)
+        _q4_k_words(src8_ptr, src32_ptr, out_ptr, sb, sb < n_blocks, SUPER)
+
+    @triton.jit
+    def _block_kernel(src8_ptr, src16_ptr, src32_ptr, srcd_ptr, dst_ptr, table_ptr, QTYPE: tl.constexpr,
+                      PER: tl.constexpr, COPY: tl.constexpr):
+        """One packed block in one launch: each table row (packed?, source offset, destination
+        element offset, count) is ``PER`` GGML blocks of one tensor, or ``COPY`` elements of a
+        plain (compute-dtype) tensor. Offsets are bytes for packed rows and elements for plain
+        ones; every row starts 256-byte aligned in both layouts (layout.py), hence the hints."""
+        row = table_ptr + tl.program_id(0) * 4
+        packed = tl.load(row)
+        src = tl.multiple_of(tl.load(row + 1), 128)
+        dst = tl.multiple_of(tl.load(row + 2), 128)
+        n = tl.load(row + 3)
+        if packed != 0:
+            if QTYPE == 8:          # GGMLQuantizationType.Q8_0
+                blk = tl.arange(0, PER)[:, None].to(tl.int64)
+                _q8_0_words(src16_ptr + src // 2, dst_ptr + dst, blk, blk < n, PER)
+            else:                   # Q4_K
+                sb = tl.arange(0, PER).to(tl.int64)
+                _q4_k_words(src8_ptr + src, src32_ptr + src // 4, dst_ptr + dst, sb, sb < n, PER)
+        else:
+            offs = tl.max_contiguous(tl.multiple_of(tl.arange(0, COPY), COPY), COPY)
+            keep = offs < tl.multiple_of(n, 16)                    # rows are padded to 16 elements
+            tl.store(dst_ptr + dst + offs, tl.load(srcd_ptr + src + offs, mask=keep), mask=keep)
 
 # The launch shape used in production: (kernel form, blocks or super-blocks per program, warps).
 # Chosen on an H200 with bench/gguf_decode_bench.py, one joint layer (87 M weights), µs against a
@@ -151,6 +182,125 @@ def _launch(qtype: T, src: torch.Tensor, out: torch.Tensor, form: str | None = N
             _q4_k_kernel[(n,)](src, flat, num_warps=num_warps)
 
 
+# Whole-block decode (_block_kernel): GGML blocks per table row and warps, the LAUNCH shapes.
+BLOCK_ROW = {T.Q8_0: (256, 8), T.Q4_K: (8, 4)}
+_ALIGN = 256                      # every piece starts here in both layouts (placement/layout.py)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor of a packed block: GGML-packed (``qtype``) or plain at the output dtype
+    (``qtype`` None, copied). Offsets are bytes into the packed and the decoded block."""
+    qtype: T | None
+    src: int
+    dst: int
+    elements: int
+
+
+def block_decoder(pieces: Sequence[Piece], dtype: torch.dtype,
+                  device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """One launch that decodes a whole block of ``pieces`` (all packed ones of one type with a
+    kernel, the plain ones at ``dtype``), or None when the block does not qualify. Launching per
+    tensor costs about 14 launches per DiT block, on the thread that also drives the forward."""
+    qtypes = {p.qtype for p in pieces if p.qtype is not None}
+    if (device.type != "cuda" or len(qtypes) != 1 or dtype not in (torch.bfloat16, torch.float16)
+            or any(p.src % _ALIGN or p.dst % _ALIGN for p in pieces)):
+        return None
+    qtype = T(qtypes.pop())
+    if qtype not in BLOCK_ROW or not BLOCK_KERNEL.usable(device):
+        return None
+    table = block_table(pieces, dtype, device)
+
+    def decode(src: torch.Tensor, dst: torch.Tensor) -> None:
+        if src.data_ptr() % _ALIGN or dst.data_ptr() % _ALIGN:
+            decode_pieces(pieces, src, dst, dtype)           # same bits, one launch per tensor
+        else:
+            _launch_block(qtype, table, src, dst, dtype)
+    return decode
+
+
+def _launch_block(qtype: T, table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, dtype: torch.dtype) -> None:
+    """Run _block_kernel; ``src`` and ``dst`` are 256-byte aligned uint8 buffers."""
+    src, dst = src[: src.numel() // _ALIGN * _ALIGN], dst[: dst.numel() // _ALIGN * _ALIGN]
+    per, warps = BLOCK_ROW[qtype]
+    _block_kernel[(table.shape[0],)](src, src.view(torch.int16), src.view(torch.int32), src.view(dtype),
+                                     dst.view(dtype), table, QTYPE=int(qtype), PER=per, COPY=per * _per_block(qtype),
+                                     num_warps=warps)
+
+
+def _per_block(qtype: T) -> int:
+    return 32 if qtype is T.Q8_0 else 256
+
+
+def block_table(pieces: Sequence[Piece], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Rows (packed?, source offset, destination element offset, count) for _block_kernel: packed
+    rows hold ``BLOCK_ROW`` GGML blocks (source offset in bytes), plain rows as many elements as
+    those decode to (source offset in elements, count padded to 16: the padding is in the gap to
+    the next 256-byte boundary)."""
+    rows = []
+    size = dtype.itemsize
+    packed = T(next(p.qtype for p in pieces if p.qtype is not None))
+    step = BLOCK_ROW[packed][0] * _per_block(packed)            # elements a packed row decodes to
+    for p in pieces:
+        if p.qtype is None:
+            for start in range(0, p.elements, step):
+                rows.append((0, p.src // size + start, p.dst // size + start, -(-min(step, p.elements - start) // 16) * 16))
+            continue
+        per, nbytes = block_geometry(p.qtype)
+        blocks, row = p.elements // per, BLOCK_ROW[p.qtype][0]
+        for start in range(0, blocks, row):
+            rows.append((1, p.src + start * nbytes, p.dst // size + start * per, min(row, blocks - start)))
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
+def decode_pieces(pieces: Sequence[Piece], src: torch.Tensor, dst: torch.Tensor, dtype: torch.dtype) -> None:
+    """The per-tensor path the block kernel must equal: each packed piece decoded on its own."""
+    size = dtype.itemsize
+    for p in pieces:
+        out = dst[p.dst:p.dst + p.elements * size].view(dtype)
+        if p.qtype is None:
+            out.copy_(src[p.src:p.src + p.elements * size].view(dtype))
+        else:
+            packed = src[p.src:p.src + p.elements // block_geometry(p.qtype)[0] * block_geometry(p.qtype)[1]]
+            if not try_decode_into(p.qtype, packed, out):
+                out.copy_(dequantize(p.qtype, packed, (p.elements,)))
+
+
+def _check_block(device: torch.device) -> None:
+    """The block kernel against the per-tensor path, on a block of every kind of row (a plain
+    tensor longer than one row, packed tensors of one and of several rows), both output dtypes."""
+    g = torch.Generator().manual_seed(0)
+    for qtype in BLOCK_ROW:
+        per, nbytes = block_geometry(qtype)
+        sizes = [(qtype, per * (BLOCK_ROW[qtype][0] * 2 + 3)), (None, 9000), (qtype, per * 5), (None, 24)]
+        for dtype in (torch.bfloat16, torch.float16):
+            pieces, src_at, dst_at, chunks = [], 0, 0, []
+            for q, n in sizes:
+                raw = torch.randint(0, 256, (n // per * nbytes if q else n * dtype.itemsize,), generator=g,
+                                    dtype=torch.uint8)
+                if q:
+                    view = raw.view(-1, nbytes)
+                    view[:, 0:4] = (torch.rand(view.shape[0], 2, generator=g) * 0.02).half().view(torch.uint8)
+                else:
+                    raw = (torch.randn(n, generator=g) * 3).to(dtype).view(torch.uint8)
+                pieces.append(Piece(q, src_at, dst_at, n))
+                chunks.append((src_at, raw))
+                src_at = -(-(src_at + raw.numel()) // _ALIGN) * _ALIGN
+                dst_at = -(-(dst_at + n * dtype.itemsize) // _ALIGN) * _ALIGN
+            src = torch.zeros(src_at, dtype=torch.uint8)
+            for at, raw in chunks:
+                src[at:at + raw.numel()] = raw
+            src = src.to(device)
+            want = torch.zeros(dst_at, dtype=torch.uint8, device=device)
+            decode_pieces(pieces, src, want, dtype)
+            got = torch.zeros_like(want)
+            _launch_block(qtype, block_table(pieces, dtype, device), src, got, dtype)
+            for p in pieces:       # the gaps between pieces are scratch
+                span = slice(p.dst, p.dst + p.elements * dtype.itemsize)
+                if not torch.equal(got[span], want[span]):
+                    raise RuntimeError(f"the {qtype.name} block kernel differs from the per-tensor path ({dtype})")
+
+
 def _check(qtype: T, device: torch.device) -> None:
     """The kernel against the torch path on random blocks with finite scales."""
     g = torch.Generator().manual_seed(0)
@@ -178,5 +328,7 @@ def try_decode_into(qtype: T, src: torch.Tensor, out: torch.Tensor) -> bool:
     return True
 
 
+BLOCK_KERNEL = CheckedKernel("GGUF whole-block Triton decode", triton is not None, _check_block,
+                             "one decode launch per tensor")
 KERNELS = {q: CheckedKernel(f"GGUF {q.name} Triton decode", triton is not None, functools.partial(_check, q),
                             "the torch path") for q in (T.Q8_0, T.Q4_K)}
