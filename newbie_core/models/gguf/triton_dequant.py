@@ -225,7 +225,7 @@ def _launch_block(qtype: T, table: torch.Tensor, src: torch.Tensor, dst: torch.T
     per, warps = BLOCK_ROW[qtype]
     _block_kernel[(table.shape[0],)](src, src.view(torch.int16), src.view(torch.int32), src.view(dtype),
                                      dst.view(dtype), table, QTYPE=int(qtype), PER=per, COPY=per * _per_block(qtype),
-                                     num_warps=warps)
+                                     num_warps=warps, enable_fp_fusion=False)   # d*q - m: no FMA, as torch
 
 
 def _per_block(qtype: T) -> int:
