@@ -125,9 +125,9 @@ if triton is not None:
 
     @triton.jit
     def _block_kernel(src8_ptr, src16_ptr, src32_ptr, srcd_ptr, dst_ptr, table_ptr, QTYPE: tl.constexpr,
-                      PER: tl.constexpr, COPY: tl.constexpr):
+                      PER: tl.constexpr, ELEMS: tl.constexpr):
         """One packed block in one launch: each table row (packed?, source offset, destination
-        element offset, count) is ``PER`` GGML blocks of one tensor, or ``COPY`` elements of a
+        element offset, count) is ``PER`` GGML blocks of ``ELEMS`` elements each, or as many elements of a
         plain (compute-dtype) tensor. Offsets are bytes for packed rows and elements for plain
         ones; every row starts 256-byte aligned in both layouts (layout.py), hence the hints."""
         row = table_ptr + tl.program_id(0) * 4
@@ -143,8 +143,11 @@ if triton is not None:
                 sb = tl.arange(0, PER).to(tl.int64)
                 _q4_k_words(src8_ptr + src, src32_ptr + src // 4, dst_ptr + dst, sb, sb < n, PER)
         else:
-            offs = tl.max_contiguous(tl.multiple_of(tl.arange(0, COPY), COPY), COPY)
-            keep = offs < tl.multiple_of(n, 16)                    # rows are padded to 16 elements
+            # Shaped like the packed rows' output, (PER, ELEMS): a flat (PER * ELEMS,) copy with
+            # contiguity hints on its length miscompiled beside the Q4_K branch (Triton 3.x on an
+            # H200: some elements loaded from the wrong address).
+            offs = tl.arange(0, PER)[:, None] * ELEMS + tl.arange(0, ELEMS)[None, :]
+            keep = offs < n
             tl.store(dst_ptr + dst + offs, tl.load(srcd_ptr + src + offs, mask=keep), mask=keep)
 
 # The launch shape used in production: (kernel form, blocks or super-blocks per program, warps).
@@ -224,7 +227,7 @@ def _launch_block(qtype: T, table: torch.Tensor, src: torch.Tensor, dst: torch.T
     src, dst = src[: src.numel() // _ALIGN * _ALIGN], dst[: dst.numel() // _ALIGN * _ALIGN]
     per, warps = BLOCK_ROW[qtype]
     _block_kernel[(table.shape[0],)](src, src.view(torch.int16), src.view(torch.int32), src.view(dtype),
-                                     dst.view(dtype), table, QTYPE=int(qtype), PER=per, COPY=per * _per_block(qtype),
+                                     dst.view(dtype), table, QTYPE=int(qtype), PER=per, ELEMS=_per_block(qtype),
                                      num_warps=warps, enable_fp_fusion=False)   # d*q - m: no FMA, as torch
 
 
