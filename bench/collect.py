@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     old = json.loads((here / "extra.json").read_text()) if (here / "extra.json").exists() else {}
     extra = {**{k: old[k] for k in ("official_parity_cuda", "official_parity_date") if k in old},
              **json.loads((args.final / "extra.json").read_text()), **stamp, "commands": args.commands}
-    for key in ("profiles", "drift"):         # a visit that skipped these keeps the earlier ones, marked
+    for key in ("profiles", "drift", "forward_host"):   # a visit that skipped these keeps the earlier ones
         keep_earlier(extra, old, key)
     if "official_parity_cuda" in old and "official_parity_date" not in old:
         extra["official_parity_date"] = old.get("date", "")
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
              "attention_date": old.get("parts", {}).get("attention_date", old.get("date", ""))}
     if args.parts:
         parts["fused"] = fused_parts(args.parts)
+    elif "fused" in old.get("parts", {}):       # not measured this visit: the earlier figures stay
+        parts["fused"] = old["parts"]["fused"]
+        extra["parts_visit"] = old.get("parts_visit", old.get("visit"))
     extra["parts"] = parts
     if args.fp8_quant:
         extra["fp8_quant"] = fp8_quant_from_log(args.fp8_quant)

@@ -64,3 +64,45 @@ def test_encoder_features_from_gguf_match_the_bf16_file(gguf_gemma, tiny_models)
     assert ours.shape == ref.shape
     rel = (ours.float() - ref.float()).norm() / ref.float().norm()
     assert rel < 0.05, f"relative error {rel:.4f}"
+
+
+@pytest.mark.parametrize("qtype", (T.Q8_0, T.Q4_K, T.Q6_K), ids=lambda t: t.name)
+def test_a_large_host_tensor_decodes_in_chunks_to_the_same_bits(tmp_path, monkeypatch, qtype):
+    """decode_into gives get(key).to(bf16) bit for bit while never decoding more than a chunk at
+    once (the host-RAM plan counts only that chunk's transient beside the table)."""
+    from newbie_core.models.gguf import GGUFSource, reader
+    table = torch.randn(37, 512) * 0.05
+    source = GGUFSource(write_gguf(tmp_path / "t.gguf", "gemma3", {"token_embd.weight": table},
+                                   {"token_embd.weight": qtype}))
+    want = source.get("token_embd.weight").to(torch.bfloat16)
+    monkeypatch.setattr(reader, "DECODE_CHUNK_ELEMENTS", 5 * 512)
+    calls = []
+    real = reader.dequantize
+    monkeypatch.setattr(reader, "dequantize", lambda q, data, shape: calls.append(shape) or real(q, data, shape))
+    got = torch.empty(37, 512, dtype=torch.bfloat16)
+    source.decode_into("token_embd.weight", got)
+    assert torch.equal(got, want)
+    assert calls == [(5, 512)] * 7 + [(2, 512)], "whole rows, one chunk at a time"
+    with pytest.raises(ValueError, match=r"shape \[37, 512\]"):
+        source.decode_into("token_embd.weight", torch.empty(512, 37))
+
+
+def test_the_gguf_embedding_table_is_decoded_in_chunks_when_gemma_loads(tmp_path, monkeypatch, tiny_models):
+    from newbie_core.models.gguf import reader
+    from newbie_core.pipeline.host_ram import host_tensor_bytes
+    path = write_tiny_gemma_gguf(tmp_path / "gemma-3-tiny-Q8_0.gguf", T.Q8_0)
+    chunked = []
+    real = reader.GGUFSource.decode_into
+    monkeypatch.setattr(reader.GGUFSource, "decode_into", lambda self, key, out: chunked.append(key) or real(self, key, out))
+    ckpt = open_gemma(path)
+    from newbie_core.models.gemma import GemmaTextEncoder
+    from newbie_core.pipeline.placed import materialize_non_blocks
+    model = GemmaTextEncoder(ckpt.config, ckpt.tokenizer)       # on meta, as the stage builds it
+    materialize_non_blocks(model, ckpt.source, torch.device("cpu"), torch.bfloat16, host_prefixes=("model.embed_tokens.",))
+    assert ckpt.source.packed("model.embed_tokens.weight") is not None, "the tiny table is quantised"
+    assert chunked == ["model.embed_tokens.weight"]
+    table = model.get_parameter("model.embed_tokens.weight")
+    assert table.dtype is torch.bfloat16
+    assert torch.equal(table, ckpt.source.get("model.embed_tokens.weight").to(torch.bfloat16))
+    extra = host_tensor_bytes(model, ckpt.source, torch.device("cuda"), torch.bfloat16, ("model.embed_tokens.",))
+    assert extra == table.numel() * 2 + reader.DECODE_TRANSIENT_BYTES, "the table, plus one chunk's transient"

@@ -20,6 +20,7 @@ import torch
 from ..placement import HOST_CACHE, StagePlan, block_sizes
 from ..placement.host_budget import (HostModel, HostPlan, auto_host_budget, auto_margin_text, plan_host,
                                      process_baseline)
+from ..models.gguf.reader import DECODE_TRANSIENT_BYTES
 from .placed import PlacementInputs, non_block_parameters, packed_spec
 from .settings import MemorySettings
 
@@ -50,18 +51,23 @@ def host_tensor_bytes(model, source, device: torch.device, dtype: torch.dtype,
                       host_prefixes: tuple[str, ...] = ()) -> int:
     """Host bytes beside a stage's blocks while it runs: the non-block parameters that stay on the
     CPU (those under ``host_prefixes``, e.g. Gemma's 1.3 GB embedding table; all of them when the
-    stage computes on the CPU) at the dtype they are loaded in, plus the float32 copy a quantised
-    (GGUF) one is decoded through on its way there."""
+    stage computes on the CPU) at the dtype they are loaded in. A quantised (GGUF) host tensor is
+    decoded in chunks straight into its tensor, with at most ``DECODE_TRANSIENT_BYTES`` beside it
+    (GGUFSource.decode_into); one at a time, so that is counted once. Other quantised tensors that
+    land on the CPU are decoded whole, through a float32 copy."""
     packed = getattr(source, "packed", None)
-    total = 0
+    total, chunked = 0, False
     for name, p in non_block_parameters(model):
         if device.type != "cpu" and not name.startswith(host_prefixes):
             continue
         size = dtype.itemsize if p.is_floating_point() else p.element_size()
         total += p.numel() * size
         if packed is not None and name in source and packed(name) is not None:
-            total += p.numel() * 4
-    return total
+            if name.startswith(host_prefixes) and hasattr(source, "decode_into"):
+                chunked = True
+            else:
+                total += p.numel() * 4
+    return total + (DECODE_TRANSIENT_BYTES if chunked else 0)
 
 
 def host_model(name: str, model, inputs: PlacementInputs, plan: StagePlan, source=None,

@@ -61,6 +61,13 @@ def gguf_block_fuser(storage: BlockLayout, compute: BlockLayout, device: torch.d
 register_block_fuser(gguf_block_fuser)
 
 
+def _decodes_on_host(source, name: str, host_prefixes: Sequence[str], host_copies) -> bool:
+    """Whether ``name`` is a quantised tensor that stays on the CPU: decoded in chunks, in place."""
+    packed = getattr(source, "packed", None)
+    return (host_copies is None and name.startswith(tuple(host_prefixes)) and packed is not None
+            and hasattr(source, "decode_into") and packed(name) is not None)
+
+
 def block_keys(model, source: TensorSource) -> list[list[str]]:
     """For each block of ``model.block_sequence()``, the source keys that belong to it."""
     prefixes = [name + "." for name, _ in model.block_sequence()]
@@ -132,8 +139,14 @@ def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch
     """
     placed = 0
     for name, param in non_block_parameters(model):
+        where = torch.device("cpu") if name.startswith(tuple(host_prefixes)) else device
         if host_copies is not None and name in host_copies:
             tensor = host_copies[name]
+        elif name in source and _decodes_on_host(source, name, host_prefixes, host_copies):
+            # A quantised host tensor (a GGUF embedding table) is decoded a few rows at a time
+            # straight into its compute-dtype tensor (GGUFSource.decode_into says why).
+            tensor = torch.empty(tuple(param.shape), dtype=dtype)
+            source.decode_into(name, tensor)
         elif name in source:
             tensor = source.get(name)
             if host_copies is not None:          # its own memory, not a view of a file map
@@ -142,7 +155,6 @@ def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch
             tensor = optional(name, tuple(param.shape))
         else:
             raise KeyError(name)
-        where = torch.device("cpu") if name.startswith(tuple(host_prefixes)) else device
         value = tensor.to(device=where, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if patches:
             value = patched_value(name, value, patches)
