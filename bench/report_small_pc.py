@@ -119,6 +119,7 @@ def small_pc_sections() -> list[str]:
                        f"{r['generation_s']:.1f} | {'-' if x is None else f'{x:.3f}'} | {r['host_ram_peak_gb']:.2f} | "
                        f"{'not recorded' if predicted is None else f'{predicted:.2f}'} | {r['pinned_gb']:.2f} | "
                        f"{r['bytes_read_gb']:.1f} | {r.get('within_ram_budget', '-')} |")
+        out += [line for note in ram.get("notes", []) for line in ("", note)]
     lora = _load("lora.json")
     if lora:
         first = lora["rows"][0]
