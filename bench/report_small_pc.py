@@ -25,7 +25,9 @@ def _visit(doc: dict) -> str:
     """Whether ``doc`` was written by the collect that wrote extra.json (the visit of the rows
     above) or is kept from an earlier one."""
     this = (_load("extra.json") or {}).get("visit")
-    return "same visit" if this and doc.get("visit") == this else "an earlier visit"
+    if this and doc.get("visit") == this:
+        return "same visit"
+    return doc.get("visit_label") or "an earlier visit"
 
 
 def _when(extra: dict, key: str) -> str:
@@ -101,7 +103,7 @@ def small_pc_sections() -> list[str]:
     if ram:
         earlier = any(r.get("earlier_visit") for r in ram["rows"])
         out += ["", f"## Host RAM (`bench/host_ram_bench.py --targets`, {ram['date']}, {_visit(ram)}"
-                + ("; rows marked * from the visit before it (`--resume`)" if earlier else "") + ")", "",
+                + ("; rows marked * from an earlier run (`--resume`)" if earlier else "") + ")", "",
                 "Whole generations at 1024² CFG, 4 steps, one fresh process per row; cold = the model files "
                 "evicted from the page cache first. RAM budgets and peaks in GiB (what `--ram-budget` counts). "
                 "× unlimited compares with the unlimited-RAM row of the same VRAM budget and temperature.", "",
