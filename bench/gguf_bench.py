@@ -35,7 +35,7 @@ from newbie_core.pipeline.sample import run_sampling  # noqa: E402
 from newbie_core.placement import Report  # noqa: E402
 
 from lora_bench import _conds  # noqa: E402
-from run_benchmarks import latent_drift, pinned_bandwidth, steady_steps  # noqa: E402
+from row_timing import latent_drift, pinned_bandwidth, steady_steps  # noqa: E402
 
 GB = 2**30
 

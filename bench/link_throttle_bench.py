@@ -32,7 +32,7 @@ from newbie_core.placement import session as placement_session  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
 from host_ram_bench import STORAGES  # noqa: E402
-from run_benchmarks import pinned_bandwidth  # noqa: E402
+from row_timing import pinned_bandwidth  # noqa: E402
 
 LINKS_GBPS = (12, 25)
 ROWS = (("fp8", 2.0), ("fp8", 4.0), ("gguf-q4_k", 2.0))      # the fits table's picks for a 4 and 8 GB card

@@ -46,7 +46,7 @@ def test_run_benchmarks_smoke_writes_a_row_the_report_reads(tmp_path):
 
 
 def test_steady_steps_leave_out_warm_up_and_capture():
-    steady = _script("run_benchmarks").steady_steps
+    steady = _script("row_timing").steady_steps
     assert steady([9.0, 5.0, 1.0, 1.0, 1.0, 1.0]) == [1.0] * 4
     assert steady([9.0, 1.0, 1.0]) == [1.0, 1.0]
     assert steady([3.0]) == [3.0]
