@@ -110,10 +110,9 @@ def whole_block(qtype: T, timer, copy_ms: float) -> None:
     storage = packed_layout(compute, {e.name: PackedTensor(codec_name(qtype), packed_nbytes(qtype, e.nbytes // 2))
                                       for e in compute.entries if len(e.shape) == 2})
     src = torch.zeros(storage.nbytes, dtype=torch.uint8, device="cuda")
-    for e in storage.entries:
+    for e, c in zip(storage.entries, compute.entries):
         if e.codec:
-            src[e.offset:e.offset + e.shape[0]] = random_blocks(qtype, e.shape[0] // block_geometry(qtype)[1]
-                                                                * block_geometry(qtype)[0], "cuda")
+            src[e.offset:e.offset + e.shape[0]] = random_blocks(qtype, c.nbytes // 2, "cuda")
         else:
             src[e.offset:e.offset + e.nbytes] = torch.randn(e.nbytes // 2, device="cuda").bfloat16().view(torch.uint8)
     want, got = (torch.zeros(compute.nbytes, dtype=torch.uint8, device="cuda") for _ in range(2))

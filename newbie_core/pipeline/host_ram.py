@@ -21,7 +21,7 @@ from ..placement import HOST_CACHE, StagePlan, block_sizes
 from ..placement.host_budget import (HostModel, HostPlan, auto_host_budget, auto_margin_text, plan_host,
                                      process_baseline)
 from ..models.gguf.reader import DECODE_TRANSIENT_BYTES
-from .placed import PlacementInputs, non_block_parameters, packed_spec
+from .placed import PlacementInputs, decodes_on_host, non_block_parameters, packed_spec
 from .settings import MemorySettings
 
 
@@ -62,11 +62,10 @@ def host_tensor_bytes(model, source, device: torch.device, dtype: torch.dtype,
             continue
         size = dtype.itemsize if p.is_floating_point() else p.element_size()
         total += p.numel() * size
-        if packed is not None and name in source and packed(name) is not None:
-            if name.startswith(host_prefixes) and hasattr(source, "decode_into"):
-                chunked = True
-            else:
-                total += p.numel() * 4
+        if decodes_on_host(source, name, host_prefixes):
+            chunked = True
+        elif packed is not None and name in source and packed(name) is not None:
+            total += p.numel() * 4
     return total + (DECODE_TRANSIENT_BYTES if chunked else 0)
 
 

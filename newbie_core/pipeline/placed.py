@@ -49,11 +49,14 @@ def gguf_block_fuser(storage: BlockLayout, compute: BlockLayout, device: torch.d
         return None
     pieces = []
     for s, c in zip(storage.entries, compute.entries):
-        if s.codec is None and s.dtype != c.dtype:
-            return None
-        qtype = _QTYPE_OF_CODEC.get(s.codec) if s.codec is not None else None
-        if s.codec is not None and qtype is None:
-            return None
+        if s.codec is None:
+            if s.dtype != c.dtype:
+                return None
+            qtype = None
+        else:
+            qtype = _QTYPE_OF_CODEC.get(s.codec)
+            if qtype is None:
+                return None
         pieces.append(Piece(qtype, s.offset, c.offset, c.nbytes // c.dtype.itemsize))
     return block_decoder(pieces, dtypes.pop(), device)
 
@@ -61,11 +64,12 @@ def gguf_block_fuser(storage: BlockLayout, compute: BlockLayout, device: torch.d
 register_block_fuser(gguf_block_fuser)
 
 
-def _decodes_on_host(source, name: str, host_prefixes: Sequence[str], host_copies) -> bool:
-    """Whether ``name`` is a quantised tensor that stays on the CPU: decoded in chunks, in place."""
+def decodes_on_host(source, name: str, host_prefixes: Sequence[str]) -> bool:
+    """Whether ``name`` is a quantised tensor that stays on the CPU, decoded in chunks straight
+    into its tensor (GGUFSource.decode_into); host_ram.host_tensor_bytes counts it by this rule."""
     packed = getattr(source, "packed", None)
-    return (host_copies is None and name.startswith(tuple(host_prefixes)) and packed is not None
-            and hasattr(source, "decode_into") and packed(name) is not None)
+    return (name.startswith(tuple(host_prefixes)) and packed is not None and hasattr(source, "decode_into")
+            and name in source and packed(name) is not None)
 
 
 def block_keys(model, source: TensorSource) -> list[list[str]]:
@@ -142,7 +146,7 @@ def materialize_non_blocks(model: nn.Module, source: TensorSource, device: torch
         where = torch.device("cpu") if name.startswith(tuple(host_prefixes)) else device
         if host_copies is not None and name in host_copies:
             tensor = host_copies[name]
-        elif name in source and _decodes_on_host(source, name, host_prefixes, host_copies):
+        elif host_copies is None and decodes_on_host(source, name, host_prefixes):
             # A quantised host tensor (a GGUF embedding table) is decoded a few rows at a time
             # straight into its compute-dtype tensor (GGUFSource.decode_into says why).
             tensor = torch.empty(tuple(param.shape), dtype=dtype)

@@ -157,13 +157,10 @@ class GGUFSource(OfficialKeys):
         if tuple(out.shape) != shape:
             raise ValueError(f"{key}: decode_into needs a tensor of shape {list(shape)}, got {list(out.shape)}.")
         qtype = self.qtype(key)
-        if qtype not in QUANTISED or key in self.adjust or len(shape) < 2:
-            out.copy_(self.get(key))
-            return
         per, nbytes = block_geometry(qtype)
-        row = int(np.prod(shape[1:]))
-        if row % per:
-            out.copy_(self.get(key))
+        row = int(np.prod(shape[1:])) if len(shape) > 1 else 0
+        if qtype not in QUANTISED or key in self.adjust or not row or row % per:
+            out.copy_(self.get(key))          # small, plain or fixed-up: decoded whole
             return
         data, flat = self._bytes(key), out.view(shape[0], row)
         step = max(1, DECODE_CHUNK_ELEMENTS // row)

@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ...checked_kernel import CheckedKernel
-from .dequant import block_geometry, dequantize
+from .dequant import block_geometry, dequantize, packed_nbytes
 
 try:
     import triton
@@ -227,12 +227,8 @@ def _launch_block(qtype: T, table: torch.Tensor, src: torch.Tensor, dst: torch.T
     src, dst = src[: src.numel() // _ALIGN * _ALIGN], dst[: dst.numel() // _ALIGN * _ALIGN]
     per, warps = BLOCK_ROW[qtype]
     _block_kernel[(table.shape[0],)](src, src.view(torch.int16), src.view(torch.int32), src.view(dtype),
-                                     dst.view(dtype), table, QTYPE=int(qtype), PER=per, ELEMS=_per_block(qtype),
+                                     dst.view(dtype), table, QTYPE=int(qtype), PER=per, ELEMS=block_geometry(qtype)[0],
                                      num_warps=warps, enable_fp_fusion=False)   # d*q - m: no FMA, as torch
-
-
-def _per_block(qtype: T) -> int:
-    return 32 if qtype is T.Q8_0 else 256
 
 
 def block_table(pieces: Sequence[Piece], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -243,7 +239,7 @@ def block_table(pieces: Sequence[Piece], dtype: torch.dtype, device: torch.devic
     rows = []
     size = dtype.itemsize
     packed = T(next(p.qtype for p in pieces if p.qtype is not None))
-    step = BLOCK_ROW[packed][0] * _per_block(packed)            # elements a packed row decodes to
+    step = BLOCK_ROW[packed][0] * block_geometry(packed)[0]     # elements a packed row decodes to
     for p in pieces:
         if p.qtype is None:
             for start in range(0, p.elements, step):
@@ -264,7 +260,7 @@ def decode_pieces(pieces: Sequence[Piece], src: torch.Tensor, dst: torch.Tensor,
         if p.qtype is None:
             out.copy_(src[p.src:p.src + p.elements * size].view(dtype))
         else:
-            packed = src[p.src:p.src + p.elements // block_geometry(p.qtype)[0] * block_geometry(p.qtype)[1]]
+            packed = src[p.src:p.src + packed_nbytes(p.qtype, p.elements)]
             if not try_decode_into(p.qtype, packed, out):
                 out.copy_(dequantize(p.qtype, packed, (p.elements,)))
 
