@@ -211,7 +211,8 @@ def run(config: DiTConfig, size: int, cfg: bool, device: str, iters: int, varian
     flops = flops_per_forward(config, len(lens), max(lens), (size // 16) ** 2)
     rows, ref = [], None
     for variant in variants:
-        model.set_kernels(kernels(variant != "eager" and device.startswith("cuda"), fp8_compute="fp8" in variant))
+        model.set_kernels(kernels(variant != "eager" and device.startswith("cuda"), fp8_compute="fp8" in variant,
+                                  hand="inductor" not in variant))
         forward = graphed(model, inputs) if variant.startswith("compiled-graph") else model
         row = {"row": f"ours-forward-{variant}", "forward_only": True, "size": f"{size}x{size}", "cfg": cfg,
                "dtype": str(dtype).removeprefix("torch."), **time_forwards(forward, inputs, iters, device)}
@@ -299,42 +300,52 @@ def gemm_variants(device: str, tokens: int = 2 * 4352, dim: int = 2304, ffn: int
 
 
 def fused_variants(device: str, tokens: int = 2 * 4352, dim: int = 2304, ffn: int = 9216) -> list[dict]:
-    """Each block function at 1024² CFG sizes: eager body, compiled, compiled with inductor's
-    coordinate-descent tuning; microseconds, the bandwidth its bytes imply, and how far each is
-    from the reference body run op by op. (Hand-written one-program-per-token Triton kernels for
-    gated_residual and qkv_norm_rope measured 65.2 and 105.3 us on an H200, against inductor's
-    56.5 and 107.7: no gain, so the project has none.)"""
+    """Each block function at 1024² CFG sizes: eager body, inductor's kernel (plain and with
+    coordinate-descent tuning), and the hand-written Triton body (fused_triton.py) at several
+    launch shapes (rows per program, warps); microseconds, the bandwidth its bytes imply, and how
+    far each is from the reference body run op by op."""
     from triton.testing import do_bench
-    from newbie_core.models.dit import fused
+    from newbie_core.models.dit import fused, fused_triton
     gen = torch.Generator(device=device).manual_seed(0)
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)
     b = 2
     x, y = rnd(b, tokens // b, dim), rnd(b, tokens // b, dim)
-    w, scale = rnd(dim), rnd(b, 1, dim)
+    w = rnd(dim)
+    mod = rnd(b, 4 * dim).unsqueeze(1)                 # strided (B, 1, dim) views, as the blocks take them
+    scale, scale2, gate = *mod.chunk(4, dim=-1)[:2], fused.tanh_float(mod).chunk(4, dim=-1)[2]
     qkv, wq = rnd(b, tokens // b, 40, 96), rnd(96)
     angle = torch.rand(b, tokens // b, 48, generator=gen, device=device) * 6
     g1, g3 = rnd(tokens, ffn), rnd(tokens, ffn)
     e = 2
-    cases = {"norm_scale": ((x, w, scale, 1e-5), 2 * x.numel() * e),
-             "gated_residual": ((x, y, w, scale, 1e-5), 3 * x.numel() * e),
-             "qkv_norm_rope": ((qkv, wq, wq, angle.cos(), angle.sin(), 1e-5, 24), 2 * qkv.numel() * e),
-             "swiglu": ((g1, g3), 3 * g1.numel() * e)}
+    rows_shapes = [(r, wp) for r in (1, 2, 4) for wp in (4, 8, 16)]
+    qkv_shapes = [(r, wp) for r in (32, 64, 128) for wp in (2, 4, 8)]
+    cases = {"norm_scale": ((x, w, scale, 1e-5), 2 * x.numel() * e, rows_shapes),
+             "gated_residual": ((x, y, w, gate, 1e-5), 3 * x.numel() * e, rows_shapes),
+             "residual_norm": ((x, y, w, gate, w, scale2, 1e-5), 4 * x.numel() * e, rows_shapes),
+             "qkv_norm_rope": ((qkv, wq, wq, angle.cos(), angle.sin(), 1e-5, 24), 2 * qkv.numel() * 32 // 40 * e,
+                               qkv_shapes),
+             "swiglu": ((g1, g3), 3 * g1.numel() * e, [])}
     rows = []
-    for name, (args, nbytes) in cases.items():
+    for name, (args, nbytes, shapes) in cases.items():
         ref, eager, _, _ = fused._FUNCTIONS[name]
         variants = {"eager": eager, "compiled": torch.compile(ref, fullgraph=True, dynamic=None),
                     "compiled-cdt": torch.compile(ref, fullgraph=True, dynamic=None,
                                                   options={"coordinate_descent_tuning": True})}
+        if name in fused_triton.BODIES:
+            body = fused_triton.BODIES[name]
+            for r, wp in shapes:
+                variants[f"hand/r{r}/w{wp}"] = lambda *a, body=body, r=r, wp=wp: body(*a, launch=(r, wp))
         want = ref(*args)              # the reference body run op by op: float32 inside, one rounding
         for label, fn in variants.items():
             try:
                 got = fn(*args)
                 us = 1e3 * do_bench(lambda: fn(*args), return_mode="median")
-                diff = [((a.float() - b.float()).abs().max().item(), (a != b).float().mean().item())
+                diff = [((a.float() - b.float()).abs().max().item(), (a != b).float().mean().item(), fused._ulps(a, b))
                         for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want)))]
                 rows.append({"fn": name, "variant": label, "us": round(us, 1), "tb_s": round(nbytes / us / 1e6, 2),
-                             "vs_ref_max_abs": max(d[0] for d in diff), "vs_ref_frac_diff": max(d[1] for d in diff)})
+                             "vs_ref_max_abs": max(d[0] for d in diff), "vs_ref_frac_diff": max(d[1] for d in diff),
+                             "vs_ref_ulps": max(d[2] for d in diff)})
             except Exception as err:   # noqa: BLE001 - report and go on
                 rows.append({"fn": name, "variant": label, "error": str(err).splitlines()[0][:120]})
             print("fused", rows[-1], flush=True)

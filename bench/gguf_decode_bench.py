@@ -36,6 +36,10 @@ SHAPES = {T.Q8_0: [("bytes", 8, 4), ("bytes", 64, 4), ("bytes", 128, 8), ("words
           T.Q4_K: [("bytes", 1, 4), ("bytes", 1, 8), ("words", 2, 4), ("words", 4, 4), ("words", 4, 8),
                    ("words", 8, 4), ("words", 8, 8), ("words", 16, 8)]}
 
+# The whole-block kernel's (GGML blocks per table row, warps); triton_dequant.BLOCK_ROW holds the chosen one
+BLOCK_SHAPES = {T.Q8_0: [(16, 2), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (256, 8)],
+                T.Q4_K: [(4, 4), (8, 4), (8, 8), (16, 8), (16, 16)]}
+
 
 def random_blocks(qtype: T, elements: int, device: str) -> torch.Tensor:
     """Packed random blocks with finite fp16 scales (the first bytes of each block)."""
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             ms = timer(fn)
             copy_ms = copy_ms or ms
             same = label == "copy" or torch.equal(out, want)
-            print(f"{qtype.name:5} {label:16} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
+            print(f"{qtype.name:5} {label:24} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
                   + ("" if same else "  DIFFERS from the torch decode"), flush=True)
         if not args.smoke:
             whole_block(qtype, timer, copy_ms)
@@ -99,7 +103,7 @@ def whole_block(qtype: T, timer, copy_ms: float) -> None:
     import importlib
     import time
 
-    from newbie_core.models.gguf import codec_name, packed_nbytes
+    from newbie_core.models.gguf import codec_name, packed_nbytes, triton_dequant
     from newbie_core.placement.fp8 import upcast_block
     from newbie_core.placement.fp8_cuda import FusedUpcast
     from newbie_core.placement.layout import PackedTensor, block_tensors, compute_layout, packed_layout
@@ -116,11 +120,18 @@ def whole_block(qtype: T, timer, copy_ms: float) -> None:
         else:
             src[e.offset:e.offset + e.nbytes] = torch.randn(e.nbytes // 2, device="cuda").bfloat16().view(torch.uint8)
     want, got = (torch.zeros(compute.nbytes, dtype=torch.uint8, device="cuda") for _ in range(2))
-    fused = FusedUpcast([(storage, compute)], "cuda")
-    variants = {"block/per-tensor": lambda: upcast_block(storage, compute, src, want),
-                "block/one-launch": lambda: fused(storage, compute, src, got)}
+    chosen = triton_dequant.BLOCK_ROW[qtype]
+    fusers = {}
+    for shape in [chosen] + [s for s in BLOCK_SHAPES[qtype] if s != chosen]:
+        triton_dequant.BLOCK_ROW[qtype] = shape          # block_table reads it when the fuser is built
+        fusers[shape] = FusedUpcast([(storage, compute)], "cuda")
+    triton_dequant.BLOCK_ROW[qtype] = chosen
+    variants = {"block/per-tensor": lambda: upcast_block(storage, compute, src, want)}
+    for (per, warps), fused in fusers.items():
+        variants[f"block/one-launch/r{per}/w{warps}"] = lambda fused=fused: fused(storage, compute, src, got)
     moved = storage.nbytes + compute.nbytes
     for label, fn in variants.items():
+        got.zero_()
         ms = timer(fn)
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -129,10 +140,10 @@ def whole_block(qtype: T, timer, copy_ms: float) -> None:
         host_us = (time.perf_counter() - start) / 50 * 1e6
         torch.cuda.synchronize()
         same = all(torch.equal(got[c.offset:c.offset + c.nbytes], want[c.offset:c.offset + c.nbytes])
-                   for c in compute.entries) if label.endswith("one-launch") else True
-        print(f"{qtype.name:5} {label:16} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
+                   for c in compute.entries) if "one-launch" in label else True
+        print(f"{qtype.name:5} {label:24} {ms * 1e3:8.1f} us  {moved / ms / 1e6:6.0f} GB/s  {ms / copy_ms:5.2f}x copy"
               f"  host {host_us:.1f} us" + ("" if same else "  DIFFERS from the per-tensor decode")
-              + ("" if label.endswith("per-tensor") or fused._fused else "  (block kernel stood down)"), flush=True)
+              + ("" if label.endswith("per-tensor") or fusers[chosen]._fused else "  (block kernel stood down)"), flush=True)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ def test_norm_scale_and_gated_residual_are_the_sandwich_formulas(bodies):
     ref = _rms64(x, w) * (1 + scale.double())
     assert torch.allclose(norm(x, w, scale, EPS).double(), ref, atol=1e-5)
     assert torch.allclose(norm(x, w, None, EPS).double(), _rms64(x, w), atol=1e-5)
-    gate = scale
-    ref = x.double() + torch.tanh(gate.double()) * _rms64(y, w)
+    gate = torch.tanh(scale.float())                         # the blocks pass their gates through tanh first
+    ref = x.double() + gate.double() * _rms64(y, w)
     assert torch.allclose(residual(x, y, w, gate, EPS).double(), ref, atol=1e-5)
     assert torch.allclose(residual(x, y, w, None, EPS).double(), x.double() + _rms64(y, w), atol=1e-5)
 
@@ -120,9 +120,36 @@ def test_compiled_kernels_match_eager_on_cuda():
         xs, ys = x[:, :n], y[:, :n]
         assert torch.allclose(k.norm_scale(xs, w, scale, EPS).float(), norm_scale(xs, w, scale, EPS).float(),
                               atol=2e-2, rtol=1e-2)
-        assert torch.allclose(k.gated_residual(xs, ys, w, scale, EPS).float(),
-                              gated_residual(xs, ys, w, scale, EPS).float(), atol=5e-2, rtol=1e-2)
+        gate = torch.tanh(scale.float())
+        assert torch.allclose(k.gated_residual(xs, ys, w, gate, EPS).float(),
+                              gated_residual(xs, ys, w, gate, EPS).float(), atol=5e-2, rtol=1e-2)
         a = xs.reshape(-1, 256)
         assert torch.allclose(k.swiglu(a, a).float(), swiglu(a, a).float(), atol=2e-2, rtol=1e-2)
     assert all(getattr(k, name).compiled is not None for name in ("norm_scale", "gated_residual", "swiglu"))
 
+
+
+def test_gates_pass_through_tanh_once_per_sample_in_float32():
+    mod = torch.randn(2, 1, 8, dtype=torch.bfloat16)
+    out = fused.tanh_float(mod)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.tanh(mod.float()))
+
+
+@pytest.mark.cuda
+def test_hand_kernels_pass_their_check_and_serve_the_compiled_blocks():
+    if not fused.compile_available():
+        pytest.skip("needs CUDA and Triton")
+    assert fused.HAND_KERNELS.usable(torch.device("cuda"))
+    k = Kernels(compiled=True)
+    assert isinstance(k.qkv_norm_rope, fused._Hand) and isinstance(k.gated_residual, fused._Hand)
+    assert not isinstance(Kernels(compiled=True, hand=False).qkv_norm_rope, fused._Hand)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(2, 300, 40, 96, generator=g, device="cuda").bfloat16()
+    w = 1 + 0.1 * torch.randn(96, generator=g, device="cuda").bfloat16()
+    angle = torch.rand(2, 310, 48, generator=g, device="cuda")[:, :300] * 6      # strided, as the refiners slice
+    args = (qkv, w, w, angle.cos(), angle.sin(), EPS, 24)
+    for got, want in zip(k.qkv_norm_rope(*args), qkv_norm_rope(*args)):
+        assert got.shape == want.shape and fused._ulps(got, want) <= 1
+    x, y, w2, scale = (t.cuda() for t in _data(4, s=300, d=2304, dtype=torch.bfloat16))
+    gate = torch.tanh(scale.float())
+    assert fused._ulps(k.gated_residual(x, y, w2, gate, EPS), gated_residual(x, y, w2, gate, EPS)) <= 1

@@ -73,12 +73,15 @@ class JointTransformerBlock(nn.Module):
         if self.modulation:
             if c is None:
                 raise ValueError("a modulated Next-DiT block needs the adaLN vector c.")
-            # (B, 4*dim) -> four (B, 1, dim): scale_msa, gate_msa, scale_mlp, gate_mlp (spec §2.9)
-            scale_a, gate_a, scale_f, gate_f = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=-1)
+            # (B, 4*dim) -> four (B, 1, dim): scale_msa, gate_msa, scale_mlp, gate_mlp (spec §2.9);
+            # the gates' tanh in float32, once per sample instead of once per token in the residuals
+            mod = self.adaLN_modulation(c).unsqueeze(1)
+            scale_a, _, scale_f, _ = mod.chunk(4, dim=-1)
+            _, gate_a, _, gate_f = self.kernels.tanh_float(mod).chunk(4, dim=-1)
         else:
             scale_a = gate_a = scale_f = gate_f = None
         k, eps = self.kernels, self.attention_norm1.eps
         attn = self.attention(k.norm_scale(x, self.attention_norm1.weight, scale_a, eps), mask, cos, sin)
-        x = k.gated_residual(x, attn, self.attention_norm2.weight, gate_a, eps)
-        ffn = self.feed_forward(k.norm_scale(x, self.ffn_norm1.weight, scale_f, eps))
-        return k.gated_residual(x, ffn, self.ffn_norm2.weight, gate_f, eps)
+        # the attention's residual and the FFN's input norm in one pass over x
+        x, h = k.residual_norm(x, attn, self.attention_norm2.weight, gate_a, self.ffn_norm1.weight, scale_f, eps)
+        return k.gated_residual(x, self.feed_forward(h), self.ffn_norm2.weight, gate_f, eps)

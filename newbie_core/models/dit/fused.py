@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...checked_kernel import CheckedKernel
+from . import fused_triton
 from .fp8_matmul import quantize_rows, quantize_tensor, rowwise_supported, scaled_matmul
 from .fp8_rows_cuda import quantize_rows_fast
 
@@ -74,14 +76,20 @@ def norm_scale(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
                    eps: float) -> torch.Tensor:
-    """x + tanh(gate) * rmsnorm(y) * weight in x's dtype (the sandwich norm's second half).
+    """x + gate * rmsnorm(y) * weight in x's dtype (the sandwich norm's second half).
 
-    x, y (B, S, D); gate (B, 1, D), or None for the unmodulated context refiner.
+    x, y (B, S, D); gate (B, 1, D) float32, already through its tanh (:func:`tanh_float`: once
+    per sample, not per token), or None for the unmodulated context refiner.
     """
     branch = _rms(finite_fp16(y.float(), y.dtype), weight, eps)
     if gate is not None:
-        branch = torch.tanh(gate.float()) * branch
+        branch = gate * branch
     return finite_fp16(x.float() + branch, x.dtype).to(x.dtype)
+
+
+def tanh_float(v: torch.Tensor) -> torch.Tensor:
+    """tanh in float32: the adaLN gates, (B, 1, 4 * D), one small kernel per block."""
+    return torch.tanh(v.float())
 
 
 def qkv_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
@@ -104,6 +112,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return finite_fp16(F.silu(gate.float()) * up.float(), gate.dtype).to(gate.dtype)
 
 
+def residual_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                  norm_weight: torch.Tensor, scale: torch.Tensor | None,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention's gated residual, then the FFN's input norm of its (rounded) result: both
+    outputs, from one read of x when fused (each is the function above it, in that order)."""
+    x = gated_residual(x, y, weight, gate, eps)
+    return x, norm_scale(x, norm_weight, scale, eps)
+
+
 # -- eager bodies: the same maths from torch's own fused ops, for runs without torch.compile ----
 # (CPU, no Triton, --compile off). Run op by op, the reference bodies' float32 temporaries made
 # the eager forward at 1024² CFG 230 ms on an H200; these bodies measured 155 ms there. They round
@@ -117,7 +134,7 @@ def norm_scale_eager(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
 def gated_residual_eager(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
                          eps: float) -> torch.Tensor:
     branch = F.rms_norm(finite_fp16(y, y.dtype), (y.shape[-1],), weight, eps)
-    out = x + branch if gate is None else torch.addcmul(x, torch.tanh(gate), branch)
+    out = x + branch if gate is None else torch.addcmul(x, gate.to(x.dtype), branch)
     return finite_fp16(out, x.dtype)
 
 
@@ -135,6 +152,13 @@ def swiglu_eager(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return finite_fp16(F.silu(gate) * up, gate.dtype)
 
 
+def residual_norm_eager(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
+                        norm_weight: torch.Tensor, scale: torch.Tensor | None,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x = gated_residual_eager(x, y, weight, gate, eps)
+    return x, norm_scale_eager(x, norm_weight, scale, eps)
+
+
 # name -> (reference body, eager body, the dims of its tensor arguments that vary with the tokens,
 # inductor options). Coordinate-descent tuning where it measured faster on an H200 at 1024² CFG:
 # norm_scale 38.7 -> 26.9 us, qkv_norm_rope 137 -> 120 us; gated_residual was slower (57 -> 67).
@@ -144,6 +168,8 @@ _FUNCTIONS: dict[str, tuple[Callable, Callable, tuple[int, ...], dict]] = {
     "gated_residual": (gated_residual, gated_residual_eager, (0, 1), {}),
     "qkv_norm_rope": (qkv_norm_rope, qkv_norm_rope_eager, (0, 1), _CDT),
     "swiglu": (swiglu, swiglu_eager, (0,), {}),
+    "residual_norm": (residual_norm, residual_norm_eager, (0, 1), {}),
+    "tanh_float": (tanh_float, tanh_float, (0,), {}),
 }
 
 
@@ -204,6 +230,71 @@ class _Compiled:
             return self.eager(*args)
 
 
+# The functions whose hand-written Triton body (fused_triton.py) replaces inductor's kernel where
+# it applies; measured on an H200 at 1024² CFG (bench/forward_bench.py --parts), inductor against
+# hand: qkv_norm_rope 82.9 -> 40.7 us, gated_residual 44.9 -> 43.1 us.
+HAND_FUNCTIONS = frozenset(fused_triton.BODIES)
+
+
+def _ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference in units of ``want``'s last place: its dtype's epsilon times its
+    magnitude, or its row's mean magnitude where that is larger (a value cancelled to near zero
+    carries the rounding of the larger values it came from)."""
+    w = want.float().abs()
+    unit = torch.maximum(w, w.mean(-1, keepdim=True)).clamp_min(torch.finfo(torch.float32).tiny)
+    return ((got.float() - want.float()).abs() / (unit * torch.finfo(want.dtype).eps)).max().item()
+
+
+# How far a hand kernel may be from its reference body, in units of the last place: one for the
+# 16-bit outputs (one rounding of nearly the same float32 value); float32 outputs carry the
+# reordered sums and the hardware rsqrt themselves (the fp32 forward's 1e-5 parity has room).
+HAND_ULPS = {torch.bfloat16: 1.0, torch.float16: 1.0, torch.float32: 16.0}
+
+
+def _check_hand(device: torch.device,
+                dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)) -> None:
+    """Each hand-written kernel against its reference body: odd row counts, a strided (B, 1, D)
+    gate, no gate, fp16 inputs beyond its range, strided cos/sin. ``HAND_ULPS`` apart at most
+    (the sums add in another order)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype):
+        return (torch.randn(*shape, generator=g) * 3).to(dtype).to(device)
+    for dtype in dtypes:
+        b, s, d, hd = 2, 37, 200, 32
+        x, y, w, w2 = rnd(b, s, d, dtype=dtype), rnd(b, s, d, dtype=dtype), rnd(d, dtype=dtype), rnd(d, dtype=dtype)
+        if dtype == torch.float16:
+            y[0, 0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+        gates = tanh_float(rnd(b, 4 * d, dtype=dtype).unsqueeze(1)).chunk(4, dim=-1)   # strided views
+        results = [(fused_triton.gated_residual(x, y, w, gate, 1e-5), gated_residual(x, y, w, gate, 1e-5))
+                   for gate in (gates[1], None)]
+        qkv = rnd(b, s, 5, hd, dtype=dtype)
+        angle = rnd(b, s + 3, hd // 2, dtype=torch.float32)[:, :s]
+        args = (qkv, w[:hd], w2[:hd], angle.cos(), angle.sin(), 1e-5, 3)
+        results += list(zip(fused_triton.qkv_norm_rope(*args), qkv_norm_rope(*args)))
+        for i, (got, want) in enumerate(results):
+            if not got.isfinite().all() or _ulps(got, want) > HAND_ULPS[dtype]:
+                raise RuntimeError(f"result {i} ({dtype}) is {_ulps(got, want):.1f} units in the last place "
+                                   "from the reference body")
+
+
+HAND_KERNELS = CheckedKernel("hand-written Triton block kernels", fused_triton.triton is not None, _check_hand,
+                             "inductor's kernels")
+
+
+class _Hand:
+    """A function's hand-written body where it takes the arguments (CUDA, the layouts it indexes)
+    and has passed its check on this process's GPU; otherwise ``fallback``, the compiled reference."""
+
+    def __init__(self, name: str, fallback: Callable):
+        self.name, self.fallback, self.body = name, fallback, fused_triton.BODIES[name]
+
+    def __call__(self, *args):
+        if fused_triton.applies(self.name, *args) and HAND_KERNELS.usable(args[0].device):
+            return self.body(*args)
+        return self.fallback(*args)
+
+
 class _Fp8Linears:
     """The blocks' matmuls on e4m3 operands (fp8_matmul.py): each weight quantised once per
     :meth:`Kernels.weights` call, the input once per group of matmuls that share it (w1 and
@@ -243,16 +334,17 @@ class Kernels:
     attribute), which is right: it does not change which weights a block reads.
     """
 
-    def __init__(self, compiled: bool | None = None, fp8_compute: bool = False):
+    def __init__(self, compiled: bool | None = None, fp8_compute: bool = False, hand: bool = True):
         want = compile_available() if compiled is None else compiled
         if want and not compile_available():
             log.warning("torch.compile was asked for but needs Triton and a CUDA GPU; running eagerly.")
             want = False
-        self.compiled, self.fp8_compute = want, fp8_compute
+        self.compiled, self.fp8_compute, self.hand = want, fp8_compute, want and hand
         if want:
             log.debug("fused DiT kernels compile with inductor, cache %s", use_persistent_cache())
         for name, (fn, eager, dims, options) in _FUNCTIONS.items():
-            setattr(self, name, _Compiled(name, fn, eager, dims, options) if want else eager)
+            body = _Compiled(name, fn, eager, dims, options) if want else eager
+            setattr(self, name, _Hand(name, body) if self.hand and name in HAND_FUNCTIONS else body)
         self._fp8 = _Fp8Linears(want) if fp8_compute else None
 
     def weights(self, modules: tuple[nn.Linear, ...]) -> tuple:
@@ -277,17 +369,18 @@ class Kernels:
         return self.linears(x, self.weights((module,)))[0]
 
     def __repr__(self) -> str:
-        return f"Kernels(compiled={self.compiled}, fp8_compute={self.fp8_compute})"
+        return f"Kernels(compiled={self.compiled}, fp8_compute={self.fp8_compute}, hand={self.hand})"
 
 
 EAGER = Kernels(compiled=False)
-_SHARED: dict[tuple[bool, bool], Kernels] = {(False, False): EAGER}
+_SHARED: dict[tuple[bool, bool, bool], Kernels] = {(False, False, False): EAGER}
 
 
-def kernels(compiled: bool | None = None, fp8_compute: bool = False) -> Kernels:
-    """The process-wide Kernels for a setting (compiled code is cached per function anyway)."""
+def kernels(compiled: bool | None = None, fp8_compute: bool = False, hand: bool = True) -> Kernels:
+    """The process-wide Kernels for a setting (compiled code is cached per function anyway).
+    ``hand=False`` keeps inductor's kernels everywhere (benchmarks compare the two)."""
     want = compile_available() if compiled is None else compiled
-    key = (want, fp8_compute)
+    key = (want, fp8_compute, want and hand)
     if key not in _SHARED:
-        _SHARED[key] = Kernels(compiled=want, fp8_compute=fp8_compute)
+        _SHARED[key] = Kernels(compiled=want, fp8_compute=fp8_compute, hand=hand)
     return _SHARED[key]

@@ -186,7 +186,7 @@ def _launch(qtype: T, src: torch.Tensor, out: torch.Tensor, form: str | None = N
 
 
 # Whole-block decode (_block_kernel): GGML blocks per table row and warps, the LAUNCH shapes.
-BLOCK_ROW = {T.Q8_0: (256, 8), T.Q4_K: (8, 4)}
+BLOCK_ROW = {T.Q8_0: (64, 4), T.Q4_K: (8, 4)}
 _ALIGN = 256                      # every piece starts here in both layouts (placement/layout.py)
 
 
@@ -212,43 +212,48 @@ def block_decoder(pieces: Sequence[Piece], dtype: torch.dtype,
     qtype = T(qtypes.pop())
     if qtype not in BLOCK_ROW or not BLOCK_KERNEL.usable(device):
         return None
-    table = block_table(pieces, dtype, device)
+    shape = BLOCK_ROW[qtype]                  # read once: the table and the launches must agree
+    table = block_table(pieces, dtype, device, shape[0])
 
     def decode(src: torch.Tensor, dst: torch.Tensor) -> None:
         if src.data_ptr() % _ALIGN or dst.data_ptr() % _ALIGN:
             decode_pieces(pieces, src, dst, dtype)           # same bits, one launch per tensor
         else:
-            _launch_block(qtype, table, src, dst, dtype)
+            _launch_block(qtype, table, src, dst, dtype, shape)
     return decode
 
 
-def _launch_block(qtype: T, table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, dtype: torch.dtype) -> None:
-    """Run _block_kernel; ``src`` and ``dst`` are 256-byte aligned uint8 buffers."""
+def _launch_block(qtype: T, table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, dtype: torch.dtype,
+                  shape: tuple[int, int]) -> None:
+    """Run _block_kernel with ``shape`` (GGML blocks per row, warps); ``src`` and ``dst`` are 256-byte
+    aligned uint8 buffers."""
     src, dst = src[: src.numel() // _ALIGN * _ALIGN], dst[: dst.numel() // _ALIGN * _ALIGN]
-    per, warps = BLOCK_ROW[qtype]
+    per, warps = shape
     _block_kernel[(table.shape[0],)](src, src.view(torch.int16), src.view(torch.int32), src.view(dtype),
                                      dst.view(dtype), table, QTYPE=int(qtype), PER=per, ELEMS=block_geometry(qtype)[0],
                                      num_warps=warps, enable_fp_fusion=False)   # d*q - m: no FMA, as torch
 
 
-def block_table(pieces: Sequence[Piece], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def block_table(pieces: Sequence[Piece], dtype: torch.dtype, device: torch.device | str,
+                per_row: int | None = None) -> torch.Tensor:
     """Rows (packed?, source offset, destination element offset, count) for _block_kernel: packed
-    rows hold ``BLOCK_ROW`` GGML blocks (source offset in bytes), plain rows as many elements as
-    those decode to (source offset in elements, count padded to 16: the padding is in the gap to
-    the next 256-byte boundary)."""
+    rows hold ``per_row`` GGML blocks (``BLOCK_ROW``'s by default; source offset in bytes), plain
+    rows as many elements as those decode to (source offset in elements, count padded to 16: the
+    padding is in the gap to the next 256-byte boundary)."""
     rows = []
     size = dtype.itemsize
     packed = T(next(p.qtype for p in pieces if p.qtype is not None))
-    step = BLOCK_ROW[packed][0] * block_geometry(packed)[0]     # elements a packed row decodes to
+    per_row = per_row or BLOCK_ROW[packed][0]
+    step = per_row * block_geometry(packed)[0]                  # elements a packed row decodes to
     for p in pieces:
         if p.qtype is None:
             for start in range(0, p.elements, step):
                 rows.append((0, p.src // size + start, p.dst // size + start, -(-min(step, p.elements - start) // 16) * 16))
             continue
         per, nbytes = block_geometry(p.qtype)
-        blocks, row = p.elements // per, BLOCK_ROW[p.qtype][0]
-        for start in range(0, blocks, row):
-            rows.append((1, p.src + start * nbytes, p.dst // size + start * per, min(row, blocks - start)))
+        blocks = p.elements // per
+        for start in range(0, blocks, per_row):
+            rows.append((1, p.src + start * nbytes, p.dst // size + start * per, min(per_row, blocks - start)))
     return torch.tensor(rows, dtype=torch.int64).to(device)
 
 
@@ -293,7 +298,7 @@ def _check_block(device: torch.device) -> None:
             want = torch.zeros(dst_at, dtype=torch.uint8, device=device)
             decode_pieces(pieces, src, want, dtype)
             got = torch.zeros_like(want)
-            _launch_block(qtype, block_table(pieces, dtype, device), src, got, dtype)
+            _launch_block(qtype, block_table(pieces, dtype, device), src, got, dtype, BLOCK_ROW[qtype])
             for p in pieces:       # the gaps between pieces are scratch
                 span = slice(p.dst, p.dst + p.elements * dtype.itemsize)
                 if not torch.equal(got[span], want[span]):
