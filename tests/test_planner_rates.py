@@ -119,6 +119,20 @@ def test_a_slow_link_that_must_stream_says_so_and_keeps_the_smallest_chunks():
     assert len(fast.resident) < len(slow.resident)
 
 
+def test_a_few_large_blocks_among_small_ones_do_not_shrink_every_blocks_chunks():
+    # A GGUF file's shape: 4 unquantised refiner blocks (167 MB, a 3.3 ms copy) among 36 quantised
+    # ones (88 MB, 1.8 ms) against 3 ms of compute: copies keep up on average, so the plan streams
+    # with the largest chunks; the same bytes in every block would be transfer-bound.
+    mixed = [BlockSize(f"b{i}", 167 * MB, 92 * MB, (167 if i < 4 else 88) * MB) for i in range(40)]
+    budget = _all_resident_budget(mixed, CHUNKS[2]) - 20 * 167 * MB
+    p = _plan(budget, mixed, storage=StorageChoice.PACKED, bandwidth=50e9, block_compute_s=3e-3)
+    assert p.streamed and p.attn_chunk is None
+    assert "copies are slower than compute" not in p.reason
+    big = [BlockSize(f"b{i}", 167 * MB, 92 * MB, 167 * MB) for i in range(40)]
+    q = _plan(budget, big, storage=StorageChoice.PACKED, bandwidth=50e9, block_compute_s=3e-3)
+    assert "copies are slower than compute here" in q.reason and q.attn_chunk is not None
+
+
 def test_predicted_step_is_n_computes_plus_the_exposed_copies():
     # 40 MB copies in 2 ms and hide behind 4 ms of compute; 120 MB ones take 6 ms and show 2 ms.
     blocks = [BlockSize(f"b{i}", (120 if i % 3 == 0 else 40) * MB) for i in range(12)]
