@@ -118,6 +118,10 @@ def stats(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def compare(repo: Path, dims: dict, device: str, seed: int = 0) -> dict:
+    # Each model compiles afresh: dynamo keeps at most 8 variants per function (dtype, feature
+    # size, absent scale), and a second model's fp32 and bf16 variants on top of the first's hit
+    # that limit, after which a function runs its eager body (2026-12-03: mid's bf16 forward did).
+    torch._dynamo.reset()
     torch.manual_seed(seed)
     official = official_model(repo, dims)
     randomise(official, seed)

@@ -98,6 +98,9 @@ def small_pc_sections() -> list[str]:
                        f"{r['bytes_h2d_per_step'] / 1e6:.0f} | {r['resident_blocks']}/{r['n_blocks']} | "
                        f"{r.get('bitwise_equal_to_resident', '-')} | {'-' if drift is None else f'{drift:.3f}'} | "
                        f"{r.get('dequant_ms_per_layer', '-') if r.get('dequant_ms_per_layer') is None else round(r['dequant_ms_per_layer'], 3)} |")
+        note = (_load("extra.json") or {}).get("gguf_note")
+        if note:
+            out += ["", note]
     out += decode_section(_load("extra.json") or {})
     ram = _load("host_ram.json")
     if ram:
