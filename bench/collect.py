@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     (here / "results.json").write_text(json.dumps(rows + peers, indent=1) + "\n")
     (here / "peers.json").write_text(args.peers.read_text())
     old = json.loads((here / "extra.json").read_text()) if (here / "extra.json").exists() else {}
-    extra = {**{k: old[k] for k in ("official_parity_cuda", "official_parity_date", "official_parity_note",
-                                    "gguf_note") if k in old},
+    extra = {**{k: old[k] for k in ("official_parity_cuda", "official_parity_date", "official_parity_note")
+                if k in old},
              **json.loads((args.final / "extra.json").read_text()), **stamp, "commands": args.commands}
     for key in ("profiles", "drift", "forward_host"):   # a visit that skipped these keeps the earlier ones
         keep_earlier(extra, old, key)
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.earlier:
         key, _, when = item.partition("=")
         extra[key + "_visit"] = when or "an earlier visit"
+    if not args.gguf and "gguf_note" in old:     # a note on the GGUF rows lives as long as they do
+        extra["gguf_note"] = old["gguf_note"]
     (here / "extra.json").write_text(json.dumps(extra, indent=1) + "\n")
     if args.gguf:
         gguf_rows = [{**r, "visit": stamp["visit"]} for r in json.loads(args.gguf.read_text())]

@@ -79,6 +79,7 @@ def throttle_section() -> list[str]:
 def small_pc_sections() -> list[str]:
     """GGUF rows, host-RAM rows, the LoRA cost and the soak (issues 11-13)."""
     out = []
+    extra = _load("extra.json") or {}
     gguf = _load("gguf.json")
     if gguf:
         out += ["", f"## GGUF and fp8 DiT files, sampling only (`bench/gguf_bench.py`, {gguf[0]['date']}, "
@@ -98,10 +99,9 @@ def small_pc_sections() -> list[str]:
                        f"{r['bytes_h2d_per_step'] / 1e6:.0f} | {r['resident_blocks']}/{r['n_blocks']} | "
                        f"{r.get('bitwise_equal_to_resident', '-')} | {'-' if drift is None else f'{drift:.3f}'} | "
                        f"{r.get('dequant_ms_per_layer', '-') if r.get('dequant_ms_per_layer') is None else round(r['dequant_ms_per_layer'], 3)} |")
-        note = (_load("extra.json") or {}).get("gguf_note")
-        if note:
-            out += ["", note]
-    out += decode_section(_load("extra.json") or {})
+        if extra.get("gguf_note"):
+            out += ["", extra["gguf_note"]]
+    out += decode_section(extra)
     ram = _load("host_ram.json")
     if ram:
         earlier = any(r.get("earlier_visit") for r in ram["rows"])

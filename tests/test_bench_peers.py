@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
+from comfy_snapshot import COMFY_SNAPSHOT as COMFY  # tests/ is on pytest's pythonpath (pyproject)
+
 REPO = Path(__file__).resolve().parents[1]
-COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / "out" / "comfyui")
 
 
 def _load_peers():

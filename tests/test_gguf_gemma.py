@@ -3,9 +3,6 @@ the metadata gives the SentencePiece model's ids, and the encoder's output match
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import sentencepiece
 import torch
@@ -15,6 +12,8 @@ from newbie_core.models.checkpoint import CheckpointError
 from newbie_core.models.gemma_loading import open_gemma
 from newbie_core.tiny.gguf_files import write_gguf, write_tiny_gemma_gguf
 from newbie_core.tiny.text_encoders import FIXTURES
+
+from comfy_snapshot import COMFY_SNAPSHOT  # tests/ is on pytest's pythonpath (pyproject)
 
 TEXTS = ["a girl with long silver hair, (masterpiece:1.2), 1girl solo",
          "  leading and  double  spaces\tand tabs\nnew line",
@@ -112,10 +111,8 @@ def test_the_gguf_embedding_table_is_decoded_in_chunks_when_gemma_loads(tmp_path
 
 
 # A real 32 000-piece BPE SentencePiece vocabulary (EleutherAI's pile-T5, LLaMA's pieces) that
-# ComfyUI ships; no Gemma vocabulary can be fetched here. Read from a ComfyUI snapshot, never
-# committed: COMFYUI_PATH, or the benchmark's ignored out/comfyui.
-_COMFY = Path(os.environ.get("COMFYUI_PATH") or Path(__file__).resolve().parents[1] / "out" / "comfyui")
-REAL_SPM = _COMFY / "comfy" / "text_encoders" / "t5_pile_tokenizer" / "tokenizer.model"
+# ComfyUI ships; no Gemma vocabulary can be fetched here.
+REAL_SPM = COMFY_SNAPSHOT / "comfy" / "text_encoders" / "t5_pile_tokenizer" / "tokenizer.model"
 REAL_TEXTS = TEXTS + [
     "1girl, solo, long hair, looking at viewer, smile, blue eyes, (best quality:1.3), absurdres, highres",
     "<character_1><n>hatsune miku</n><gender>1girl</gender><appearance>twintails, aqua hair</appearance>"
@@ -125,34 +122,19 @@ REAL_TEXTS = TEXTS + [
 ]
 
 
-def _with_gemma_normalizer(model: bytes) -> bytes:
-    """``model`` with Gemma's normaliser (identity, no dummy prefix, spaces kept), the one the
-    GGUF rebuild assumes, so the two differ only where the rebuild could go wrong."""
-    from newbie_core.models.gguf import spm
-    from newbie_core.tiny.gguf_files import _wire_fields
-    kept = b"".join(spm._bytes(f, v) for f, v in _wire_fields(model) if f not in (3, 5))
-    norm = spm._bytes(1, b"identity") + spm._int(3, 0) + spm._int(4, 0)
-    return kept + spm._bytes(3, norm)
-
-
 @pytest.mark.skipif(not REAL_SPM.exists(), reason="needs a ComfyUI snapshot (COMFYUI_PATH or out/comfyui)")
 def test_a_real_32k_vocabulary_through_gguf_metadata_gives_the_sentencepiece_ids(tmp_path):
     from gguf import GGUFReader, GGUFWriter
     from newbie_core.models.gguf.gemma import tokenizer_model_bytes
     from newbie_core.models.gguf.reader import read_fields
-    from newbie_core.tiny.gguf_files import spm_vocabulary
-    want = sentencepiece.SentencePieceProcessor(model_proto=_with_gemma_normalizer(REAL_SPM.read_bytes()))
-    tokens, scores, types = spm_vocabulary(REAL_SPM)
-    assert len(tokens) == want.get_piece_size() == 32000
+    from newbie_core.tiny.gguf_files import add_spm_tokenizer, spm_vocabulary, with_gemma_normalizer
+    # the reference: the same model with the normaliser the rebuild assumes (Gemma's), so the two
+    # differ only where the rebuild could go wrong
+    want = sentencepiece.SentencePieceProcessor(model_proto=with_gemma_normalizer(REAL_SPM))
+    assert len(spm_vocabulary(REAL_SPM)[0]) == want.get_piece_size() == 32000
     path = tmp_path / "vocab.gguf"
     writer = GGUFWriter(str(path), "gemma3")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(want.unk_id())
-    writer.add_bos_token_id(want.bos_id())
-    writer.add_eos_token_id(want.eos_id())
+    add_spm_tokenizer(writer, REAL_SPM, {"unk": want.unk_id(), "bos": want.bos_id(), "eos": want.eos_id()})
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()

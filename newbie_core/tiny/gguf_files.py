@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter
 
 from ..models.dit.config import DiTConfig
 from ..models.dit.loading import AXES_METADATA_KEY
+from ..models.gguf import spm
 from ..models.gguf.quantize import quantize
 from .dit import tiny_dit_state
 
@@ -133,6 +134,16 @@ def spm_vocabulary(model_file: Path) -> tuple[list[str], list[float], list[int]]
     return pieces, scores, types
 
 
+def with_gemma_normalizer(model_file: Path) -> bytes:
+    """A SentencePiece model's proto with its normaliser (and denormaliser) swapped for Gemma's,
+    the one a rebuild from GGUF metadata assumes (models/gguf/spm.py): the reference when another
+    model's vocabulary goes through that rebuild."""
+    drop = (spm.MODEL_NORMALIZER, spm.MODEL_DENORMALIZER)
+    kept = b"".join(spm.length_delimited(f, v) for f, v in _wire_fields(Path(model_file).read_bytes())
+                    if f not in drop)
+    return kept + spm.length_delimited(spm.MODEL_NORMALIZER, spm.gemma_normalizer())
+
+
 def gemma_tensor_type(key: str, shape: tuple[int, ...], qtype: T) -> T:
     """The type llama.cpp's converter gives one Gemma tensor (HF ``key``) when asked for ``qtype``:
     norms F32, matrices ``qtype``, F16 where its block does not divide a row."""
@@ -141,17 +152,21 @@ def gemma_tensor_type(key: str, shape: tuple[int, ...], qtype: T) -> T:
     return qtype if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else T.F16
 
 
-def add_spm_tokenizer(writer: GGUFWriter, model_file: Path) -> None:
-    """A SentencePiece model as llama.cpp's tokenizer metadata, with Gemma's special token ids."""
+GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2, "unk": 3}
+
+
+def add_spm_tokenizer(writer: GGUFWriter, model_file: Path, ids: Mapping[str, int] = GEMMA_SPECIAL_IDS) -> None:
+    """A SentencePiece model as llama.cpp's tokenizer metadata; special token ids Gemma's unless
+    ``ids`` (keys pad, eos, bos, unk) says otherwise."""
     tokens, scores, token_types = spm_vocabulary(model_file)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(token_types)
-    writer.add_pad_token_id(0)
-    writer.add_eos_token_id(1)
-    writer.add_bos_token_id(2)
-    writer.add_unk_token_id(3)
+    add = {"pad": writer.add_pad_token_id, "eos": writer.add_eos_token_id, "bos": writer.add_bos_token_id,
+           "unk": writer.add_unk_token_id}
+    for name, token_id in ids.items():
+        add[name](token_id)
 
 
 def write_tiny_gemma_gguf(path: Path, qtype: T | str = T.Q8_0, seed: int = 0) -> Path:

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Sequence
 
 # sentencepiece_model.proto field numbers
-_MODEL_PIECES, _MODEL_TRAINER, _MODEL_NORMALIZER = 1, 2, 3
+_MODEL_PIECES, _MODEL_TRAINER, MODEL_NORMALIZER, MODEL_DENORMALIZER = 1, 2, 3, 5
 _PIECE_TEXT, _PIECE_SCORE, _PIECE_TYPE = 1, 2, 3
 _TRAINER_MODEL_TYPE, _TRAINER_VOCAB, _TRAINER_BYTE_FALLBACK = 3, 4, 35
 _TRAINER_IDS = {"unk": 40, "bos": 41, "eos": 42, "pad": 43}
@@ -40,7 +40,7 @@ def _int(field: int, value: int) -> bytes:
     return _varint(field << 3) + _varint(value)
 
 
-def _bytes(field: int, value: bytes) -> bytes:
+def length_delimited(field: int, value: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(value)) + value
 
 
@@ -53,18 +53,22 @@ def build_spm_model(tokens: Sequence[str], scores: Sequence[float] | None, types
     """Serialized ModelProto for a Gemma-style BPE vocabulary (see module docstring)."""
     out = bytearray()
     for i, token in enumerate(tokens):
-        piece = _bytes(_PIECE_TEXT, token.encode("utf-8"))
+        piece = length_delimited(_PIECE_TEXT, token.encode("utf-8"))
         piece += _float(_PIECE_SCORE, float(scores[i]) if scores is not None else 0.0)
         kind = int(types[i]) if types is not None else NORMAL
         if kind != NORMAL:
             piece += _int(_PIECE_TYPE, kind)
-        out += _bytes(_MODEL_PIECES, piece)
+        out += length_delimited(_MODEL_PIECES, piece)
     trainer = _int(_TRAINER_MODEL_TYPE, BPE) + _int(_TRAINER_VOCAB, len(tokens)) + _int(_TRAINER_BYTE_FALLBACK, 1)
     for name, field in _TRAINER_IDS.items():
         if name in ids:
             trainer += _int(field, ids[name])
-            trainer += _bytes(_TRAINER_PIECES[name], tokens[ids[name]].encode("utf-8"))
-    out += _bytes(_MODEL_TRAINER, trainer)
-    normalizer = _bytes(_NORM_NAME, b"identity") + _int(_NORM_DUMMY_PREFIX, 0) + _int(_NORM_REMOVE_SPACES, 0)
-    out += _bytes(_MODEL_NORMALIZER, normalizer)
+            trainer += length_delimited(_TRAINER_PIECES[name], tokens[ids[name]].encode("utf-8"))
+    out += length_delimited(_MODEL_TRAINER, trainer)
+    out += length_delimited(MODEL_NORMALIZER, gemma_normalizer())
     return bytes(out)
+
+
+def gemma_normalizer() -> bytes:
+    """Gemma 3's NormalizerSpec (module docstring), serialized: what a GGUF's metadata omits."""
+    return length_delimited(_NORM_NAME, b"identity") + _int(_NORM_DUMMY_PREFIX, 0) + _int(_NORM_REMOVE_SPACES, 0)
