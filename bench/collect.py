@@ -77,6 +77,18 @@ def soak_from_log(log: Path) -> dict:
     return {**summarize(runs), "note": "bench/soak.py; a run cut short by its time-out keeps the runs it finished"}
 
 
+def row_key(row: dict) -> tuple:
+    return row["row"], row["size"], row.get("dtype"), row.get("budget_gb"), bool(row.get("fp8_compute"))
+
+
+def earlier_rows(old_rows: list[dict], new_rows: list[dict], visit: str) -> list[dict]:
+    """Our rows of the earlier results.json that this visit did not measure again (a group it
+    skipped: the cold first run, the seed recipes, ...), each marked with the visit that did."""
+    measured = {row_key(r) for r in new_rows}
+    return [{**r, "earlier_visit": r.get("earlier_visit", visit)} for r in old_rows
+            if not r.get("forward_only") and row_key(r) not in measured]
+
+
 def keep_earlier(extra: dict, old: dict, key: str) -> None:
     """A key this visit did not measure keeps the earlier extra.json's value, marked with its visit."""
     if key not in extra and key in old:
@@ -102,9 +114,16 @@ def main(argv: list[str] | None = None) -> None:
                          "lease, 13:55'): marked as such instead of as this visit")
     ap.add_argument("--commands", nargs="*", default=[], help="the visit's command lines, for BENCHMARKS.md")
     ap.add_argument("--into", type=Path, default=BENCH, help="where report.py reads them (default bench/)")
+    ap.add_argument("--keep-rows", action="store_true",
+                    help="keep the earlier results.json's rows of the groups this visit did not run, marked "
+                         "with their visit (the peers are always this visit's)")
     args = ap.parse_args(argv)
     here = args.into
     rows = json.loads((args.final / "results.json").read_text())
+    old = json.loads((here / "extra.json").read_text()) if (here / "extra.json").exists() else {}
+    if args.keep_rows and (here / "results.json").exists():
+        rows += earlier_rows(json.loads((here / "results.json").read_text()), rows,
+                             old.get("visit", "an earlier visit"))
     # Every file written here carries the same visit id; report.py marks a section whose file has
     # another id (one this collect did not rewrite) as measured in an earlier visit.
     stamp = {"date": rows[0]["date"], "machine": rows[0]["machine"]}
@@ -112,7 +131,6 @@ def main(argv: list[str] | None = None) -> None:
     stamp["visit"] = datetime.now(timezone.utc).isoformat(timespec="minutes")
     (here / "results.json").write_text(json.dumps(rows + peers, indent=1) + "\n")
     (here / "peers.json").write_text(args.peers.read_text())
-    old = json.loads((here / "extra.json").read_text()) if (here / "extra.json").exists() else {}
     extra = {**{k: old[k] for k in ("official_parity_cuda", "official_parity_date", "official_parity_note")
                 if k in old},
              **json.loads((args.final / "extra.json").read_text()), **stamp, "commands": args.commands}

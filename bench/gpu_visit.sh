@@ -8,6 +8,7 @@
 #   bash bench/gpu_visit.sh rows gguf                # our rows (--final), then the GGUF rows
 #   bash bench/gpu_visit.sh peers host-ram           # the peers (same visit as the rows), host RAM
 #   HOST_RAM_LIMIT=330 bash bench/gpu_visit.sh host-ram   # a shorter limit for the host-RAM rows
+#   bash bench/gpu_visit.sh host-ram-grid            # the whole RAM x VRAM x storage grid, adding to earlier rows
 #   HOST_RAM_REDO="16:8:bf16 8:4:gguf-q4_k" bash bench/gpu_visit.sh host-ram   # re-run rows whose plan changed
 #   ROW_SECTIONS=1024,512,fp8c ROWS_LIMIT=240 bash bench/gpu_visit.sh rows    # some of the row groups
 #   bash bench/gpu_visit.sh throttle                 # the fits table's link projection, checked at 12/25 GB/s
@@ -62,6 +63,13 @@ for part in "$@"; do
             ggufs; timeout "${HOST_RAM_LIMIT:-540}" python3 bench/host_ram_bench.py /tmp/full --targets --steps 4 \
                 --resume bench/host_ram.json --redo ${HOST_RAM_REDO:-} --out "$OUT/host_ram.json" > "$OUT/host_ram.log" 2>&1
             tail -n 2 "$OUT/host_ram.log" | cut -c1-200 ;;
+        host-ram-grid)
+            # issue 13's whole grid, RAM 16/8/32 GB x VRAM 4/8 GB x every storage, cold and warm, most
+            # common PC first; rows already in bench/host_ram.json are kept, so visits add to it
+            ggufs; timeout "${HOST_RAM_LIMIT:-540}" python3 bench/host_ram_bench.py /tmp/full --steps 4 \
+                --ram 16 8 32 --vram 4 8 --resume bench/host_ram.json --redo ${HOST_RAM_REDO:-} \
+                --out "$OUT/host_ram.json" > "$OUT/host_ram.log" 2>&1
+            tail -n 2 "$OUT/host_ram.log" | cut -c1-200 ;;
         throttle)
             ggufs; timeout 240 python3 bench/link_throttle_bench.py /tmp/full --out "$OUT/throttle.json" \
                 > "$OUT/throttle.log" 2>&1
@@ -79,7 +87,7 @@ for part in "$@"; do
         decode)
             timeout 120 python3 bench/gguf_decode_bench.py > "$OUT/gguf_decode.log" 2>&1
             cat "$OUT/gguf_decode.log" | tail -n 12 ;;
-        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram throttle decode probe)"; exit 2 ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe)"; exit 2 ;;
     esac
 done
 step done

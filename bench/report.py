@@ -38,6 +38,12 @@ def _warm_resident_whole(rows: list[dict], size: str, cfg: bool) -> float:
                and r["resident_blocks"] == r.get("n_blocks", 40) and r["row"] in ("resident", "ours"))
 
 
+def _earlier_note(rows: list[dict]) -> str:
+    """', an earlier visit (...)' for a section whose rows collect.py --keep-rows kept."""
+    visits = sorted({r["earlier_visit"] for r in rows if r.get("earlier_visit")})
+    return f" (an earlier visit: {', '.join(visits)})" if visits else ""
+
+
 def rows_table(rows: list[dict], size: str, cfg: bool) -> list[str]:
     out = ["| row | storage | budget GB | s/step | ×resident | roofline s/step | ×roofline | TFLOP/s | whole s | "
            "×warm resident (whole) | peak GB | stage peaks GB (gemma / jina / sample / decode) | predicted GB | "
@@ -48,7 +54,8 @@ def rows_table(rows: list[dict], size: str, cfg: bool) -> list[str]:
         if r["size"] != size or r["cfg"] != cfg or r["row"] not in ("resident", "ours") or r["dtype"] == "fp16":
             continue
         out.append(
-            f"| {r['row']} | {r['dtype']} | {r['budget_gb'] if r['budget_gb'] is not None else 'none'} | "
+            f"| {r['row']}{' (earlier visit)' if r.get('earlier_visit') else ''} | {r['dtype']} | "
+            f"{r['budget_gb'] if r['budget_gb'] is not None else 'none'} | "
             f"{r['s_per_step']:.4f} | {r['ratio_to_resident']:.3f} | {r['roofline_s_per_step']:.4f} | "
             f"{r['s_per_step'] / r['roofline_s_per_step']:.3f} | {r['tflops']:.0f} | {r['whole_s']:.2f} | "
             f"{r['whole_s'] / warm:.3f} | {r['peak_vram_gb']:.2f} | {_peaks(r)} | {_pred(r)} | "
@@ -337,7 +344,8 @@ def main() -> None:
         c = cold[0]
         empty = c.get("inductor_cache", "empty") == "empty"
         lines += ["", "## First run: torch.compile of the fused kernels"
-                  + (" (cold inductor cache)" if empty else " (inductor cache already on disk)"), "",
+                  + (" (cold inductor cache)" if empty else " (inductor cache already on disk)")
+                  + _earlier_note(cold), "",
                   "1024² CFG 5, resident bf16, the first generation of a fresh process "
                   + ("with an empty cache" if empty else f"whose cache was {c['inductor_cache']}") + ": "
                   f"**{c['whole_s']:.1f} s** whole, of which **{c['compile_s']:.1f} s** is "
@@ -354,7 +362,7 @@ def main() -> None:
                       f"{resident['repeat_bitwise_equal']})."]
     seeds = [r for r in rows if r["row"].startswith("seed-")]
     if seeds:
-        lines += ["", "## The seed article's recipes on our pipeline", "",
+        lines += ["", "## The seed article's recipes on our pipeline" + _earlier_note(seeds), "",
                   "| recipe | ms/step | whole s (28 steps) | peak GB | article: peak GB / s per image (RTX 3090, 50 steps, CFG 7) |",
                   "|---|---|---|---|---|"]
         for r in seeds:

@@ -159,6 +159,31 @@ def test_collect_brings_a_visit_into_the_report_inputs(tmp_path):
     assert soak["growth_after_first_mib"]["rss_mib"] == 7.0 and soak["growth_after_first_cycle_mib"]["rss_mib"] == 2.0
 
 
+def test_collect_keeps_the_rows_of_groups_a_visit_skipped_marked_with_their_visit(tmp_path):
+    """--keep-rows: a visit that re-ran only some row groups keeps the others from the earlier
+    results.json, marked, and never keeps the earlier peers or a row it measured again."""
+    visit, into = tmp_path / "visit", tmp_path / "bench"
+    (visit / "rb").mkdir(parents=True)
+    into.mkdir()
+    def ours(row, budget, s):
+        return {"row": row, "size": "1024x1024", "dtype": "fp8", "budget_gb": budget, "s_per_step": s,
+                "date": "2026-12-04", "machine": "GPU"}
+    (visit / "rb" / "results.json").write_text(json.dumps([ours("ours", 2, 0.119)]))
+    (visit / "rb" / "extra.json").write_text(json.dumps({"torch": "x"}))
+    (visit / "peers.json").write_text(json.dumps({"rows": [{"row": "comfyui-full", "size": 1024}]}))
+    (into / "results.json").write_text(json.dumps([ours("ours", 2, 0.123), ours("seed-staged-bf16", None, 0.128),
+                                                   {"row": "comfyui-full", "size": "1024x1024", "forward_only": True}]))
+    (into / "extra.json").write_text(json.dumps({"visit": "2026-12-03T10:00"}))
+    _script("collect").main(["--final", str(visit / "rb"), "--peers", str(visit / "peers.json"), "--into", str(into),
+                             "--keep-rows"])
+    results = json.loads((into / "results.json").read_text())
+    assert [(r["row"], r["s_per_step"], r.get("earlier_visit")) for r in results if not r.get("forward_only")] == [
+        ("ours", 0.119, None), ("seed-staged-bf16", 0.128, "2026-12-03T10:00")]
+    assert len([r for r in results if r.get("forward_only")]) == 1
+    report = _script("report")
+    assert report._earlier_note(results) == " (an earlier visit: 2026-12-03T10:00)"
+
+
 def test_host_ram_comparisons_do_not_depend_on_row_order(tmp_path):
     """The unlimited-RAM base and the bf16 drift reference are found wherever they ran, so rows
     resumed from an earlier visit or run before their base still get their ratios."""

@@ -10,8 +10,10 @@ They are ordered only by events:
 - ``main_wait(copy_done)`` before compute reads a slot the side stream filled;
 - ``side_wait(compute_done)`` before the side stream overwrites a slot compute has read;
 - ``host_wait(copy_done)`` before the CPU overwrites a pinned staging buffer a copy reads;
-- ``upcast(fn, after)`` waits ``after`` (the staging copy's event, or the compute event that
-  frees the slot) on the upcast stream, runs ``fn`` there and returns the event compute waits on.
+- ``upcast(fn, after)`` waits every event of ``after`` (the staging copy's, and the compute
+  event that frees the slot) on the upcast stream, runs ``fn`` there and returns the event
+  compute waits on;
+- ``side_wait(upcast_done)`` before a copy overwrites a staging buffer an upcast reads.
 
 No tensor is ever allocated on the side stream: the side stream only writes into buffers the
 main stream allocated, so the caching allocator never sees a cross-stream free and
@@ -23,7 +25,9 @@ stream waits for the side stream (:meth:`drain`), so reuse by the allocator is s
 work is queued and lands only when an event after it is waited on; every destination is
 filled with NaN bytes the moment a copy into it is *queued*; and overwriting memory the main
 stream consumed, without first waiting for a main event recorded after that, raises
-:class:`StreamRaceError`. A missing wait therefore shows up as NaNs or as that error.
+:class:`StreamRaceError`, and so does a copy into a staging buffer that an upcast reads, queued
+without waiting for that upcast's event (on the GPU the upcast stream runs apart from the copy
+stream). A missing wait therefore shows up as NaNs or as that error.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ import torch
 
 class CopyEngine(Protocol):
     def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None: ...
-    def upcast(self, fn: Callable[[], None], after: Any, writes: Sequence[torch.Tensor] = ()) -> Any: ...
+    def upcast(self, fn: Callable[[], None], after: Sequence[Any], writes: Sequence[torch.Tensor] = (),
+               reads: Sequence[torch.Tensor] = ()) -> Any: ...
     def side_record(self) -> Any: ...
     def side_wait(self, event: Any) -> None: ...
     def main_record(self) -> Any: ...
@@ -61,10 +66,11 @@ class CudaCopyEngine:
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
 
-    def upcast(self, fn: Callable[[], None], after: torch.cuda.Event | None,
-               writes: Sequence[torch.Tensor] = ()) -> torch.cuda.Event:
-        if after is not None:
-            self.upcast_stream.wait_event(after)
+    def upcast(self, fn: Callable[[], None], after: Sequence[torch.cuda.Event | None],
+               writes: Sequence[torch.Tensor] = (), reads: Sequence[torch.Tensor] = ()) -> torch.cuda.Event:
+        for event in after:
+            if event is not None:
+                self.upcast_stream.wait_event(event)
         with torch.cuda.stream(self.upcast_stream):
             fn()   # must allocate nothing: see the module docstring
         event = torch.cuda.Event()
@@ -110,7 +116,8 @@ class ImmediateCopyEngine:
     def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None:
         dst.copy_(src)
 
-    def upcast(self, fn: Callable[[], None], after: None, writes: Sequence[torch.Tensor] = ()) -> None:
+    def upcast(self, fn: Callable[[], None], after: Sequence[None], writes: Sequence[torch.Tensor] = (),
+               reads: Sequence[torch.Tensor] = ()) -> None:
         fn()
 
     def side_record(self) -> None:
@@ -143,7 +150,7 @@ class StreamRaceError(RuntimeError):
 
 @dataclass(frozen=True)
 class FakeEvent:
-    stream: str   # "side" or "main"
+    stream: str   # "side" (copy), "upcast" or "main"
     seq: int
 
 
@@ -167,6 +174,8 @@ class FakeCopyStream:
         self._side_horizon = 0                     # newest main event the side stream waited on
         self._consumed: list[tuple[int, int, int]] = []   # (start, end, main seq of the consuming wait)
         self._landed_writes: list[tuple[int, int, int]] = []  # (start, end, side seq)
+        self._upcast_reads: list[tuple[int, int, int]] = []   # (start, end, seq of the reading upcast)
+        self._upcast_horizon = 0                   # newest upcast event the copy stream waited on
         self.copies = 0
         self.bytes_copied = 0
 
@@ -195,30 +204,46 @@ class FakeCopyStream:
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None:
         """``side_only``: the destination is read only by later side work (fp8 staging)."""
+        start, end = _span(dst)
+        if any(start < r_end and r_start < end for r_start, r_end, _ in self._upcast_reads):
+            raise StreamRaceError("a copy overwrites a staging buffer an upcast may still read (missing wait "
+                                  "for that upcast's event)")
         self.copies += 1
         self.bytes_copied += src.numel() * src.element_size()
         self._enqueue_write([dst], lambda: dst.copy_(src), side_only)   # src is read when it lands
 
-    def upcast(self, fn: Callable[[], None], after: FakeEvent | None,
-               writes: Sequence[torch.Tensor] = ()) -> FakeEvent:
+    def upcast(self, fn: Callable[[], None], after: Sequence[FakeEvent | None],
+               writes: Sequence[torch.Tensor] = (), reads: Sequence[torch.Tensor] = ()) -> FakeEvent:
         """The upcast stream. After a side event (the staging copy) it lands with the side queue;
         with nothing to wait for on the side it runs at once, on whatever its source holds now
         (so an upcast that forgot its copy event reads the NaN-poisoned staging buffer). A
-        main-stream ``after`` counts as a side wait: it frees the slot compute was reading."""
-        if after is not None and after.stream == "main":
-            self.side_wait(after)
-        self._enqueue_write(list(writes), fn, at_once=after is None or after.stream == "main")
-        return self.side_record()
+        main-stream event in ``after`` counts as a side wait: it frees the slot compute was
+        reading. ``reads`` (staging buffers) stay claimed until a copy waits on the returned event."""
+        events = [e for e in after if e is not None]
+        for event in events:
+            if event.stream == "main":
+                self._after_main(event)
+        self._enqueue_write(list(writes), fn, at_once=not any(e.stream != "main" for e in events))
+        seq = self._side_seq
+        self._upcast_reads.extend((*_span(t), seq) for t in reads)
+        return FakeEvent("upcast", seq)
 
     def side_record(self) -> FakeEvent:
         return FakeEvent("side", self._side_seq)
 
     def side_wait(self, event: FakeEvent | None) -> None:
-        if event is not None:
-            if event.stream != "main":
-                raise ValueError("side_wait expects a main-stream event")
-            self._side_horizon = max(self._side_horizon, event.seq)
-            self._consumed = [c for c in self._consumed if c[2] >= self._side_horizon]
+        """A main event frees memory compute read; an upcast event frees the staging it read."""
+        if event is None or event.stream == "side":
+            return                                  # the copy stream is in order with itself
+        if event.stream == "upcast":
+            self._upcast_horizon = max(self._upcast_horizon, event.seq)
+            self._upcast_reads = [r for r in self._upcast_reads if r[2] > self._upcast_horizon]
+            return
+        self._after_main(event)
+
+    def _after_main(self, event: FakeEvent) -> None:
+        self._side_horizon = max(self._side_horizon, event.seq)
+        self._consumed = [c for c in self._consumed if c[2] >= self._side_horizon]
 
     # -- main stream and host -------------------------------------------------------------
     def _land(self, upto: int) -> None:
@@ -232,8 +257,8 @@ class FakeCopyStream:
     def main_wait(self, event: FakeEvent | None) -> None:
         if event is None:
             return
-        if event.stream != "side":
-            raise ValueError("main_wait expects a side-stream event")
+        if event.stream == "main":
+            raise ValueError("main_wait expects a copy or upcast event")
         self._land(event.seq)
         self._main_seq += 1
         # Whatever the side stream wrote up to this event may now be read by the main stream.
@@ -251,6 +276,7 @@ class FakeCopyStream:
 
     def drain(self) -> None:
         self.main_wait(self.side_record())
+        self._upcast_reads.clear()              # everything queued has landed, upcasts included
 
     @property
     def pending(self) -> int:

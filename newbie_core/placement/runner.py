@@ -12,11 +12,16 @@ cycle that repeats every forward. Position ``p`` of that endless sequence is rin
 ``p % R`` of forward ``p // R`` and uses slot ``p % S``. Before computing position ``p`` the
 runner makes sure positions up to ``p + depth`` were issued. Issuing position ``q``:
 
-1. the copy stream waits ``compute_done[q % S]`` (position ``q - S`` finished with the slot
-   and its staging buffer; ``depth <= S - 1`` guarantees that compute was already enqueued);
-2. it copies the block into the slot (bf16) or into the slot's fp8 staging buffer; an fp8
-   block is then upcast into the slot on the upcast stream, after that copy (a resident fp8
-   block has nothing to copy: its upcast waits ``compute_done[q % S]`` itself);
+1. a block copied straight into its slot (compute dtype) waits ``compute_done[q % S]``
+   (position ``q - S`` finished with the slot; ``depth <= S - 1`` guarantees that compute was
+   already enqueued), then copies;
+2. an fp8 or packed block is copied into the slot's staging buffer once position ``q - S``'s
+   upcast has read it (``copy_done[q % S]``), which is before that position even computes;
+   its upcast into the slot then waits for that copy and for ``compute_done[q % S]``. So the
+   copy runs up to ``S`` blocks ahead of compute on ``S`` slots at no extra memory, and a run of
+   large blocks with little compute (a GGUF file's unquantised refiners) borrows the slack of
+   the blocks before it. A resident fp8 block has nothing to copy: its upcast waits
+   ``compute_done[q % S]`` alone;
 3. the event of the last of those becomes ``copy_done[q % S]``.
 
 Computing position ``p``: main stream waits ``copy_done[p % S]``, runs the block, records
@@ -131,17 +136,20 @@ class StreamingRunner:
         if block in self.resident:              # resident fp8: upcast only, once the slot is free
             src = self.resident[block]
             self.ring.copy_done[s] = self.engine.upcast(
-                lambda: self.upcast(storage, compute, src, slot), self.ring.compute_done[s], writes=[slot])
+                lambda: self.upcast(storage, compute, src, slot), (self.ring.compute_done[s],), writes=[slot])
             return
-        self.engine.side_wait(self.ring.compute_done[s])          # (1) slot and staging are free
-        host = self.store.acquire(block, self.engine)
         if self._upcast[block]:                                   # (2) H2D into staging, upcast stream
+            self.engine.side_wait(self.ring.copy_done[s])         # the last upcast has read the staging
+            host = self.store.acquire(block, self.engine)
             staging = self.ring.staging[s][: storage.nbytes]
             self.engine.copy(staging, host, side_only=True)
             self.store.release(block, copied := self.engine.side_record())
             self.ring.copy_done[s] = self.engine.upcast(                                   # (3)
-                lambda: self.upcast(storage, compute, staging, slot), copied, writes=[slot])
+                lambda: self.upcast(storage, compute, staging, slot), (copied, self.ring.compute_done[s]),
+                writes=[slot], reads=[staging])
         else:
+            self.engine.side_wait(self.ring.compute_done[s])      # (1) compute is done with the slot
+            host = self.store.acquire(block, self.engine)
             self.engine.copy(slot[: storage.nbytes], host)
             self.store.release(block, self.engine.side_record())
             self.ring.copy_done[s] = self.engine.side_record()    # (3)
