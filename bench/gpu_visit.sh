@@ -67,7 +67,7 @@ for part in "$@"; do
             # issue 13's whole grid, RAM 16/8/32 GB x VRAM 4/8 GB x every storage, cold and warm, most
             # common PC first; rows already in bench/host_ram.json are kept, so visits add to it
             ggufs; timeout "${HOST_RAM_LIMIT:-540}" python3 bench/host_ram_bench.py /tmp/full --steps 4 \
-                --ram 16 8 32 --vram 4 8 --resume bench/host_ram.json --redo ${HOST_RAM_REDO:-} \
+                --ram 16 8 32 --vram 4 8 --same-plan --resume bench/host_ram.json --redo ${HOST_RAM_REDO:-} \
                 --out "$OUT/host_ram.json" > "$OUT/host_ram.log" 2>&1
             tail -n 2 "$OUT/host_ram.log" | cut -c1-200 ;;
         throttle)

@@ -50,21 +50,36 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def one_row(cfg: dict) -> dict:
-    """Runs inside the child process."""
+def _request(cfg: dict):
+    """The row's models (headers only, nothing read), request and device."""
     import torch
-    from newbie_core.pipeline import (GenerationRequest, MemorySettings, Models, SamplingSettings, generate,
-                                      load_dit_handle, load_text_encoder_handle, load_vae_handle)
-    from newbie_core.pipeline.generate import host_plan
-    from newbie_core.placement.host_budget import bytes_read
-    from newbie_core.placement.host_store import host_ram_peak
-    device = torch.device(cfg["device"])
+    from newbie_core.pipeline import (GenerationRequest, MemorySettings, Models, SamplingSettings, load_dit_handle,
+                                      load_text_encoder_handle, load_vae_handle)
     models = Models(load_dit_handle(cfg["dit"], cfg["dtype"]), load_text_encoder_handle(cfg["gemma"], cfg["jina"]),
                     load_vae_handle(cfg["vae"]))
     memory = MemorySettings(vram_budget_gb=cfg["vram_gb"], ram_budget_gb=cfg["ram_gb"],
                             fp8_streaming=cfg["dtype"] == "fp8")
     request = GenerationRequest(prompt="a girl in a garden, masterpiece", width=cfg["size"], height=cfg["size"],
                                 sampling=SamplingSettings(steps=cfg["steps"], seed=1), memory=memory)
+    return models, request, torch.device(cfg["device"])
+
+
+def plan_fingerprint(cfg: dict) -> str:
+    """Every stage's VRAM plan and the host plan, without the RAM budget's own line: two rows with
+    the same fingerprint run the same code on the same placements (a budget with room to spare
+    changes nothing), so the bench measures one of them."""
+    from newbie_core.pipeline.generate import describe_plan
+    text = describe_plan(*_request(cfg))
+    return "\n".join(line for line in text.splitlines() if not line.startswith("host RAM budget"))
+
+
+def one_row(cfg: dict) -> dict:
+    """Runs inside the child process."""
+    from newbie_core.pipeline import generate
+    from newbie_core.pipeline.generate import host_plan
+    from newbie_core.placement.host_budget import bytes_read
+    from newbie_core.placement.host_store import host_ram_peak
+    models, request, device = _request(cfg)
     predicted = host_plan(models, request, device).predicted_peak      # what --plan says, before any read
     if cfg.get("plan_only"):
         return {"predicted_host_peak_gb": predicted / 2**30}
@@ -92,7 +107,7 @@ def fits_table(rows: list[dict]) -> str:
     out = ["| VRAM | RAM | storage | measured s/step | " + " | ".join(f"PCIe {g} GB/s" for g in LINKS_GBPS) + " |",
            "|---|---|---|---|" + "---|" * len(LINKS_GBPS)]
     for r in rows:
-        if "error" in r or r.get("temperature") != "warm":
+        if not measured(r) or r.get("temperature") != "warm":
             continue
         h2d = sum(s.get("bytes_h2d", 0) for s in r["stages"] if s["name"] == "sample") / max(1, r["steps"])
         compute = r["s_per_step"]          # on the H200 the copies are hidden: compute-bound
@@ -102,20 +117,25 @@ def fits_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def measured(row: dict) -> bool:
+    """A row that ran: not failed, not standing for a row of the same plan."""
+    return "error" not in row and "same_plan_as" not in row
+
+
 def compare(rows: list[dict], latents: dict[int, Path]) -> None:
     """Each row's budget check, and its drift and time against the bf16 / unlimited-RAM rows of
     the same VRAM budget and temperature, whatever order the rows ran in. ``latents`` maps a
     row's index to its latent file (rows resumed from an earlier visit have none: no drift)."""
     def find(ram, vram, storage: str, temperature: str | None = None) -> int | None:
         for i, r in enumerate(rows):
-            if ("error" not in r and (r["ram_budget_gb"], r["vram_budget_gb"], r["storage"]) == (ram, vram, storage)
+            if (measured(r) and (r["ram_budget_gb"], r["vram_budget_gb"], r["storage"]) == (ram, vram, storage)
                     and (temperature is None or r["temperature"] == temperature)
                     and (temperature is not None or i in latents)):
                 return i
         return None
 
     for i, row in enumerate(rows):
-        if "error" in row:
+        if not measured(row):
             continue
         ram, vram = row["ram_budget_gb"], row["vram_budget_gb"]
         if row.get("predicted_host_peak_gb") is not None:
@@ -149,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fits", action="store_true")
     ap.add_argument("--targets", action="store_true", help="only the issue's target rows (TARGETS), cold and warm")
     ap.add_argument("--resume", help="an earlier --out file: its rows are kept and not run again")
+    ap.add_argument("--same-plan", action="store_true",
+                    help="a combo whose plans equal a measured combo's (plan_fingerprint) is recorded as standing "
+                         "for it, not run again")
     ap.add_argument("--redo", nargs="*", default=[], metavar="RAM:VRAM:STORAGE",
                     help="with --resume: run these combos again (e.g. rows whose plan changed); RAM 'none' = auto")
     args = ap.parse_args(argv)
@@ -170,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                  "gguf-q4_k": (smoke_root / "diffusion_models/NewBie-Image-Exp0.1-Q4_K.gguf",
                                smoke_root / "text_encoders/gemma-3-4b-it-Q4_K.gguf")}
         jina, vae, device = paths.jina, paths.vae, "cpu"
-        args.ram, args.vram, args.steps, args.size = [8], [None], 2, 64
+        # with --same-plan a second RAM budget with room to spare: every row of it stands for one at 8
+        args.ram, args.vram, args.steps, args.size = [8, 16] if args.same_plan else [8], [None], 2, 64
     else:
         root = Path(args.root)
         files = {k: (root / "diffusion_models" / d, root / "text_encoders" / g) for k, (d, g, _) in STORAGES.items()}
@@ -182,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in rows if (r["ram_budget_gb"], r["vram_budget_gb"], r["storage"]) not in redo]
     for r in rows:
         r["earlier_visit"] = True               # kept as measured then; the report says so
-    done = {(r["ram_budget_gb"], r["vram_budget_gb"], r["storage"], r["temperature"]) for r in rows if "error" not in r}
+    done = {(r["ram_budget_gb"], r["vram_budget_gb"], r["storage"], r["temperature"]) for r in rows
+            if "error" not in r}
 
     def config(storage: str, ram, vram, latent: Path) -> dict:
         dit, gemma = files[storage]
@@ -199,9 +224,28 @@ def main(argv: list[str] | None = None) -> None:
     latents: dict[int, Path] = {}
     combos = TARGETS if args.targets else [(ram, vram, storage) for ram in args.ram for vram in args.vram
                                             for storage in args.storages]
+    plans: dict[str, tuple] = {}      # fingerprint -> the measured combo it belongs to
+    if args.same_plan:
+        for r in rows:
+            if measured(r):
+                key = (r["ram_budget_gb"], r["vram_budget_gb"], r["storage"])
+                plans.setdefault(plan_fingerprint(config(r["storage"], *key[:2], Path("-"))), key)
     for ram, vram, storage in combos:
+        twin = None
+        if args.same_plan:
+            fingerprint = plan_fingerprint(config(storage, ram, vram, Path("-")))
+            twin = plans.get(fingerprint)
+            if twin is None or twin == (ram, vram, storage):
+                plans[fingerprint], twin = (ram, vram, storage), None
         for temperature in ("cold", "warm"):
             if (ram, vram, storage, temperature) in done:
+                continue
+            if twin is not None:
+                row = {"bench": "host_ram", "storage": storage, "ram_budget_gb": ram, "vram_budget_gb": vram,
+                       "temperature": temperature, "steps": args.steps, "size": args.size,
+                       "same_plan_as": dict(zip(("ram_budget_gb", "vram_budget_gb", "storage"), twin))}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
                 continue
             dit, gemma = files[storage]
             if temperature == "cold":

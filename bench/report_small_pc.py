@@ -105,14 +105,23 @@ def small_pc_sections() -> list[str]:
     ram = _load("host_ram.json")
     if ram:
         earlier = any(r.get("earlier_visit") for r in ram["rows"])
-        out += ["", f"## Host RAM (`bench/host_ram_bench.py --targets`, {ram['date']}, {_visit(ram)}"
+        out += ["", f"## Host RAM (`bench/host_ram_bench.py`, {ram['date']}, {_visit(ram)}"
                 + ("; rows marked * from an earlier run (`--resume`)" if earlier else "") + ")", "",
                 "Whole generations at 1024² CFG, 4 steps, one fresh process per row; cold = the model files "
                 "evicted from the page cache first. RAM budgets and peaks in GiB (what `--ram-budget` counts). "
-                "× unlimited compares with the unlimited-RAM row of the same VRAM budget and temperature.", "",
+                "× unlimited compares with the unlimited-RAM row of the same VRAM budget and temperature. "
+                "A row marked *same plan* was not run: every stage's VRAM plan and the host plan equal those of "
+                "the row it names (`--same-plan`: a budget with room to spare changes nothing), so that row's "
+                "figures are its own.", "",
                 "| storage | RAM budget | VRAM budget | cold/warm | s/step | generation s | × unlimited | VmHWM GiB | "
                 "predicted GiB | pinned GiB | read from disk GB | within budget |", "|" + "---|" * 12]
         for r in ram["rows"]:
+            if "same_plan_as" in r:
+                twin = r["same_plan_as"]
+                out.append(f"| {r['storage']} | {r['ram_budget_gb']} | {r['vram_budget_gb']} | {r['temperature']} | "
+                           f"same plan as {twin['storage']} at {twin['ram_budget_gb']} GB RAM / "
+                           f"{twin['vram_budget_gb']} GB VRAM |" + " |" * 7)
+                continue
             if "error" in r:
                 out.append(f"| {r['storage']} | {r['ram_budget_gb']} | {r['vram_budget_gb']} | {r['temperature']} | "
                            f"failed: {r['error'][:80]} |" + " |" * 7)
