@@ -20,7 +20,8 @@ Decisions, and why:
   then runs on two slots). Measured on an H200 at 512² without CFG under 2 GB, against the
   residents-first order: bf16 8 resident blocks instead of 7, 102.1 ms per step instead of 104.3;
   fp8 13 instead of 9, but 55.0 ms instead of 53.9, because with two slots a streamed fp8 block
-  waits for its slot before its upcast. So upcast-per-use storage (fp8, packed) keeps its third
+  waited for its slot before its copy (measured before staged copies stopped waiting for compute,
+  runner.py; not measured again since). So upcast-per-use storage (fp8, packed) keeps its third
   slot while residents go, and drops to two only when nothing is left resident.
 - **fp8 storage with room to spare.** fp8 is a storage format: a resident fp8 block is upcast
   into a ring slot before every use. When the budget allows, resident blocks are instead kept at
@@ -37,8 +38,9 @@ Decisions, and why:
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
   for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on a
   stream of their own; streamed fp8 blocks land first in the slot's own fp8 staging buffer, so
-  the copy stream never waits for an upcast (one shared staging buffer serialised copy and
-  upcast: measured at 512² under 2 GB, 61.5 ms per step against a 48.5 ms copy roofline).
+  the copy stream never waits for an upcast of another slot (one shared staging buffer serialised
+  copy and upcast: measured at 512² under 2 GB, 61.5 ms per step against a 48.5 ms copy
+  roofline), nor for compute: only the upcast into the slot waits for the slot to be free.
 
 The predicted peak is analytic (see budget.py for the allocator model), never a measurement.
 """
