@@ -5,6 +5,7 @@
 # BENCHMARKS.md with bench/report.py.
 #
 #   bash bench/gpu_visit.sh tests soak lora          # the CUDA tier, the full-size soak, the LoRA cost
+#   CUDA_TESTS="tests/test_gguf_cuda.py" bash bench/gpu_visit.sh tests   # some of the CUDA tier's files
 #   bash bench/gpu_visit.sh rows gguf                # our rows (--final), then the GGUF rows
 #   bash bench/gpu_visit.sh peers host-ram           # the peers (same visit as the rows), host RAM
 #   HOST_RAM_LIMIT=330 bash bench/gpu_visit.sh host-ram   # a shorter limit for the host-RAM rows
@@ -35,8 +36,8 @@ for part in "$@"; do
     step "$part"
     case "$part" in
         tests)
-            timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s tests/test_dit_fused.py \
-                tests/test_cuda_pipeline.py tests/test_gguf_cuda.py tests/test_placement_cuda.py tests/test_fp8_compute.py \
+            timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s ${CUDA_TESTS:-tests/test_dit_fused.py \
+                tests/test_cuda_pipeline.py tests/test_gguf_cuda.py tests/test_placement_cuda.py tests/test_fp8_compute.py} \
                 > "$OUT/cuda_tier.log" 2>&1
             timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s \
                 tests/reliability/test_cuda_reliability.py > "$OUT/reliability.log" 2>&1
