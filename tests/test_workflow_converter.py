@@ -1,4 +1,4 @@
-"""CPU tier: the UI -> API workflow converter in tests/comfyui_support.py (no ComfyUI needed)."""
+"""CPU tier: the UI -> API workflow converter in tests/comfyui_workflow.py (no ComfyUI needed)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import comfyui_support as cs  # tests/ is on pytest's pythonpath (pyproject)
+import comfyui_workflow as cw  # tests/ is on pytest's pythonpath (pyproject)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = list(cs.iter_workflows(REPO_ROOT / "workflows"))
+WORKFLOWS = list(cw.iter_workflows(REPO_ROOT / "workflows"))
 
 
 def node_class(required: dict, optional: dict | None = None) -> type:
@@ -65,7 +65,7 @@ def text_to_image(upscale_mode=0) -> dict:
 
 
 def test_plain_graph_maps_widgets_by_name_and_drops_notes():
-    api = cs.ui_to_api(text_to_image(), MAPPINGS)
+    api = cw.ui_to_api(text_to_image(), MAPPINGS)
     assert set(api) == {"1", "2", "3", "4", "5", "6", "7"}
     assert api["4"] == {"class_type": "Sampler", "inputs": {
         "model": ["1", 0], "positive": ["2", 0], "latent": ["3", 0],
@@ -75,20 +75,20 @@ def test_plain_graph_maps_widgets_by_name_and_drops_notes():
 
 
 def test_bypassed_node_is_skipped_and_rewired():
-    api = cs.ui_to_api(text_to_image(upscale_mode=cs.MODE_BYPASSED), MAPPINGS)
+    api = cw.ui_to_api(text_to_image(upscale_mode=cw.MODE_BYPASSED), MAPPINGS)
     assert "5" not in api
     assert api["6"]["inputs"]["samples"] == ["4", 0]
 
 
 def test_muted_node_is_dropped_with_its_link():
-    api = cs.ui_to_api(text_to_image(upscale_mode=cs.MODE_MUTED), MAPPINGS)
+    api = cw.ui_to_api(text_to_image(upscale_mode=cw.MODE_MUTED), MAPPINGS)
     assert "5" not in api and "samples" not in api["6"]["inputs"]
 
 
 def test_bypass_without_matching_input_drops_the_link():
-    wf = text_to_image(upscale_mode=cs.MODE_BYPASSED)
+    wf = text_to_image(upscale_mode=cw.MODE_BYPASSED)
     wf["nodes"][4]["inputs"][0]["type"] = "IMAGE"  # nothing of type LATENT to pass through
-    assert "samples" not in cs.ui_to_api(wf, MAPPINGS)["6"]["inputs"]
+    assert "samples" not in cw.ui_to_api(wf, MAPPINGS)["6"]["inputs"]
 
 
 def test_control_after_generate_variants_take_two_values():
@@ -98,7 +98,7 @@ def test_control_after_generate_variants_take_two_values():
                          "pick": (["x", "y"], {"control_after_generate": True}),
                          "plain": ("INT", {"default": 7})})}
     wf = {"nodes": [ui_node(1, "N", widgets=[5, "fixed", 9, "increment", "y", "randomize", 3])], "links": []}
-    assert cs.ui_to_api(wf, mappings)["1"]["inputs"] == {"noise_seed": 5, "count": 9, "pick": "y", "plain": 3}
+    assert cw.ui_to_api(wf, mappings)["1"]["inputs"] == {"noise_seed": 5, "count": 9, "pick": "y", "plain": 3}
 
 
 def test_missing_values_take_defaults_and_socket_only_inputs_use_no_value():
@@ -106,7 +106,7 @@ def test_missing_values_take_defaults_and_socket_only_inputs_use_no_value():
                                  "up": (["p.png", "q.png"], {"image_upload": True}),
                                  "s": ("STRING", {"default": "d"}), "f": ("FLOAT", {}), "c": (["k", "l"],)})}
     wf = {"nodes": [ui_node(1, "N", widgets=["q.png", "image"])], "links": []}
-    assert cs.ui_to_api(wf, mappings)["1"]["inputs"] == {"up": "q.png", "s": "d", "f": 0.0, "c": "k"}
+    assert cw.ui_to_api(wf, mappings)["1"]["inputs"] == {"up": "q.png", "s": "d", "f": 0.0, "c": "k"}
 
 
 def test_link_objects_and_list_literals():
@@ -114,7 +114,7 @@ def test_link_objects_and_list_literals():
     wf["links"] = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), l))
                    for l in wf["links"]]
     wf["nodes"][1]["widgets_values"] = [["a", "b"]]
-    api = cs.ui_to_api(wf, MAPPINGS)
+    api = cw.ui_to_api(wf, MAPPINGS)
     assert api["4"]["inputs"]["positive"] == ["2", 0]
     assert api["2"]["inputs"]["text"] == {"__value__": ["a", "b"]}
 
@@ -131,18 +131,18 @@ def test_link_objects_and_list_literals():
 def test_unsupported_or_inconsistent_workflows_fail_loudly(change, message):
     wf = text_to_image()
     change(wf)
-    with pytest.raises(cs.ConversionError, match=message):
-        cs.ui_to_api(wf, MAPPINGS)
+    with pytest.raises(cw.ConversionError, match=message):
+        cw.ui_to_api(wf, MAPPINGS)
 
 
 def test_non_strict_ignores_surplus_values():
     wf = text_to_image()
     wf["nodes"][0]["widgets_values"].append("extra")
-    assert cs.ui_to_api(wf, MAPPINGS, strict=False)["1"]["inputs"] == {"ckpt": "b.safetensors"}
+    assert cw.ui_to_api(wf, MAPPINGS, strict=False)["1"]["inputs"] == {"ckpt": "b.safetensors"}
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from([0, cs.MODE_BYPASSED]), min_size=1, max_size=6))
+@given(st.lists(st.sampled_from([0, cw.MODE_BYPASSED]), min_size=1, max_size=6))
 def test_chains_of_bypassed_nodes_resolve_to_the_nearest_live_ancestor(modes):
     """Empty -> Upscale x N (some bypassed) -> Decode: Decode reads the last live node."""
     nodes = [ui_node(1, "Empty", widgets=[64, 64])]
@@ -153,7 +153,7 @@ def test_chains_of_bypassed_nodes_resolve_to_the_nearest_live_ancestor(modes):
     last = len(modes) + 1
     links.append([last, last, 0, last + 1, 0, "LATENT"])
     nodes.append(ui_node(last + 1, "Decode", [("samples", "LATENT", last)], [True]))
-    api = cs.ui_to_api({"nodes": nodes, "links": links}, MAPPINGS)
+    api = cw.ui_to_api({"nodes": nodes, "links": links}, MAPPINGS)
     live = [1] + [i for i, m in enumerate(modes, start=2) if m == 0]
     assert set(api) == {str(i) for i in live} | {str(last + 1)}
     assert api[str(last + 1)]["inputs"]["samples"] == [str(live[-1]), 0]
@@ -169,10 +169,10 @@ def _pack_mappings() -> dict:
 @pytest.mark.parametrize("wf_path", WORKFLOWS, ids=lambda p: p.stem)
 def test_bundled_workflow_converts_against_the_pack(wf_path):
     """widgets_values agree with the pack's INPUT_TYPES; every link lands on a real input."""
-    mappings = {**cs.CORE_NODE_STUBS, **_pack_mappings()}
+    mappings = {**cw.CORE_NODE_STUBS, **_pack_mappings()}
     workflow = json.loads(wf_path.read_text())
     assert workflow.get("version") == 0.4 and workflow["nodes"] and workflow["links"]
-    api = cs.ui_to_api(workflow, mappings)
+    api = cw.ui_to_api(workflow, mappings)
     assert any(n["class_type"] in _pack_mappings() for n in api.values())
     for nid, node in api.items():
         spec = mappings[node["class_type"]].INPUT_TYPES()

@@ -2,7 +2,7 @@
 
 Static checks follow comfyui-notes §3.1 (links both ways, widgets_values against INPUT_TYPES,
 control_after_generate values, combo membership and ranges). Execution converts each workflow to
-an API prompt with tests/comfyui_support.ui_to_api and runs it node by node (tiny checkpoints,
+an API prompt with tests/comfyui_workflow.ui_to_api and runs it node by node (tiny checkpoints,
 64x64, 2 steps), with the four core nodes the workflows use replaced by small fakes.
 """
 
@@ -30,7 +30,7 @@ EXPECTED = {"newbie_img2img", "newbie_t2i_16gb_1024", "newbie_t2i_8gb_1024x1536"
 # Core nodes that only real ComfyUI can run (the ComfyUI tier executes these workflows).
 COMFY_ONLY = {"KSampler", "ModelSamplingAuraFlow"}
 
-import comfyui_support as cs  # tests/ is on pytest's pythonpath (pyproject)
+import comfyui_workflow as cw  # tests/ is on pytest's pythonpath (pyproject)
 
 
 # ---------------------------------------------------------------------------------- fake core nodes
@@ -91,7 +91,7 @@ class PreviewImage(SaveImage):
 
 
 CORE = {"LoadImage": LoadImage, "EmptySD3LatentImage": EmptySD3LatentImage, "SaveImage": SaveImage,
-        "PreviewImage": PreviewImage, **{name: cs.CORE_NODE_STUBS[name] for name in COMFY_ONLY}}
+        "PreviewImage": PreviewImage, **{name: cw.CORE_NODE_STUBS[name] for name in COMFY_ONLY}}
 VIRTUAL = {"Note", "MarkdownNote"}
 
 
@@ -182,7 +182,7 @@ def test_workflow_structure_links_and_widgets(path, mappings, ours):
 def _check_widgets(node: dict, cls) -> None:
     """widgets_values has exactly one value per widget (+ the control/upload companions), each valid."""
     values = node.get("widgets_values", [])
-    slots = cs.widget_slots(cls)
+    slots = cw.widget_slots(cls)
     assert len(values) == sum(s.width for s in slots), (node["type"], len(values), [s.name for s in slots])
     declared = spec_inputs(cls)
     i = 0
@@ -215,13 +215,13 @@ def test_workflow_has_a_model_note_and_saves_images(path):
 
 def _widget(wf: dict, node_type: str, name: str, mappings):
     node = next(n for n in wf["nodes"] if n["type"] == node_type)
-    api = cs.ui_to_api({"nodes": [node], "links": []}, mappings)
+    api = cw.ui_to_api({"nodes": [node], "links": []}, mappings)
     return api[str(node["id"])]["inputs"][name]
 
 
 def test_each_workflow_shows_what_its_name_promises(mappings):
     wfs = {p.stem: load(p) for p in WORKFLOWS}
-    api = {k: cs.ui_to_api(wf, mappings) for k, wf in wfs.items()}
+    api = {k: cw.ui_to_api(wf, mappings) for k, wf in wfs.items()}
 
     def nodes_of(name, typ):
         return [n for n in api[name].values() if n["class_type"] == typ]
@@ -300,7 +300,7 @@ def execute(prompt: dict, mappings: dict, targets: list[str] | None = None) -> d
 
 def shrink(prompt: dict) -> dict:
     """64x64, 2 steps and cfg 1 (one DiT forward per step), so every workflow runs in about a
-    second with the tiny checkpoints. Guidance itself is covered by test_nodes."""
+    second with the tiny checkpoints. Guidance itself is covered by test_nodes_sampler."""
     custom = importlib.import_module(f"{PACK}.nodes.latent_node").CUSTOM
     for node in prompt.values():
         inputs = node["inputs"]
@@ -319,9 +319,10 @@ def shrink(prompt: dict) -> dict:
 def test_workflow_executes_through_the_nodes(path, mappings):
     SaveImage.saved.clear()
     PreviewImage.saved.clear()
-    prompt = shrink(cs.ui_to_api(load(path), mappings))
+    prompt = shrink(cw.ui_to_api(load(path), mappings))
     if COMFY_ONLY & {n["class_type"] for n in prompt.values()}:
-        pytest.skip("core KSampler runs only inside ComfyUI: test_comfyui_tier.py::test_workflow_executes runs it")
+        pytest.skip("core KSampler runs only inside ComfyUI: "
+                    "tests/test_comfyui_tier/test_2_pack_workflows.py::test_workflow_executes runs it")
     ui = execute(prompt, mappings)
     assert SaveImage.saved, "nothing was saved"
     for _, images in SaveImage.saved + PreviewImage.saved:
@@ -338,7 +339,7 @@ def test_rerunning_a_workflow_does_not_rerun_the_encoders(mappings):
     """A fresh run of the same graph (every node executes again, as after ComfyUI drops its
     output cache) is answered by the conditioning cache: the encoders do not run."""
     pipeline = importlib.import_module(f"{PACK}.newbie_core.pipeline")
-    prompt = shrink(cs.ui_to_api(load(WORKFLOW_DIR / "newbie_two_characters_xml.json"), mappings))
+    prompt = shrink(cw.ui_to_api(load(WORKFLOW_DIR / "newbie_two_characters_xml.json"), mappings))
     encode = [nid for nid, n in prompt.items() if n["class_type"] == "NewBieTextEncode"]
     execute(prompt, mappings, targets=encode)
     calls = dict(pipeline.ENCODER_CALLS)
