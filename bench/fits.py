@@ -104,7 +104,8 @@ def load_gguf_rows(pipeline: list[Row], gguf: Path = GGUF, host_ram: Path = HOST
     rows = []
     for r in json.loads(Path(gguf).read_text()):
         storage = r.get("storage", "")
-        whole = [h for h in host if h.get("storage") == storage and h.get("temperature") == "warm" and "error" not in h]
+        whole = [h for h in host if h.get("storage") == storage and h.get("temperature") == "warm"
+                 and "host_ram_peak_gb" in h]          # not failed rows, nor rows standing for a same plan
         if storage not in GGUF_FILES or not whole or r.get("size") != "1024x1024" or not r.get("cfg"):
             continue
         budget = r["budget_gb"] if r["budget_gb"] in encode_decode else None

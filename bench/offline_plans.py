@@ -139,7 +139,7 @@ def host_rows(root: Path, measured: list[dict]) -> list[dict]:
     sample.matmul_throughput = lambda device, dtype: H200_MATMUL[dtype]
     out = []
     for r in measured:
-        if "error" in r or r.get("ram_budget_gb") is None or r.get("temperature") != "warm":
+        if "host_ram_peak_gb" not in r or r.get("ram_budget_gb") is None or r.get("temperature") != "warm":
             continue
         dit, gemma, dtype = STORAGES[r["storage"]]
         models = Models(load_dit_handle(root / "diffusion_models" / dit, dtype),

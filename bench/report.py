@@ -320,6 +320,7 @@ def main() -> None:
         f"**{extra['bandwidth_gbps']:.1f} GB/s**). TFLOP/s counts the DiT's matmul and attention FLOPs. "
         "Peer rows are forward passes of the same seeded weights (`forward_only`), timed in the same visit.",
         "",
+        *([extra["visit_note"], ""] if extra.get("visit_note") else []),
         "![peak VRAM vs ms per step](docs/benchmark_chart.png)",
         "",
         "## Issue 10's targets",

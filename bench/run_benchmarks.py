@@ -298,6 +298,7 @@ def final_run(models: dict, device, bandwidth: float, steps: int, sections: set[
     every group so a visit cut short keeps what it measured."""
     rows: list[dict] = []
     extra: dict = {"bandwidth_gbps": bandwidth / 1e9, "torch": torch.__version__}
+    save_extra(extra)          # the roofline's bandwidth, whichever groups run (collect.py reads it)
     if "first" in sections:
         rows.append(cold_first_row(models, device, steps))
         save(rows)
