@@ -10,6 +10,9 @@ PCIe link (12/25/50 GB/s) = compute + the copies that compute does not hide (roo
 
     python bench/make_gguf.py /tmp/newbie_full --types Q8_0 Q4_K      # once
     python bench/host_ram_bench.py /tmp/newbie_full --out bench/host_ram.json --fits
+    python bench/host_ram_bench.py /tmp/newbie_full --same-plan --resume bench/host_ram.json --out OUT.json
+                                                      # the grid, adding to earlier rows; cells whose
+                                                      # plans equal a measured cell's are not re-run
     python bench/host_ram_bench.py --smoke                             # tiny files, CPU
 """
 
