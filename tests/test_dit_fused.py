@@ -152,3 +152,53 @@ def test_hand_kernels_pass_their_check_and_serve_the_compiled_blocks():
     x, y, w2, scale = (t.cuda() for t in _data(4, s=300, d=2304, dtype=torch.bfloat16))
     gate = torch.tanh(scale.float())
     assert fused._ulps(k.gated_residual(x, y, w2, gate, EPS), gated_residual(x, y, w2, gate, EPS)) <= 1
+
+
+# -- one compiled copy per signature: dynamo's per-function variant limit ---------------------
+
+def _variants_through(compiled: "fused._Compiled") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """norm_scale over 24 signatures (3 dtypes x 2 feature sizes x scale or none x batch 1 or 2),
+    the way a long ComfyUI session meets them; (through the compiled copy, the reference body)."""
+    out = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (64, 96):
+            for scaled in (False, True):
+                for batch in (1, 2):
+                    g = torch.Generator().manual_seed(d + batch)
+                    x = torch.randn(batch, 7, d, generator=g).to(dtype)
+                    w = torch.randn(d, generator=g).to(dtype)
+                    s = torch.randn(batch, 1, d, generator=g).to(dtype) if scaled else None
+                    out.append((compiled(x, w, s, 1e-6), norm_scale(x, w, s, 1e-6)))
+    return out
+
+
+def _dynamo_eager(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=None, backend="eager")
+
+
+def test_every_dtype_and_feature_size_keeps_its_own_compiled_copy():
+    """24 signatures stay compiled: each (dtype, feature size) has its own code object, so none
+    reaches dynamo's limit of 8 variants, which a full-graph function answers with an error and
+    _Compiled with eager bodies for good. Dynamo's eager backend stands in for inductor (CPU)."""
+    torch._dynamo.reset()
+    try:
+        k = fused._Compiled("norm_scale", norm_scale, norm_scale_eager, (0, 1), {}, compile_fn=_dynamo_eager,
+                            cuda_only=False)
+        results = _variants_through(k)
+        assert k.compiled is not None and len(k.compiled) == 6
+        assert all(torch.equal(got, want) for got, want in results)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_one_code_object_for_every_signature_falls_back_to_eager(monkeypatch):
+    """The same calls on one shared code object hit the limit: the failure the copies prevent."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(fused, "_fresh_code", lambda fn: fn)
+    try:
+        k = fused._Compiled("norm_scale", norm_scale, norm_scale_eager, (0, 1), {}, compile_fn=_dynamo_eager,
+                            cuda_only=False)
+        _variants_through(k)
+        assert k.compiled is None
+    finally:
+        torch._dynamo.reset()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,19 +201,34 @@ class _Compiled:
     Dynamic from the first call, so one kernel serves every caption length and image size: which
     kernel runs never depends on which sizes came before (a static first compile, then an
     automatic dynamic one, would give a 512² run after a 1024² run other kernels than a fresh one).
+
+    One compiled copy per (dtype, feature size) of the first argument, each on its own code
+    object: dynamo keeps at most ``recompile_limit`` (8) variants per code object, and a full-graph
+    function past it raises. A long ComfyUI session that switches dtypes (bf16 / fp16 / fp32 ×
+    modulated or not × batch 1 or more) reached it and ran eagerly from then on. Each copy
+    compiles the graph the single function would for its signature, so the kernels are the same.
     A compile failure, or a CPU tensor, runs the eager body instead (a failure for good, with one
     warning).
     """
 
-    def __init__(self, name: str, fn: Callable, eager: Callable, dynamic_dims: tuple[int, ...], options: dict):
-        self.name, self.eager, self.dims = name, eager, dynamic_dims
+    def __init__(self, name: str, fn: Callable, eager: Callable, dynamic_dims: tuple[int, ...], options: dict,
+                 compile_fn: Callable[[Callable], Callable] | None = None, cuda_only: bool = True):
+        self.name, self.fn, self.eager, self.dims, self.cuda_only = name, fn, eager, dynamic_dims, cuda_only
         # dynamic=None: the dims marked below are symbolic from the first compile on; the rest
         # (feature sizes, head counts) stay static, so reductions are specialised to them.
-        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(fn, fullgraph=True, dynamic=None,
-                                                                              options=options or None)
+        self._compile = compile_fn or (lambda f: torch.compile(f, fullgraph=True, dynamic=None,
+                                                               options=options or None))
+        self.compiled: dict[tuple, Callable[..., torch.Tensor]] | None = {}   # None: failed, eager for good
+
+    def _for(self, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+        key = (x.dtype, x.shape[-1])
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self.compiled[key] = self._compile(_fresh_code(self.fn))
+        return compiled
 
     def __call__(self, *args):
-        if self.compiled is None or not args[0].is_cuda:
+        if self.compiled is None or (self.cuda_only and not args[0].is_cuda):
             return self.eager(*args)
         for t in args:
             if isinstance(t, torch.Tensor) and t.ndim > max(self.dims):
@@ -220,7 +236,7 @@ class _Compiled:
                     if t.shape[d] > 1:          # sizes 0 and 1 are always specialised
                         torch._dynamo.maybe_mark_dynamic(t, d)
         try:
-            return self.compiled(*args)
+            return self._for(args[0])(*args)
         except Exception as e:   # noqa: BLE001 - inductor/Triton failures of any kind: fall back
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
@@ -228,6 +244,13 @@ class _Compiled:
                         "more launches).", self.name, type(e).__name__, str(e).splitlines()[0][:200])
             self.compiled = None
             return self.eager(*args)
+
+
+def _fresh_code(fn: Callable) -> Callable:
+    """``fn`` on a copy of its code object: what dynamo keys its compiled variants by."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return copy
 
 
 # The functions whose hand-written Triton body (fused_triton.py) replaces inductor's kernel where
