@@ -14,6 +14,7 @@
 #   ROW_SECTIONS=1024,512,fp8c ROWS_LIMIT=240 bash bench/gpu_visit.sh rows    # some of the row groups
 #   bash bench/gpu_visit.sh throttle                 # the fits table's link projection, checked at 12/25 GB/s
 #   bash bench/gpu_visit.sh decode                   # GGUF decode launch shapes against a copy
+#   bash bench/gpu_visit.sh gaps                     # what streamed Q8_0 / fp8 steps wait for (profiler)
 #   bash bench/gpu_visit.sh probe                    # fused-kernel and forward variants, idle gaps
 #
 # Wheels the machine lacks (diffusers, gguf, importlib_metadata, platformdirs) go in .whl/ (ignored by git).
@@ -85,10 +86,18 @@ for part in "$@"; do
                 --host --variants "${PROBE_VARIANTS:-compiled,compiled-graph,compiled-fp8,compiled-graph-fp8}" \
                 > "$OUT/forward.log" 2>&1
             grep -E "cfg=|gaps|host" "$OUT/forward.log" | cut -c1-400 ;;
+        gaps)
+            # where streamed GGUF and fp8 steps lose time against resident: compute-stream gaps put
+            # down to copies, upcasts or the host, and upcasts beside compute (bench/stream_gaps.py)
+            ggufs; timeout 150 python3 bench/stream_gaps.py /tmp/full --file NewBie-Image-Exp0.1-Q8_0.gguf \
+                --budgets none,4,2 --out "$OUT/gaps_q8_0.json" > "$OUT/gaps.log" 2>&1
+            timeout 120 python3 bench/stream_gaps.py /tmp/full --file NewBie-Image-Exp0.1-bf16.safetensors \
+                --storage fp8 --budgets none,2 --out "$OUT/gaps_fp8.json" >> "$OUT/gaps.log" 2>&1
+            cut -c1-300 "$OUT/gaps.log" | grep '^{' ;;
         decode)
             timeout 120 python3 bench/gguf_decode_bench.py > "$OUT/gguf_decode.log" 2>&1
             cat "$OUT/gguf_decode.log" | tail -n 12 ;;
-        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe)"; exit 2 ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe gaps)"; exit 2 ;;
     esac
 done
 step done

@@ -340,3 +340,22 @@ def test_fits_checked_step_adds_the_throttled_checks_overlap_loss(tmp_path):
     assert resident.budget_gb is None and resident.s_per_step_checked == resident.s_per_step, "nothing streams"
     assert fits.overlap_loss(tmp_path / "absent.json") is None
     assert "checked s/step" in fits.render(fits.SMOKE_ROWS, loss=loss)
+
+
+def test_stream_gaps_puts_each_compute_gap_down_to_what_compute_waited_for():
+    """A synthetic trace: compute (stream 7) waits once for a copy, once for an upcast (stream 9)
+    and once for nothing (the host); an upcast beside a compute kernel counts as sharing it."""
+    classify = _script("stream_gaps").classify_gaps
+
+    def kernel(tid, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": "k", "tid": tid, "ts": ts, "dur": dur}
+    events = [kernel(7, 0, 100), kernel(7, 150, 100), kernel(7, 300, 100), kernel(7, 500, 100),
+              kernel(9, 80, 40),                  # beside compute for 20 us, ends mid-gap: not the cause
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "tid": 11, "ts": 60,
+               "dur": 86},                        # ends at 146: compute resumes at 150
+              kernel(9, 260, 36),                 # ends at 296: compute resumes at 300
+              {"ph": "i", "name": "marker", "ts": 450}]
+    got = classify(events)
+    assert got["gaps"] == 3
+    assert (got["gap_copy_s"], got["gap_upcast_s"], got["gap_host_s"]) == (50e-6, 50e-6, 100e-6)
+    assert got["compute_s"] == 400e-6 and got["upcast_beside_compute_s"] == 20e-6
