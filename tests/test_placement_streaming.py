@@ -348,9 +348,8 @@ def test_streamed_fp8_upcast_without_the_slot_wait_is_a_race(model, monkeypatch)
 
 def test_staged_copies_run_a_ring_ahead_of_compute(model):
     """fp8 copies wait only for the upcast that freed their staging buffer, never for a compute
-    event: on S slots the copy stream runs up to S blocks ahead, at no extra memory. (Measured on
-    an H200, 1024² CFG under 2 GB: a GGUF Q8_0 file's unquantised refiners left their copies
-    exposed when each copy waited for the compute two blocks back.)"""
+    event: on S slots the copy stream runs up to S blocks ahead, at no extra memory (fp8 under
+    2 GB at 1024² CFG on an H200: 121.5 -> 119.0 ms per step)."""
     waits = []
 
     class Recording(FakeCopyStream):
