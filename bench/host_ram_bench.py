@@ -228,21 +228,17 @@ def main(argv: list[str] | None = None) -> None:
     combos = TARGETS if args.targets else [(ram, vram, storage) for ram in args.ram for vram in args.vram
                                             for storage in args.storages]
     plans: dict[str, tuple] = {}      # fingerprint -> the measured combo it belongs to
-    if args.same_plan:
-        for r in rows:
-            if measured(r):
-                key = (r["ram_budget_gb"], r["vram_budget_gb"], r["storage"])
-                plans.setdefault(plan_fingerprint(config(r["storage"], *key[:2], Path("-"))), key)
+    if args.same_plan:                # each kept combo planned once (its cold and warm rows share it)
+        for ram, vram, storage in dict.fromkeys((r["ram_budget_gb"], r["vram_budget_gb"], r["storage"])
+                                                for r in rows if measured(r)):
+            plans.setdefault(plan_fingerprint(config(storage, ram, vram, Path("-"))), (ram, vram, storage))
     for ram, vram, storage in combos:
+        todo = [t for t in ("cold", "warm") if (ram, vram, storage, t) not in done]
         twin = None
-        if args.same_plan:
-            fingerprint = plan_fingerprint(config(storage, ram, vram, Path("-")))
-            twin = plans.get(fingerprint)
-            if twin is None or twin == (ram, vram, storage):
-                plans[fingerprint], twin = (ram, vram, storage), None
-        for temperature in ("cold", "warm"):
-            if (ram, vram, storage, temperature) in done:
-                continue
+        if todo and args.same_plan:
+            twin = plans.setdefault(plan_fingerprint(config(storage, ram, vram, Path("-"))), (ram, vram, storage))
+            twin = None if twin == (ram, vram, storage) else twin
+        for temperature in todo:
             if twin is not None:
                 row = {"bench": "host_ram", "storage": storage, "ram_budget_gb": ram, "vram_budget_gb": vram,
                        "temperature": temperature, "steps": args.steps, "size": args.size,

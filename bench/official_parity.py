@@ -118,9 +118,10 @@ def stats(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def compare(repo: Path, dims: dict, device: str, seed: int = 0) -> dict:
-    # Each model compiles afresh: dynamo keeps at most 8 variants per function (dtype, feature
-    # size, absent scale), and a second model's fp32 and bf16 variants on top of the first's hit
-    # that limit, after which a function runs its eager body (2026-12-03: mid's bf16 forward did).
+    # Each model compiles afresh, independent of the one before. (Before the fused functions kept
+    # one compiled copy per dtype and feature size, a second model's variants on top of the
+    # first's reached dynamo's 8 per function and ran eager bodies: mid's bf16 forward on
+    # 2026-12-03.)
     torch._dynamo.reset()
     torch.manual_seed(seed)
     official = official_model(repo, dims)

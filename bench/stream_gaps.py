@@ -77,6 +77,7 @@ def classify_gaps(events: Iterable[dict], min_gap_us: float = 5.0, slack_us: flo
     compute = sorted(kernels[main])
     upcasts = sorted(span for t, spans in kernels.items() if t != main for span in spans)
     ends = sorted([(e, "copy") for _, e in copies] + [(e, "upcast") for _, e in upcasts])
+    end_times = [e for e, _ in ends]
     out = {"compute_s": sum(e - s for s, e in compute) / 1e6, "gap_copy_s": 0.0, "gap_upcast_s": 0.0,
            "gap_host_s": 0.0, "upcast_beside_compute_s": _overlap(compute, upcasts) / 1e6, "gaps": 0}
     for (_, prev_end), (start, _) in zip(compute, compute[1:]):
@@ -85,7 +86,7 @@ def classify_gaps(events: Iterable[dict], min_gap_us: float = 5.0, slack_us: flo
             continue
         out["gaps"] += 1
         # the last copy or upcast to end just before compute resumed (2 µs of clock skew allowed)
-        i = bisect.bisect_right(ends, (start + 2.0, "~")) - 1
+        i = bisect.bisect_right(end_times, start + 2.0) - 1
         cause = "host"
         if i >= 0 and ends[i][0] >= max(start - slack_us, prev_end):
             cause = ends[i][1]

@@ -138,9 +138,12 @@ class StreamingRunner:
             self.ring.copy_done[s] = self.engine.upcast(
                 lambda: self.upcast(storage, compute, src, slot), (self.ring.compute_done[s],), writes=[slot])
             return
-        if self._upcast[block]:                                   # (2) H2D into staging, upcast stream
-            self.engine.side_wait(self.ring.copy_done[s])         # the last upcast has read the staging
-            host = self.store.acquire(block, self.engine)
+        staged = self._upcast[block]
+        # (1) / (2): a staged copy waits for the upcast that last read the slot's staging buffer, a
+        # direct one for the compute that last read the slot
+        self.engine.side_wait(self.ring.copy_done[s] if staged else self.ring.compute_done[s])
+        host = self.store.acquire(block, self.engine)
+        if staged:                                                # (2) H2D into staging, upcast stream
             staging = self.ring.staging[s][: storage.nbytes]
             self.engine.copy(staging, host, side_only=True)
             self.store.release(block, copied := self.engine.side_record())
@@ -148,8 +151,6 @@ class StreamingRunner:
                 lambda: self.upcast(storage, compute, staging, slot), (copied, self.ring.compute_done[s]),
                 writes=[slot], reads=[staging])
         else:
-            self.engine.side_wait(self.ring.compute_done[s])      # (1) compute is done with the slot
-            host = self.store.acquire(block, self.engine)
             self.engine.copy(slot[: storage.nbytes], host)
             self.store.release(block, self.engine.side_record())
             self.ring.copy_done[s] = self.engine.side_record()    # (3)
