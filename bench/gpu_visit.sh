@@ -90,9 +90,9 @@ for part in "$@"; do
             # where streamed GGUF and fp8 steps lose time against resident: compute-stream gaps put
             # down to copies, upcasts or the host, and upcasts beside compute (bench/stream_gaps.py)
             ggufs; timeout 150 python3 bench/stream_gaps.py /tmp/full --file NewBie-Image-Exp0.1-Q8_0.gguf \
-                --budgets none,4,2 --out "$OUT/gaps_q8_0.json" > "$OUT/gaps.log" 2>&1
+                --budgets none,4,2 --trace-dir "$OUT/traces" --out "$OUT/gaps_q8_0.json" > "$OUT/gaps.log" 2>&1
             timeout 120 python3 bench/stream_gaps.py /tmp/full --file NewBie-Image-Exp0.1-bf16.safetensors \
-                --storage fp8 --budgets none,2 --out "$OUT/gaps_fp8.json" >> "$OUT/gaps.log" 2>&1
+                --storage fp8 --budgets none,2 --trace-dir "$OUT/traces" --out "$OUT/gaps_fp8.json" >> "$OUT/gaps.log" 2>&1
             cut -c1-300 "$OUT/gaps.log" | grep '^{' ;;
         decode)
             timeout 120 python3 bench/gguf_decode_bench.py > "$OUT/gguf_decode.log" 2>&1

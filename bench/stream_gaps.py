@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gzip
 import json
 import sys
 import tempfile
@@ -35,6 +36,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 GB = 2**30
+
+
+def kernel_names(events: Iterable[dict], top: int = 8) -> dict:
+    """Kernel time by name on each stream, the ``top`` names of each, in µs: which decode, upcast
+    or compute kernels a streamed step spends its time on."""
+    by_stream: dict[str, dict[str, list[float]]] = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and e.get("cat") == "kernel":
+            per = by_stream.setdefault(str(e.get("tid")), {}).setdefault(e.get("name", "?")[:90], [0.0, 0])
+            per[0] += float(e["dur"])
+            per[1] += 1
+    return {tid: sorted(([n, round(us, 1), c] for n, (us, c) in names.items()), key=lambda r: -r[1])[:top]
+            for tid, names in by_stream.items()}
 
 
 def _intervals(events: Iterable[dict]) -> tuple[dict, list]:
@@ -94,8 +108,10 @@ def classify_gaps(events: Iterable[dict], min_gap_us: float = 5.0, slack_us: flo
     return out
 
 
-def profile_row(path: Path, storage: str, budget_gb: float | None, steps: int, size: int) -> dict:
-    """One sampling run under the profiler; the steady steps' gaps per step, in ms."""
+def profile_row(path: Path, storage: str, budget_gb: float | None, steps: int, size: int,
+                trace: Path | None = None) -> dict:
+    """One sampling run under the profiler; the steady steps' gaps per step, in ms. ``trace``: also
+    keep the profiler's chrome trace there, gzipped, to read offline."""
     import torch
     from lora_bench import _conds
     from newbie_core.pipeline import MemorySettings, SamplingSettings, StorageDType, load_dit_handle
@@ -115,13 +131,19 @@ def profile_row(path: Path, storage: str, budget_gb: float | None, steps: int, s
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.loads(Path(f.name).read_text())["traceEvents"]
+        text = Path(f.name).read_text()
+    events = json.loads(text)["traceEvents"]
+    if trace is not None:
+        trace.write_bytes(gzip.compress(text.encode(), 6))
     gaps = classify_gaps(events)
     active = steps - skipped
+    names = {tid: [[n, round(us / 1e3 / active, 3), c / active] for n, us, c in rows]
+             for tid, rows in kernel_names(events).items()}
     return {"file": path.name, "storage": storage, "budget_gb": budget_gb, "size": f"{size}x{size}",
             "steps_profiled": active, "resident_blocks": len(result.plan.resident),
             **{k.replace("_s", "_ms_per_step"): round(v * 1e3 / active, 3) for k, v in gaps.items() if k != "gaps"},
-            "gaps_per_step": gaps["gaps"] / active}
+            "gaps_per_step": gaps["gaps"] / active,
+            "kernels_ms_per_step": names}    # stream -> [name, ms per step, launches per step]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,11 +155,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--trace-dir", type=Path, help="keep each row's chrome trace here (gzipped)")
+    ap.add_argument("--trace-budgets", default="2", help="the budgets whose trace is kept")
     args = ap.parse_args(argv)
     path = Path(args.root) / "diffusion_models" / args.file
     rows = []
     for b in args.budgets.split(","):
-        rows.append(profile_row(path, args.storage, None if b == "none" else float(b), args.steps, args.size))
+        trace = None
+        if args.trace_dir and b in args.trace_budgets.split(","):
+            args.trace_dir.mkdir(parents=True, exist_ok=True)
+            trace = args.trace_dir / f"trace_{path.stem}_{args.storage}_{b}.json.gz"
+        rows.append(profile_row(path, args.storage, None if b == "none" else float(b), args.steps, args.size,
+                                trace))
         print(json.dumps(rows[-1]), flush=True)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -359,3 +359,6 @@ def test_stream_gaps_puts_each_compute_gap_down_to_what_compute_waited_for():
     assert got["gaps"] == 3
     assert (got["gap_copy_s"], got["gap_upcast_s"], got["gap_host_s"]) == (50e-6, 50e-6, 100e-6)
     assert got["compute_s"] == 400e-6 and got["upcast_beside_compute_s"] == 20e-6
+    events.append(kernel(9, 700, 10) | {"name": "decode"})
+    names = _script("stream_gaps").kernel_names(events, top=1)
+    assert names == {"7": [["k", 400.0, 4]], "9": [["k", 76.0, 2]]}, "top 1 per stream, by time"
