@@ -7,6 +7,11 @@
 the same visit, ``extra.json`` the visit's profiles and drift; keys of the old extra.json that
 this visit did not measure (official parity, attention parts) are kept, with their own dates.
 The other files are copied as they are (the soak from its log, which outlives a time-out).
+
+A visit that re-measured only the GGUF rows, with a few peers beside them, leaves the other
+files alone:
+
+    python bench/collect.py --gguf OUT/gguf.json --gguf-peers OUT/p/peers.json --gguf-note "..."
 """
 
 from __future__ import annotations
@@ -98,9 +103,12 @@ def keep_earlier(extra: dict, old: dict, key: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--final", type=Path, required=True, help="run_benchmarks.py --final's --out folder")
-    ap.add_argument("--peers", type=Path, required=True)
+    ap.add_argument("--final", type=Path, help="run_benchmarks.py --final's --out folder")
+    ap.add_argument("--peers", type=Path)
     ap.add_argument("--gguf", type=Path)
+    ap.add_argument("--gguf-peers", type=Path,
+                    help="without --final: peers.json of the visit that re-ran only the GGUF rows")
+    ap.add_argument("--gguf-note", help="without --final: what that visit changed, shown under the GGUF table")
     ap.add_argument("--host-ram", type=Path)
     ap.add_argument("--lora", type=Path)
     ap.add_argument("--soak", type=Path, help="soak.log (or soak.json)")
@@ -119,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
                          "with their visit (the peers are always this visit's)")
     args = ap.parse_args(argv)
     here = args.into
+    if args.final is None:
+        if not args.gguf:
+            ap.error("give --final and --peers (a whole visit), or --gguf alone (a GGUF-only visit)")
+        collect_gguf_only(here, args.gguf, args.gguf_peers, args.gguf_note, args.commands)
+        return
+    if args.peers is None:
+        ap.error("--final needs --peers: every speed figure sits beside the peers of its visit")
     rows = json.loads((args.final / "results.json").read_text())
     old = json.loads((here / "extra.json").read_text()) if (here / "extra.json").exists() else {}
     if args.keep_rows and (here / "results.json").exists():
@@ -179,6 +194,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.soak:
         soak = json.loads(args.soak.read_text()) if args.soak.suffix == ".json" else soak_from_log(args.soak)
         (here / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")
+
+
+def collect_gguf_only(here: Path, gguf: Path, peers: Path | None, note: str | None,
+                      commands: list[str]) -> None:
+    """gguf.json from a visit that ran only the GGUF rows, and in extra.json the peers it ran beside
+    them (``gguf_peers``), its note and commands; every other file stays as the last whole visit
+    left it."""
+    rows = json.loads(gguf.read_text())
+    visit = datetime.now(timezone.utc).isoformat(timespec="minutes")
+    (here / "gguf.json").write_text(json.dumps([{**r, "visit": visit, "visit_label": f"GGUF-only visit {visit}"}
+                                                for r in rows], indent=1) + "\n")
+    extra_path = here / "extra.json"
+    extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
+    extra["gguf_peers"] = [] if peers is None else [
+        {k: r.get(k) for k in ("row", "size", "cfg", "budget_gb", "ms_per_step", "ms_min", "ms_max", "tflops",
+                               "peak_reserved_gb")} for r in json.loads(peers.read_text())["rows"]]
+    extra["gguf_peers_visit"] = visit
+    extra["gguf_commands"] = commands
+    if note:
+        extra["gguf_note"] = note
+    extra_path.write_text(json.dumps(extra, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 #   CUDA_TESTS="tests/test_gguf_cuda.py" bash bench/gpu_visit.sh tests   # some of the CUDA tier's files
 #   bash bench/gpu_visit.sh rows gguf                # our rows (--final), then the GGUF rows
 #   bash bench/gpu_visit.sh peers host-ram           # the peers (same visit as the rows), host RAM
+#   PEERS=comfyui-full,diffusers-group-leaf bash bench/gpu_visit.sh gguf peers   # GGUF rows beside a few peers
 #   HOST_RAM_LIMIT=330 bash bench/gpu_visit.sh host-ram   # a shorter limit for the host-RAM rows
 #   bash bench/gpu_visit.sh host-ram-grid            # the whole RAM x VRAM x storage grid, adding to earlier rows
 #   HOST_RAM_REDO="16:8:bf16 8:4:gguf-q4_k" bash bench/gpu_visit.sh host-ram   # re-run rows whose plan changed
@@ -57,7 +58,8 @@ for part in "$@"; do
             ggufs; timeout 150 python3 bench/gguf_bench.py /tmp/full --out "$OUT/gguf.json" > "$OUT/gguf.log" 2>&1
             tail -n 2 "$OUT/gguf.log" | cut -c1-200 ;;
         peers)
-            timeout 320 python3 bench/peers.py --out "$OUT/p" --passes 1024x2 --n-slow 2 --warmup 2 --with-ours \
+            timeout "${PEERS_LIMIT:-320}" python3 bench/peers.py --out "$OUT/p" --passes 1024x2 --n-slow 2 --warmup 2 \
+                --with-ours ${PEERS:+--peers "$PEERS"} \
                 --timeout 100 > "$OUT/peers.log" 2>&1
             grep -E "cfg=" "$OUT/peers.log" | cut -c1-160 ;;
         host-ram)

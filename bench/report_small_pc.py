@@ -101,6 +101,15 @@ def small_pc_sections() -> list[str]:
                        f"{r.get('dequant_ms_per_layer', '-') if r.get('dequant_ms_per_layer') is None else round(r['dequant_ms_per_layer'], 3)} |")
         if extra.get("gguf_note"):
             out += ["", extra["gguf_note"]]
+        if extra.get("gguf_peers") and extra.get("gguf_peers_visit") == gguf[0].get("visit"):
+            out += ["", "Measured in the same visit as these GGUF rows (`bench/peers.py`, bf16 forward, 1024² CFG):", "",
+                    "| row | budget GB | ms/step (min-max) | TFLOP/s | peak GB |", "|---|---|---|---|---|"]
+            for r in extra["gguf_peers"]:
+                tflops = "-" if r["tflops"] is None else f"{r['tflops']:.0f}"
+                out.append(f"| {r['row']} | {r['budget_gb'] or 'none'} | {r['ms_per_step']:.1f} "
+                           f"({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {tflops} | {r['peak_reserved_gb']:.2f} |")
+        if extra.get("gguf_commands"):
+            out += ["", "Commands:", ""] + [f"    {c}" for c in extra["gguf_commands"]]
     out += decode_section(extra)
     ram = _load("host_ram.json")
     if ram:

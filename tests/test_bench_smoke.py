@@ -166,6 +166,31 @@ def test_collect_brings_a_visit_into_the_report_inputs(tmp_path):
     assert soak["growth_after_first_mib"]["rss_mib"] == 7.0 and soak["growth_after_first_cycle_mib"]["rss_mib"] == 2.0
 
 
+def test_collect_of_a_gguf_only_visit_keeps_its_peers_beside_the_gguf_rows(tmp_path):
+    """Only gguf.json and extra.json change: the GGUF rows get the visit, extra.json the peers of
+    that visit, its note and commands; the whole visit's results.json stays as it was."""
+    visit, into = tmp_path / "visit", tmp_path / "bench"
+    visit.mkdir()
+    into.mkdir()
+    (into / "results.json").write_text("[]")
+    (into / "extra.json").write_text(json.dumps({"visit": "earlier", "profiles": [1]}))
+    (visit / "gguf.json").write_text(json.dumps([{"storage": "gguf-q8_0", "s_per_step": 0.12}]))
+    (visit / "peers.json").write_text(json.dumps({"commands": [], "rows": [
+        {"row": "comfyui-full", "size": 1024, "cfg": True, "budget_gb": None, "ms_per_step": 147.0, "ms_min": 146.0,
+         "ms_max": 149.0, "tflops": 447.0, "peak_reserved_gb": 8.3, "notes": "dropped"}]}))
+    collect = _script("collect")
+    collect.main(["--gguf", str(visit / "gguf.json"), "--gguf-peers", str(visit / "peers.json"), "--gguf-note", "n",
+                  "--commands", "c1", "--into", str(into)])
+    gguf = json.loads((into / "gguf.json").read_text())
+    extra = json.loads((into / "extra.json").read_text())
+    assert gguf[0]["visit"] == extra["gguf_peers_visit"] != extra["visit"] == "earlier"
+    assert extra["gguf_peers"][0]["ms_per_step"] == 147.0 and "notes" not in extra["gguf_peers"][0]
+    assert (extra["gguf_note"], extra["gguf_commands"], extra["profiles"]) == ("n", ["c1"], [1])
+    assert (into / "results.json").read_text() == "[]"
+    with pytest.raises(SystemExit):
+        collect.main(["--into", str(into)])
+
+
 def test_collect_keeps_the_rows_of_groups_a_visit_skipped_marked_with_their_visit(tmp_path):
     """--keep-rows: a visit that re-ran only some row groups keeps the others from the earlier
     results.json, marked, and never keeps the earlier peers or a row it measured again."""

@@ -101,6 +101,23 @@ def test_streamed_equals_resident_bitwise_on_a_real_stream(storage, mode):
             assert torch.equal(a, b), f"{storage} {mode} resident={resident} slots={slots}"
 
 
+@pytest.mark.parametrize("mode", [HostMode.PINNED, HostMode.STAGING])
+def test_compute_layout_blocks_among_fp8_ones_stream_bitwise_on_real_streams(mode):
+    """bf16 blocks in an fp8 ring (a GGUF file's F16 refiners among its quantised blocks) go
+    partly through staging and partly straight into the slot on the slot stream: still bitwise."""
+    mixed = (Storage.FP8, Storage.BF16, Storage.BF16, Storage.FP8, Storage.FP8, Storage.BF16, Storage.FP8, Storage.FP8)
+    model = Toy(8, 512, 2048)
+    xs = inputs(4, 2, 1024, 512)
+
+    def plan(resident, slots):
+        return dataclasses.replace(knobs(model, resident, slots, Storage.FP8), storage=mixed)
+    ref, _ = run(model, plan(range(8), 2), xs)
+    for resident, slots in [((), 2), ((), 3), ((0, 7), 2)]:
+        outs, _ = run(model, plan(resident, slots), xs, mode)
+        for a, b in zip(ref, outs):
+            assert torch.equal(a, b), f"{mode} resident={resident} slots={slots}"
+
+
 def test_host_buffers_are_pinned_at_exact_size():
     model = Toy(2, 256, 1024)
     ls = [l.storage for l in model_layouts(model, Storage.BF16)]

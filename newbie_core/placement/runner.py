@@ -22,7 +22,10 @@ runner makes sure positions up to ``p + depth`` were issued. Issuing position ``
    an H200 at 1024² CFG under 2 GB, two slots: fp8 121.5 -> 119.0 ms per step; a GGUF Q8_0
    file, whose unquantised refiners were thought to be the cost, did not gain). A resident fp8
    block has nothing to copy: its upcast waits ``compute_done[q % S]`` alone;
-3. the event of the last of those becomes ``copy_done[q % S]``.
+3. the event of the last of those becomes ``copy_done[q % S]``;
+4. a block stored in compute layout, in a ring that also stages blocks, sends its first bytes
+   through the slot's staging buffer like a staged block and the rest straight into the slot,
+   on a stream of their own, once ``compute_done[q % S]`` (see ``_issue_through_staging``).
 
 Computing position ``p``: main stream waits ``copy_done[p % S]``, runs the block, records
 ``compute_done[p % S]``, then issues up to ``p + 1 + depth``. Because positions run on across
@@ -139,6 +142,9 @@ class StreamingRunner:
                 lambda: self.upcast(storage, compute, src, slot), (self.ring.compute_done[s],), writes=[slot])
             return
         staged = self._upcast[block]
+        if not staged and self.ring.staging:
+            self._issue_through_staging(block, s)
+            return
         # (1) / (2): a staged copy waits for the upcast that last read the slot's staging buffer, a
         # direct one for the compute that last read the slot
         self.engine.side_wait(self.ring.copy_done[s] if staged else self.ring.compute_done[s])
@@ -155,6 +161,29 @@ class StreamingRunner:
             self.store.release(block, self.engine.side_record())
             self.ring.copy_done[s] = self.engine.side_record()    # (3)
         self.bytes_h2d += storage.nbytes
+
+    def _issue_through_staging(self, block: int, s: int) -> None:
+        """(4) A block stored in compute layout, in a ring that has staging buffers (a GGUF file's
+        F16 refiners among quantised blocks): its first bytes go into the slot's staging buffer
+        as early as a staged block's would, and a device copy on the upcast stream moves them
+        into the slot once compute has left it; the rest go straight into the slot on the
+        engine's slot stream, which waits for that compute without holding up the copy stream.
+        Before, the whole copy waited for that compute on the copy stream, so consecutive such
+        blocks with little compute (the caption refiners) left compute waiting for their bytes."""
+        nbytes = self.storage[block].nbytes
+        slot = self.ring.slots[s]
+        early = min(nbytes, self.ring.staging[s].numel())
+        staging = self.ring.staging[s][:early]
+        self.engine.side_wait(self.ring.copy_done[s])           # the last upcast that read staging
+        host = self.store.acquire(block, self.engine)
+        self.engine.copy(staging, host[:early], side_only=True)
+        after = [self.engine.side_record(), self.ring.compute_done[s]]
+        if nbytes > early:
+            after.append(self.engine.slot_copy(slot[early:nbytes], host[early:], self.ring.compute_done[s]))
+        self.ring.copy_done[s] = done = self.engine.upcast(
+            lambda: slot[:early].copy_(staging), after, writes=[slot], reads=[staging])
+        self.store.release(block, done)
+        self.bytes_h2d += nbytes
 
     def _resync(self, k: int) -> None:
         """A forward was cut short (an exception) or started again: restart the cycle at ring
