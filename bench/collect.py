@@ -8,10 +8,11 @@ the same visit, ``extra.json`` the visit's profiles and drift; keys of the old e
 this visit did not measure (official parity, attention parts) are kept, with their own dates.
 The other files are copied as they are (the soak from its log, which outlives a time-out).
 
-A visit that re-measured only the GGUF rows, with a few peers beside them, leaves the other
-files alone:
+A visit that re-measured only the GGUF rows (with a few peers beside them) and/or host-RAM rows
+leaves the other files alone:
 
-    python bench/collect.py --gguf OUT/gguf.json --gguf-peers OUT/p/peers.json --gguf-note "..."
+    python bench/collect.py --gguf OUT/gguf.json --gguf-peers OUT/p/peers.json --gguf-note "..." \
+        --host-ram OUT/host_ram.json
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gguf", type=Path)
     ap.add_argument("--gguf-peers", type=Path,
                     help="without --final: peers.json of the visit that re-ran only the GGUF rows")
-    ap.add_argument("--gguf-note", help="without --final: what that visit changed, shown under the GGUF table")
+    ap.add_argument("--gguf-note", help="what changed for the GGUF rows, shown under their table")
     ap.add_argument("--host-ram", type=Path)
     ap.add_argument("--lora", type=Path)
     ap.add_argument("--soak", type=Path, help="soak.log (or soak.json)")
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     here = args.into
     if args.final is None:
-        if not args.gguf:
-            ap.error("give --final and --peers (a whole visit), or --gguf alone (a GGUF-only visit)")
-        collect_gguf_only(here, args.gguf, args.gguf_peers, args.gguf_note, args.commands)
+        if not (args.gguf or args.host_ram):
+            ap.error("give --final and --peers (a whole visit), or --gguf / --host-ram alone (a partial visit)")
+        collect_partial(here, args.gguf, args.host_ram, args.gguf_peers, args.gguf_note, args.commands)
         return
     if args.peers is None:
         ap.error("--final needs --peers: every speed figure sits beside the peers of its visit")
@@ -181,11 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         gguf_rows = [{**r, "visit": stamp["visit"]} for r in json.loads(args.gguf.read_text())]
         (here / "gguf.json").write_text(json.dumps(gguf_rows, indent=1) + "\n")
     if args.host_ram:
-        ram_rows = json.loads(args.host_ram.read_text())
-        for r in ram_rows:          # budgets and peaks are both GiB (host_budget.py's "GB")
-            if r.get("ram_budget_gb") is not None and "host_ram_peak_gb" in r:
-                r["within_ram_budget"] = r["host_ram_peak_gb"] <= r["ram_budget_gb"]
-        (here / "host_ram.json").write_text(json.dumps({"rows": ram_rows, **stamp}, indent=1) + "\n")
+        write_host_ram(here, args.host_ram, stamp)
     if args.lora:
         (here / "lora.json").write_text(json.dumps({"rows": json.loads(args.lora.read_text()), **stamp}, indent=1) + "\n")
     if args.throttle:
@@ -196,15 +193,31 @@ def main(argv: list[str] | None = None) -> None:
         (here / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")
 
 
-def collect_gguf_only(here: Path, gguf: Path, peers: Path | None, note: str | None,
-                      commands: list[str]) -> None:
-    """gguf.json from a visit that ran only the GGUF rows, and in extra.json the peers it ran beside
-    them (``gguf_peers``), its note and commands; every other file stays as the last whole visit
-    left it."""
-    rows = json.loads(gguf.read_text())
+def write_host_ram(here: Path, path: Path, stamp: dict) -> None:
+    """host_ram_bench.py's --out as host_ram.json, each row checked against its RAM budget."""
+    rows = json.loads(path.read_text())
+    for r in rows:          # budgets and peaks are both GiB (host_budget.py's "GB")
+        if r.get("ram_budget_gb") is not None and "host_ram_peak_gb" in r:
+            r["within_ram_budget"] = r["host_ram_peak_gb"] <= r["ram_budget_gb"]
+    (here / "host_ram.json").write_text(json.dumps({"rows": rows, **stamp}, indent=1) + "\n")
+
+
+def collect_partial(here: Path, gguf: Path | None, host_ram: Path | None, peers: Path | None, note: str | None,
+                    commands: list[str]) -> None:
+    """A visit that ran only the GGUF rows and/or host-RAM rows: gguf.json / host_ram.json, and in
+    extra.json the peers it ran beside the GGUF rows (``gguf_peers``), its note and commands.
+    Every other file stays as the last whole visit left it."""
     visit = datetime.now(timezone.utc).isoformat(timespec="minutes")
-    (here / "gguf.json").write_text(json.dumps([{**r, "visit": visit, "visit_label": f"GGUF-only visit {visit}"}
-                                                for r in rows], indent=1) + "\n")
+    rows = json.loads(gguf.read_text()) if gguf else []
+    first = rows[0] if rows else {}
+    stamp = {"date": first.get("date", visit[:10]), "machine": first.get("machine", "GPU"), "visit": visit,
+             "visit_label": f"partial visit {visit}"}
+    if gguf:
+        (here / "gguf.json").write_text(json.dumps([{**r, **stamp} for r in rows], indent=1) + "\n")
+    if host_ram:
+        write_host_ram(here, host_ram, stamp)
+    if not gguf:
+        return
     extra_path = here / "extra.json"
     extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
     extra["gguf_peers"] = [] if peers is None else [

@@ -109,7 +109,7 @@ def small_pc_sections() -> list[str]:
                 out.append(f"| {r['row']} | {r['budget_gb'] or 'none'} | {r['ms_per_step']:.1f} "
                            f"({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {tflops} | {r['peak_reserved_gb']:.2f} |")
         if extra.get("gguf_commands"):
-            out += ["", "Commands:", ""] + [f"    {c}" for c in extra["gguf_commands"]]
+            out += ["", "This partial visit's commands:", ""] + [f"    {c}" for c in extra["gguf_commands"]]
     out += decode_section(extra)
     ram = _load("host_ram.json")
     if ram:

@@ -166,9 +166,9 @@ def test_collect_brings_a_visit_into_the_report_inputs(tmp_path):
     assert soak["growth_after_first_mib"]["rss_mib"] == 7.0 and soak["growth_after_first_cycle_mib"]["rss_mib"] == 2.0
 
 
-def test_collect_of_a_gguf_only_visit_keeps_its_peers_beside_the_gguf_rows(tmp_path):
-    """Only gguf.json and extra.json change: the GGUF rows get the visit, extra.json the peers of
-    that visit, its note and commands; the whole visit's results.json stays as it was."""
+def test_collect_of_a_partial_visit_keeps_its_peers_beside_the_gguf_rows(tmp_path):
+    """Only gguf.json, host_ram.json and extra.json change: the rows get the visit, extra.json the
+    peers of that visit, its note and commands; the whole visit's results.json stays as it was."""
     visit, into = tmp_path / "visit", tmp_path / "bench"
     visit.mkdir()
     into.mkdir()
@@ -179,14 +179,17 @@ def test_collect_of_a_gguf_only_visit_keeps_its_peers_beside_the_gguf_rows(tmp_p
         {"row": "comfyui-full", "size": 1024, "cfg": True, "budget_gb": None, "ms_per_step": 147.0, "ms_min": 146.0,
          "ms_max": 149.0, "tflops": 447.0, "peak_reserved_gb": 8.3, "notes": "dropped"}]}))
     collect = _script("collect")
+    (visit / "host_ram.json").write_text(json.dumps([{"ram_budget_gb": 8.0, "host_ram_peak_gb": 8.5}]))
     collect.main(["--gguf", str(visit / "gguf.json"), "--gguf-peers", str(visit / "peers.json"), "--gguf-note", "n",
-                  "--commands", "c1", "--into", str(into)])
+                  "--host-ram", str(visit / "host_ram.json"), "--commands", "c1", "--into", str(into)])
     gguf = json.loads((into / "gguf.json").read_text())
     extra = json.loads((into / "extra.json").read_text())
     assert gguf[0]["visit"] == extra["gguf_peers_visit"] != extra["visit"] == "earlier"
     assert extra["gguf_peers"][0]["ms_per_step"] == 147.0 and "notes" not in extra["gguf_peers"][0]
     assert (extra["gguf_note"], extra["gguf_commands"], extra["profiles"]) == ("n", ["c1"], [1])
     assert (into / "results.json").read_text() == "[]"
+    ram = json.loads((into / "host_ram.json").read_text())
+    assert ram["visit"] == gguf[0]["visit"] and ram["rows"][0]["within_ram_budget"] is False
     with pytest.raises(SystemExit):
         collect.main(["--into", str(into)])
 
