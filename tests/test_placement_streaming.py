@@ -368,55 +368,48 @@ def test_staged_copies_run_a_ring_ahead_of_compute(model):
 MIXED = (Storage.FP8, Storage.FP8, Storage.BF16, Storage.BF16, Storage.FP8, Storage.FP8)
 
 
-def mixed_plan(model, resident: tuple[int, ...] = (), whole_block_staging: bool = False) -> StagePlan:
+def mixed_plan(model, resident: tuple[int, ...] = ()) -> StagePlan:
     """fp8 blocks with two compute-layout blocks between them (a GGUF file's F16 refiners among
-    its quantised blocks), on two slots. ``whole_block_staging``: staging holds a whole
-    compute-layout block, so none of it goes straight into the slot."""
+    its quantised blocks), on two slots; staging sized as the planner sizes it, by the largest
+    streamed block's stored bytes (here a compute-layout one)."""
     plan = manual_plan(model, resident, 2, 1, Storage.FP8)
-    return dataclasses.replace(plan, storage=MIXED,
-                               staging_bytes=plan.slot_bytes if whole_block_staging else plan.staging_bytes)
+    return dataclasses.replace(plan, storage=MIXED, staging_bytes=plan.slot_bytes if len(resident) < N_BLOCKS else 0)
 
 
-@pytest.mark.parametrize("whole_block_staging", [False, True])
-def test_compute_layout_blocks_in_a_staging_ring_go_partly_through_staging(model, whole_block_staging):
-    """A compute-layout block among fp8 ones: its first bytes land in the slot's staging buffer
-    with no compute wait (the copy stream never waits for compute), the rest go into the slot
-    on the slot stream after the compute that left it; streamed == resident, bit for bit."""
-    waits, slot_copies = [], []
+def test_compute_layout_blocks_in_a_staging_ring_go_through_staging(model):
+    """A compute-layout block among fp8 ones lands in the slot's staging buffer with no compute
+    wait, like the fp8 blocks (the copy stream never waits for compute), and a device copy on the
+    upcast stream moves it into the slot; streamed == resident, bit for bit."""
+    waits = []
 
     class Recording(FakeCopyStream):
         def side_wait(self, event):
             waits.append(event)
             super().side_wait(event)
 
-        def slot_copy(self, dst, src, after):
-            slot_copies.append(after)
-            return super().slot_copy(dst, src, after)
-
     ref = run(model, mixed_plan(model, tuple(range(N_BLOCKS))))[0]
-    outs, _, _ = run(model, mixed_plan(model, (), whole_block_staging), steps=3, engine=Recording())
+    outs, _, _ = run(model, mixed_plan(model), steps=3, engine=Recording())
     assert all(torch.equal(a, b) for a, b in zip(ref, outs))
-    assert all(e is None or e.stream == "upcast" for e in waits[1:]), "no compute wait on the copy stream"
-    if whole_block_staging:
-        assert slot_copies == []
-    else:
-        assert len(slot_copies) == 3 * 2 and all(e is not None and e.stream == "main" for e in slot_copies[2:])
-
-
-def test_slot_copy_without_the_compute_wait_is_a_race(model, monkeypatch):
-    real = FakeCopyStream.slot_copy
-    monkeypatch.setattr(FakeCopyStream, "slot_copy", lambda self, dst, src, after: real(self, dst, src, None))
-    with pytest.raises(StreamRaceError):
-        run(model, mixed_plan(model), steps=2)
+    assert waits[1:] and all(e is None or e.stream == "upcast" for e in waits[1:]), "no compute wait on the copy stream"
 
 
 def test_staging_to_slot_copy_without_the_compute_wait_is_a_race(model, monkeypatch):
-    """The device copy from staging into the slot overwrites what compute read there."""
+    """The device copy from staging into the slot overwrites what compute read there. Every
+    block here is in compute layout, so that copy is the only thing on the upcast stream."""
+    plan = manual_plan(model, (), 2, 1, Storage.BF16)
+    plan = dataclasses.replace(plan, staging_bytes=plan.slot_bytes)
+    assert torch.equal(run(model, plan, steps=2)[0][1], reference(model, Storage.BF16)[1])
     real = FakeCopyStream.upcast
     monkeypatch.setattr(FakeCopyStream, "upcast", lambda self, fn, after, writes=(), reads=():
                         real(self, fn, [e for e in after if e is None or e.stream != "main"], writes, reads))
     with pytest.raises(StreamRaceError):
-        run(model, mixed_plan(model, (), whole_block_staging=True), steps=2)
+        run(model, plan, steps=2)
+
+
+def test_a_ring_whose_staging_cannot_hold_a_streamed_block_is_refused(model):
+    plan = dataclasses.replace(mixed_plan(model), staging_bytes=manual_plan(model, (), 2, 1, Storage.FP8).staging_bytes)
+    with pytest.raises(ValueError, match="staging buffers of .* cannot hold streamed block 'layers.2'"):
+        run(model, plan, steps=1)
 
 
 def test_resident_fp8_upcast_without_the_slot_wait_is_a_race(model, monkeypatch):

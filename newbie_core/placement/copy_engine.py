@@ -1,12 +1,12 @@
 """The copy stream: where weights travel, ordered against compute with events only.
 
-Four streams matter. The *main* stream is whatever stream is current when the model runs: all
+Three streams matter. The *main* stream is whatever stream is current when the model runs: all
 compute, and every allocation the placement core makes (ring, resident buffers). The *side*
 (copy) stream carries host->device copies; the *upcast* stream turns fp8 and packed blocks
-into compute layout; the *slot* stream carries the part of a compute-layout block that goes
-straight into its slot in a ring that also stages blocks (runner.py, step 4). The upcast has
-its own stream so that the copy engine never waits for an upcast: at 512² an upcast on the copy
-stream stretched every block's transfer (measured on an H200). They are ordered only by events:
+into compute layout (or, for a compute-layout block that came through staging, copies it into
+its slot). The upcast has its own stream so that the copy engine never waits for an upcast: at
+512² an upcast on the copy stream stretched every block's transfer (measured on an H200).
+They are ordered only by events:
 
 - ``main_wait(copy_done)`` before compute reads a slot the side stream filled;
 - ``side_wait(compute_done)`` before the side stream overwrites a slot compute has read;
@@ -14,9 +14,7 @@ stream stretched every block's transfer (measured on an H200). They are ordered 
 - ``upcast(fn, after)`` waits every event of ``after`` (the staging copy's, and the compute
   event that frees the slot) on the upcast stream, runs ``fn`` there and returns the event
   compute waits on;
-- ``side_wait(upcast_done)`` before a copy overwrites a staging buffer an upcast reads;
-- ``slot_copy(dst, src, compute_done)`` copies into a slot on a fourth, *slot* stream once
-  compute has left it, so that wait never holds up the copy stream's staging copies behind it.
+- ``side_wait(upcast_done)`` before a copy overwrites a staging buffer an upcast reads.
 
 No tensor is ever allocated on the side stream: the side stream only writes into buffers the
 main stream allocated, so the caching allocator never sees a cross-stream free and
@@ -46,7 +44,6 @@ class CopyEngine(Protocol):
     def copy(self, dst: torch.Tensor, src: torch.Tensor, side_only: bool = False) -> None: ...
     def upcast(self, fn: Callable[[], None], after: Sequence[Any], writes: Sequence[torch.Tensor] = (),
                reads: Sequence[torch.Tensor] = ()) -> Any: ...
-    def slot_copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any: ...
     def side_record(self) -> Any: ...
     def side_wait(self, event: Any) -> None: ...
     def main_record(self) -> Any: ...
@@ -62,7 +59,6 @@ class CudaCopyEngine:
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
         self.upcast_stream = torch.cuda.Stream(self.device)
-        self.slot_stream = torch.cuda.Stream(self.device)
 
     def _main(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self.device)
@@ -80,15 +76,6 @@ class CudaCopyEngine:
             fn()   # must allocate nothing: see the module docstring
         event = torch.cuda.Event()
         event.record(self.upcast_stream)
-        return event
-
-    def slot_copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None) -> torch.cuda.Event:
-        if after is not None:
-            self.slot_stream.wait_event(after)
-        with torch.cuda.stream(self.slot_stream):
-            dst.copy_(src, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(self.slot_stream)
         return event
 
     def side_record(self) -> torch.cuda.Event:
@@ -114,15 +101,14 @@ class CudaCopyEngine:
             event.synchronize()
 
     def drain(self) -> None:
-        """A full barrier: main waits for every side stream, and later side work waits for
+        """A full barrier: main waits for both side streams, and later side work waits for
         everything before it (e.g. the upcast stream reading a resident buffer the copy stream
         just filled: a missing edge measured as a non-bitwise fp8 run on the H200)."""
         main = self._main()
-        sides = (self.stream, self.upcast_stream, self.slot_stream)
-        for side in sides:
-            main.wait_stream(side)
-        for side in sides:
-            side.wait_stream(main)
+        main.wait_stream(self.stream)
+        main.wait_stream(self.upcast_stream)
+        self.stream.wait_stream(main)
+        self.upcast_stream.wait_stream(main)
 
 
 class ImmediateCopyEngine:
@@ -134,9 +120,6 @@ class ImmediateCopyEngine:
     def upcast(self, fn: Callable[[], None], after: Sequence[None], writes: Sequence[torch.Tensor] = (),
                reads: Sequence[torch.Tensor] = ()) -> None:
         fn()
-
-    def slot_copy(self, dst: torch.Tensor, src: torch.Tensor, after: None) -> None:
-        dst.copy_(src)
 
     def side_record(self) -> None:
         return None
@@ -245,18 +228,6 @@ class FakeCopyStream:
         seq = self._side_seq
         self._upcast_reads.extend((*_span(t), seq) for t in reads)
         return FakeEvent("upcast", seq)
-
-    def slot_copy(self, dst: torch.Tensor, src: torch.Tensor, after: FakeEvent | None) -> FakeEvent:
-        """The slot stream: waits ``after`` (the compute that last read the slot), then copies.
-        Without that wait the write raises StreamRaceError like any other."""
-        if after is not None:
-            if after.stream != "main":
-                raise ValueError("slot_copy waits for a compute (main-stream) event")
-            self._after_main(after)
-        self.copies += 1
-        self.bytes_copied += src.numel() * src.element_size()
-        self._enqueue_write([dst], lambda: dst.copy_(src))
-        return FakeEvent("side", self._side_seq)
 
     def side_record(self) -> FakeEvent:
         return FakeEvent("side", self._side_seq)

@@ -41,6 +41,8 @@ Decisions, and why:
   the copy stream never waits for an upcast of another slot (one shared staging buffer serialised
   copy and upcast: measured at 512² under 2 GB, 61.5 ms per step against a 48.5 ms copy
   roofline), nor for compute: only the upcast into the slot waits for the slot to be free.
+  Staging is sized by the largest streamed block's stored bytes, so a block stored at compute
+  dtype among packed ones (a GGUF file's F16 refiners) goes through it too (runner.py, step 4).
 
 The predicted peak is analytic (see budget.py for the allocator model), never a measurement.
 """

@@ -12,20 +12,24 @@ cycle that repeats every forward. Position ``p`` of that endless sequence is rin
 ``p % R`` of forward ``p // R`` and uses slot ``p % S``. Before computing position ``p`` the
 runner makes sure positions up to ``p + depth`` were issued. Issuing position ``q``:
 
-1. a block copied straight into its slot (compute dtype) waits ``compute_done[q % S]``
-   (position ``q - S`` finished with the slot; ``depth <= S - 1`` guarantees that compute was
-   already enqueued), then copies;
+1. in a ring without staging buffers (every block at compute dtype), a block is copied straight
+   into its slot once ``compute_done[q % S]`` (position ``q - S`` finished with the slot;
+   ``depth <= S - 1`` guarantees that compute was already enqueued);
 2. an fp8 or packed block is copied into the slot's staging buffer once position ``q - S``'s
    upcast has read it (``copy_done[q % S]``), which is before that position even computes;
    its upcast into the slot then waits for that copy and for ``compute_done[q % S]``. So the
    copy runs up to ``S`` blocks ahead of compute on ``S`` slots at no extra memory (measured on
    an H200 at 1024² CFG under 2 GB, two slots: fp8 121.5 -> 119.0 ms per step; a GGUF Q8_0
-   file, whose unquantised refiners were thought to be the cost, did not gain). A resident fp8
+   file did not gain until its F16 refiners took this path too, step 4). A resident fp8
    block has nothing to copy: its upcast waits ``compute_done[q % S]`` alone;
 3. the event of the last of those becomes ``copy_done[q % S]``;
-4. a block stored in compute layout, in a ring that also stages blocks, sends its first bytes
-   through the slot's staging buffer like a staged block and the rest straight into the slot,
-   on a stream of their own, once ``compute_done[q % S]`` (see ``_issue_through_staging``).
+4. in a ring that has staging buffers, a block stored in compute layout (a GGUF file's F16
+   refiners among its quantised blocks) goes through staging too, and a plain device copy on the
+   upcast stream moves it into the slot. Copied straight into its slot, its copy waited on the
+   copy stream for the compute that last read the slot, and behind the two caption refiners,
+   whose compute is tiny, compute then waited for each refiner's bytes (measured on an H200 at
+   1024² CFG, Q8_0 under 2 GB: 5.15 ms a step of copy waits, 0.005 ms through staging). The
+   planner sizes staging by the largest streamed block's stored bytes, so it holds them.
 
 Computing position ``p``: main stream waits ``copy_done[p % S]``, runs the block, records
 ``compute_done[p % S]``, then issues up to ``p + 1 + depth``. Because positions run on across
@@ -88,6 +92,13 @@ class StreamingRunner:
         self._unpatched = {i for i in self._resident_views if i in patches} if self.patches else set()
         if self.order and (ring is None or ring.n_slots < 1):
             raise ValueError("the plan streams blocks but no ring was given.")
+        staging_bytes = ring.staging[0].numel() if ring is not None and ring.staging else 0
+        short = [i for i in self.order if i not in resident and (self._upcast[i] or staging_bytes)
+                 and self.storage[i].nbytes > staging_bytes]
+        if short:
+            raise ValueError(f"plan {plan.stage!r}: the ring's staging buffers of {staging_bytes:,} bytes cannot "
+                             f"hold streamed block {plan.block_names[short[0]]!r} ({self.storage[short[0]].nbytes:,} "
+                             f"bytes stored); staging must fit the largest streamed block's stored bytes.")
 
     # -- hook -----------------------------------------------------------------------------
     def __call__(self, index: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -142,48 +153,26 @@ class StreamingRunner:
                 lambda: self.upcast(storage, compute, src, slot), (self.ring.compute_done[s],), writes=[slot])
             return
         staged = self._upcast[block]
-        if not staged and self.ring.staging:
-            self._issue_through_staging(block, s)
-            return
-        # (1) / (2): a staged copy waits for the upcast that last read the slot's staging buffer, a
-        # direct one for the compute that last read the slot
-        self.engine.side_wait(self.ring.copy_done[s] if staged else self.ring.compute_done[s])
+        through_staging = staged or bool(self.ring.staging)        # (4)
+        # (1) / (2): a copy into staging waits for the upcast that last read it, a copy straight
+        # into the slot for the compute that last read the slot
+        self.engine.side_wait(self.ring.copy_done[s] if through_staging else self.ring.compute_done[s])
         host = self.store.acquire(block, self.engine)
-        if staged:                                                # (2) H2D into staging, upcast stream
+        if through_staging:                                       # (2) H2D into staging, upcast stream
             staging = self.ring.staging[s][: storage.nbytes]
             self.engine.copy(staging, host, side_only=True)
             self.store.release(block, copied := self.engine.side_record())
+            if staged:
+                fill = lambda: self.upcast(storage, compute, staging, slot)      # noqa: E731
+            else:
+                fill = lambda: slot[: storage.nbytes].copy_(staging)          # noqa: E731
             self.ring.copy_done[s] = self.engine.upcast(                                   # (3)
-                lambda: self.upcast(storage, compute, staging, slot), (copied, self.ring.compute_done[s]),
-                writes=[slot], reads=[staging])
+                fill, (copied, self.ring.compute_done[s]), writes=[slot], reads=[staging])
         else:
             self.engine.copy(slot[: storage.nbytes], host)
             self.store.release(block, self.engine.side_record())
             self.ring.copy_done[s] = self.engine.side_record()    # (3)
         self.bytes_h2d += storage.nbytes
-
-    def _issue_through_staging(self, block: int, s: int) -> None:
-        """(4) A block stored in compute layout, in a ring that has staging buffers (a GGUF file's
-        F16 refiners among quantised blocks): its first bytes go into the slot's staging buffer
-        as early as a staged block's would, and a device copy on the upcast stream moves them
-        into the slot once compute has left it; the rest go straight into the slot on the
-        engine's slot stream, which waits for that compute without holding up the copy stream.
-        Before, the whole copy waited for that compute on the copy stream, so consecutive such
-        blocks with little compute (the caption refiners) left compute waiting for their bytes."""
-        nbytes = self.storage[block].nbytes
-        slot = self.ring.slots[s]
-        early = min(nbytes, self.ring.staging[s].numel())
-        staging = self.ring.staging[s][:early]
-        self.engine.side_wait(self.ring.copy_done[s])           # the last upcast that read staging
-        host = self.store.acquire(block, self.engine)
-        self.engine.copy(staging, host[:early], side_only=True)
-        after = [self.engine.side_record(), self.ring.compute_done[s]]
-        if nbytes > early:
-            after.append(self.engine.slot_copy(slot[early:nbytes], host[early:], self.ring.compute_done[s]))
-        self.ring.copy_done[s] = done = self.engine.upcast(
-            lambda: slot[:early].copy_(staging), after, writes=[slot], reads=[staging])
-        self.store.release(block, done)
-        self.bytes_h2d += nbytes
 
     def _resync(self, k: int) -> None:
         """A forward was cut short (an exception) or started again: restart the cycle at ring
