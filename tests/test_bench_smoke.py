@@ -194,6 +194,22 @@ def test_collect_of_a_partial_visit_keeps_its_peers_beside_the_gguf_rows(tmp_pat
         collect.main(["--into", str(into)])
 
 
+def test_gguf_section_shows_the_peers_of_its_own_visit_only(tmp_path, monkeypatch):
+    small = _script("report_small_pc")
+    monkeypatch.setattr(small, "HERE", tmp_path)
+    row = {"storage": "gguf-q8_0", "budget_gb": 2.0, "s_per_step": 0.125, "s_step_min": 0.12, "s_step_max": 0.13,
+           "peak_reserved_gb": 1.9, "predicted_peak_gb": 1.98, "bytes_h2d_per_step": 4e9, "resident_blocks": 0,
+           "n_blocks": 40, "date": "2026-12-03", "bandwidth_gbps": 55.4, "visit": "v2", "visit_label": "partial visit v2"}
+    peer = {"row": "comfyui-full", "size": 1024, "cfg": True, "budget_gb": None, "ms_per_step": 151.3, "ms_min": 150.2,
+            "ms_max": 160.5, "tflops": None, "peak_reserved_gb": 8.34}
+    (tmp_path / "gguf.json").write_text(json.dumps([row]))
+    for visit, shown in (("v2", True), ("v1", False)):
+        (tmp_path / "extra.json").write_text(json.dumps({"visit": "v0", "gguf_peers": [peer], "gguf_peers_visit": visit}))
+        text = "\n".join(small.small_pc_sections())
+        assert "partial visit v2" in text
+        assert ("| comfyui-full | none | 151.3 (150.2-160.5) | - | 8.34 |" in text) is shown
+
+
 def test_collect_keeps_the_rows_of_groups_a_visit_skipped_marked_with_their_visit(tmp_path):
     """--keep-rows: a visit that re-ran only some row groups keeps the others from the earlier
     results.json, marked, and never keeps the earlier peers or a row it measured again."""
