@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         extra["gguf_note"] = old["gguf_note"]
     (here / "extra.json").write_text(json.dumps(extra, indent=1) + "\n")
     if args.gguf:
-        gguf_rows = [{**r, "visit": stamp["visit"]} for r in json.loads(args.gguf.read_text())]
-        (here / "gguf.json").write_text(json.dumps(gguf_rows, indent=1) + "\n")
+        write_gguf(here, args.gguf, {"visit": stamp["visit"]})
     if args.host_ram:
         write_host_ram(here, args.host_ram, stamp)
     if args.lora:
@@ -191,6 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.soak:
         soak = json.loads(args.soak.read_text()) if args.soak.suffix == ".json" else soak_from_log(args.soak)
         (here / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")
+
+
+def write_gguf(here: Path, path: Path, stamp: dict) -> None:
+    """gguf_bench.py's --out as gguf.json, every row stamped with ``stamp`` (its visit)."""
+    rows = json.loads(path.read_text())
+    (here / "gguf.json").write_text(json.dumps([{**r, **stamp} for r in rows], indent=1) + "\n")
 
 
 def write_host_ram(here: Path, path: Path, stamp: dict) -> None:
@@ -208,12 +213,11 @@ def collect_partial(here: Path, gguf: Path | None, host_ram: Path | None, peers:
     extra.json the peers it ran beside the GGUF rows (``gguf_peers``), its note and commands.
     Every other file stays as the last whole visit left it."""
     visit = datetime.now(timezone.utc).isoformat(timespec="minutes")
-    rows = json.loads(gguf.read_text()) if gguf else []
-    first = rows[0] if rows else {}
+    first = json.loads(gguf.read_text())[0] if gguf else {}
     stamp = {"date": first.get("date", visit[:10]), "machine": first.get("machine", "GPU"), "visit": visit,
              "visit_label": f"partial visit {visit}"}
     if gguf:
-        (here / "gguf.json").write_text(json.dumps([{**r, **stamp} for r in rows], indent=1) + "\n")
+        write_gguf(here, gguf, stamp)
     if host_ram:
         write_host_ram(here, host_ram, stamp)
     if not gguf:

@@ -80,6 +80,9 @@ class StreamingRunner:
         self.upcast = upcast                     # owned (and released) by the session
         self._ready = dict(ready or {})          # resident block -> its copy event, until first use
         self._upcast = [layout.needs_upcast for layout in self.storage]
+        # (4): in a ring with staging buffers every streamed block's copy lands there
+        staging_bytes = ring.staging[0].numel() if ring is not None and ring.staging else 0
+        self._through_staging = [bool(staging_bytes) or up for up in self._upcast]
         self.graphs = graphs
         if graphs is not None:
             graphs.new_forward()
@@ -92,8 +95,7 @@ class StreamingRunner:
         self._unpatched = {i for i in self._resident_views if i in patches} if self.patches else set()
         if self.order and (ring is None or ring.n_slots < 1):
             raise ValueError("the plan streams blocks but no ring was given.")
-        staging_bytes = ring.staging[0].numel() if ring is not None and ring.staging else 0
-        short = [i for i in self.order if i not in resident and (self._upcast[i] or staging_bytes)
+        short = [i for i in self.order if i not in resident and self._through_staging[i]
                  and self.storage[i].nbytes > staging_bytes]
         if short:
             raise ValueError(f"plan {plan.stage!r}: the ring's staging buffers of {staging_bytes:,} bytes cannot "
@@ -152,8 +154,7 @@ class StreamingRunner:
             self.ring.copy_done[s] = self.engine.upcast(
                 lambda: self.upcast(storage, compute, src, slot), (self.ring.compute_done[s],), writes=[slot])
             return
-        staged = self._upcast[block]
-        through_staging = staged or bool(self.ring.staging)        # (4)
+        through_staging = self._through_staging[block]
         # (1) / (2): a copy into staging waits for the upcast that last read it, a copy straight
         # into the slot for the compute that last read the slot
         self.engine.side_wait(self.ring.copy_done[s] if through_staging else self.ring.compute_done[s])
@@ -162,7 +163,7 @@ class StreamingRunner:
             staging = self.ring.staging[s][: storage.nbytes]
             self.engine.copy(staging, host, side_only=True)
             self.store.release(block, copied := self.engine.side_record())
-            if staged:
+            if self._upcast[block]:
                 fill = lambda: self.upcast(storage, compute, staging, slot)      # noqa: E731
             else:
                 fill = lambda: slot[: storage.nbytes].copy_(staging)          # noqa: E731
