@@ -78,7 +78,7 @@ def load_models(root: Path, dtype: str) -> Models:
 def streamed_bytes_per_forward(models: Models, plan, compute: str) -> int:
     dtype = torch.float16 if compute == "fp16" else torch.bfloat16
     sizes = block_sizes(build_dit(models.dit.ckpt.config, "meta", dtype), dtype)
-    return sum(sizes[i].storage_bytes(plan.storage[i]) for i in plan.streamed)
+    return sum(sizes[i].storage_bytes(plan.storage[i]) for i in plan.streamed_per_forward)
 
 
 def steady_steps(seconds: list[float]) -> list[float]:
@@ -114,7 +114,7 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
     s_step = statistics.median(steady)
     cap = int(models.encoders.gemma.tokenizer([prepare_texts(PROMPT).gemma_pos]).attention_mask.sum())
     batch = 2 if cfg != 1.0 else 1
-    flops = flops_per_forward(models.dit.ckpt.config, batch, cap, (size // 16) ** 2)
+    flops = flops_per_forward(models.dit.ckpt.config, batch, cap, (size // 16) ** 2, caption_refined=True)
     recs = {r.name: r for r in result.report.records}
     return {
         "row": "ours", "dtype": dtype if compute == "bf16" else compute, "size": f"{size}x{size}",

@@ -217,3 +217,26 @@ def test_cuda_bf16_matches_cpu_fp32_and_chunks_agree():
         chunked = gpu(*cuda_args).float().cpu()
     assert (out - ref).norm() / ref.norm() < 0.03
     assert (chunked - out).norm() / out.norm() < 0.01
+
+
+@pytest.mark.parametrize("lens", [(9, 5), (7, 7)], ids=["padded", "unpadded"])
+def test_a_refined_caption_made_once_gives_every_steps_forward_bit_for_bit(lens):
+    """The caption refiners see the conditioning alone: made once and passed to each step's
+    forward, they give the forward that makes them itself, bit for bit, and that forward runs
+    none of the context refiner's blocks."""
+    model = _random_model(3, torch.bfloat16)
+    x, _, cap, mask, pooled = _inputs(lens)
+    x = x.bfloat16()
+    ran: list[int] = []
+    model.block_runner = lambda i, block, *a, **k: (ran.append(i), block(*a, **k))[1]
+    with torch.no_grad():
+        caption = model.refine_caption(cap, mask)
+        assert ran == list(range(CFG.n_context_refiner)) and caption.shape == (2, cap.shape[1], CFG.dim)
+        for t in (0.1, 0.6):
+            ran.clear()
+            given = model(x, torch.tensor([t, t]), cap, mask, pooled, caption=caption)
+            assert ran == list(range(CFG.n_context_refiner, CFG.n_blocks))
+            assert torch.equal(given, model(x, torch.tensor([t, t]), cap, mask, pooled))
+        with pytest.raises(ValueError, match="refined caption"):
+            model(x, torch.tensor([0.1, 0.1]), cap, mask, pooled, caption=caption[:1])
+    assert model.caption_blocks() == tuple(f"context_refiner.{i}" for i in range(CFG.n_context_refiner))

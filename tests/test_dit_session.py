@@ -81,3 +81,29 @@ def test_streamed_session_is_bitwise_equal_to_resident_and_replans_for_more(tiny
     for p in (resident, streamed):
         p.close()
         assert not p.is_open and p.last_plan is not None
+
+
+def test_a_core_sampler_passing_new_but_equal_tensors_refines_the_caption_once(tiny_models, monkeypatch):
+    """ComfyUI's samplers may build the caption batch anew at each step: equal values still hit
+    the session's refined caption, a different conditioning makes its own, and a new session
+    (other weights, e.g. another LoRA) starts empty."""
+    from newbie_core.models.dit import NextDiT
+    made = []
+    original = NextDiT.refine_caption
+    monkeypatch.setattr(NextDiT, "refine_caption", lambda self, f, m: (made.append(1), original(self, f, m))[1])
+    dit = tiny_models.dit
+    placed = PlacedDiT(dit, MemorySettings(), CPU, budget_scope=_budget(None))
+    x, t = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2)), torch.full((2,), 0.4)
+    first = None
+    for _ in range(3):
+        feats, mask, pooled = batch_conditionings(_conds(dit), CPU, torch.float32)     # fresh tensors each call
+        v = placed(x, t, feats, mask, pooled)
+        first = v if first is None else first
+        assert torch.equal(v, first)
+    assert len(made) == 1
+    placed(x, t, *batch_conditionings(_conds(dit, (4, 2)), CPU, torch.float32))
+    assert len(made) == 2
+    placed.close()
+    placed(x, t, feats, mask, pooled)
+    assert len(made) == 3 and placed.opened == 2
+    placed.close()

@@ -353,6 +353,9 @@ def test_resident_blocks_are_patched_once_per_stage_streamed_ones_at_every_use(t
     assert sorted(calls) == list(range(CONFIG.n_blocks))          # every block has patches; each once
     calls.clear()
     streamed = _sample(handle, conds, _tight(resident), steps=3)
-    n_streamed = len(streamed.plan.streamed)
+    plan = streamed.plan
+    per_forward = len(plan.streamed_per_forward)
+    once = len(plan.streamed) - per_forward                       # the caption refiners: one use per stage
+    assert per_forward and once == CONFIG.n_context_refiner
     forwards = 3                                                  # one batched (cond + uncond) forward per step
-    assert len(calls) == (CONFIG.n_blocks - n_streamed) + n_streamed * forwards
+    assert len(calls) == len(plan.resident) + once + per_forward * forwards

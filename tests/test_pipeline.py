@@ -99,6 +99,26 @@ def test_streamed_sampling_is_bitwise_equal_to_resident(models):
     assert torch.equal(streamed.latent, resident.latent)
 
 
+@pytest.mark.parametrize("cfg_trunc", [1.0, 0.1], ids=["cfg", "cfg-truncated"])
+def test_the_caption_refiners_run_once_per_conditioning_not_per_step(models, monkeypatch, cfg_trunc):
+    """The sampling plan streams the caption refiners once (plan.once): the sampler makes the
+    refined caption once for the CFG pair, and once more for the positive alone when CFG is
+    truncated, however many steps run."""
+    from newbie_core.models.dit import NextDiT
+    made = []
+    original = NextDiT.refine_caption
+    monkeypatch.setattr(NextDiT, "refine_caption",
+                        lambda self, f, m: (made.append(f.shape[0]), original(self, f, m))[1])
+    texts = prepare_texts(XML, "lowres")
+    pos, neg = encode_texts(models.encoders, texts, MemorySettings(), CPU, Report(), None)
+    sampling = SamplingSettings(steps=4, seed=3, cfg_trunc=cfg_trunc)
+    result = run_sampling(models.dit, pos, neg, torch.zeros(1, 16, 8, 8), sampling, MemorySettings(), CPU, Report(),
+                          None)
+    assert made == ([2] if cfg_trunc == 1.0 else [2, 1])
+    names = models.dit.ckpt.config.n_context_refiner
+    assert [result.plan.block_names[i] for i in result.plan.once] == [f"context_refiner.{i}" for i in range(names)]
+
+
 def test_fp8_storage_drifts_little_from_bf16(models, tiny_dir):
     texts = prepare_texts(XML)
     pos, neg = encode_texts(models.encoders, texts, MemorySettings(), CPU, Report(), None)

@@ -22,6 +22,7 @@ from ..models.dit import ActivationChunks
 from ..placement import Report, StagePlan, measure_stage, stage_guard
 from .handles import DiTHandle
 from .placed import placed_blocks
+from .refined_caption import RefinedCaptions
 from .sample import dit_store_budget, load_non_blocks, plan_sampling
 from .settings import MemorySettings
 
@@ -78,6 +79,7 @@ class PlacedDiT:
         self._model = None
         self._session = None
         self._record = None
+        self._captions: RefinedCaptions | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -99,9 +101,9 @@ class PlacedDiT:
         dtype = self.compute_dtype
         try:
             with torch.inference_mode():
-                v = self._model(x.to(device=self.device, dtype=dtype), t.to(self.device, torch.float32),
-                                cap_feats.to(device=self.device, dtype=dtype), cap_mask.to(self.device).bool(),
-                                pooled.to(device=self.device, dtype=dtype))
+                feats, mask = cap_feats.to(device=self.device, dtype=dtype), cap_mask.to(self.device).bool()
+                v = self._model(x.to(device=self.device, dtype=dtype), t.to(self.device, torch.float32), feats, mask,
+                                pooled.to(device=self.device, dtype=dtype), caption=self._captions(feats, mask))
         except BaseException as e:
             self._fail(e)
             raise
@@ -139,6 +141,7 @@ class PlacedDiT:
             raise
         self._stacks = (inner, outer)
         self._model, self._session, self._record = model, session, record
+        self._captions = RefinedCaptions(model)      # the session's weights made them
         self.shape, self.plan, self.budget = shape, stage_plan, budget
         self.last_plan, self.last_budget = stage_plan, budget
         self.opened += 1
@@ -150,7 +153,7 @@ class PlacedDiT:
             return
         inner, outer = stacks
         session, record, model = self._session, self._record, self._model
-        self._session = self._record = self._model = None
+        self._session = self._record = self._model = self._captions = None
         self.shape = None
         try:
             inner.close()
@@ -164,7 +167,7 @@ class PlacedDiT:
     def _fail(self, error: BaseException) -> None:
         """A forward raised (Cancel, OOM): unwind the session as a failed stage."""
         stacks, self._stacks = self._stacks, None
-        self._session = self._record = self._model = None
+        self._session = self._record = self._model = self._captions = None
         self.shape = None
         if stacks is not None:
             _unwind(*stacks, error)

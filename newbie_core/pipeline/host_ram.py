@@ -76,7 +76,7 @@ def host_model(name: str, model, inputs: PlacementInputs, plan: StagePlan, sourc
     packed = packed_spec(model, source) if source is not None and plan.storage[0].value == "packed" else None
     sizes = block_sizes(model, inputs.compute_dtype, packed=packed)
     stored = [s.storage_bytes(k) for s, k in zip(sizes, plan.storage)]
-    streamed = sum(stored[i] for i in plan.streamed) * forwards_per_step
+    streamed = sum(stored[i] for i in plan.streamed_per_forward) * forwards_per_step
     return HostModel(name, sum(stored), max(stored), streamed, extra_bytes, key=copy_key(inputs.files))
 
 

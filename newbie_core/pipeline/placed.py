@@ -184,6 +184,9 @@ class PlacementInputs:
     # (plan_stage); None where unknown (the CPU), which plans as if copies were hidden.
     bandwidth: float | None = None        # host -> device bytes/s
     block_compute_s: float | None = None  # seconds of compute per block
+    # Blocks that run once per stage, not per forward (the DiT's caption refiners, whose output
+    # the sampler keeps: refined_caption.py); the planner streams them once.
+    once: tuple[str, ...] = ()
 
 
 def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorSource | None = None) -> StagePlan:
@@ -191,12 +194,13 @@ def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorS
     sizes the blocks by their packed bytes."""
     packed = packed_spec(model, source) if source is not None and inputs.storage is StorageChoice.PACKED else None
     sizes: list[BlockSize] = block_sizes(model, inputs.compute_dtype, packed=packed)
+    index = {size.name: i for i, size in enumerate(sizes)}
     return plan_stage(inputs.stage, sizes, UNLIMITED if budget is None else budget,
                       always_resident_bytes=inputs.always_resident_bytes,
                       activation_bytes=inputs.activation_bytes,
                       chunk_candidates=inputs.chunk_candidates, storage=inputs.storage,
                       bandwidth=inputs.bandwidth, block_compute_s=inputs.block_compute_s,
-                      activations_in_own_pool=inputs.graphs)
+                      activations_in_own_pool=inputs.graphs, once=[index[name] for name in inputs.once])
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from .handles import DiTHandle
 from .host_ram import check_stage, host_model, host_tensor_bytes
 from .lora import dit_patches
 from .placed import PlacementInputs, materialize_non_blocks, non_block_parameters, placed_blocks, plan_for
+from .refined_caption import RefinedCaptions
 from .settings import MemorySettings, SamplingSettings, StorageDType
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs,
                                                  memory.fp8_compute),
         chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens), graphs=graphs,
-        patches=patches, bandwidth=bandwidth, block_compute_s=block_compute_s)
+        patches=patches, bandwidth=bandwidth, block_compute_s=block_compute_s, once=model.caption_blocks())
     return model, inputs, plan_for(model, inputs, budget, handle.ckpt.source)
 
 
@@ -233,16 +234,18 @@ def _sample_loop(model, positive: Conditioning, negative: Conditioning, raw_late
                  sampling: SamplingSettings, device: torch.device, dtype: torch.dtype,
                  callback: StepCallback | None, sigmas: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, list[float]]:
-    """The sampler loop; returns the raw latent (CPU, fp32) and the per-step seconds."""
+    """The sampler loop; returns the raw latent (CPU, fp32) and the per-step seconds. The caption
+    refiners run once per conditioning (refined_caption.py), as the plan expects."""
     b = raw_latent.shape[0]
     pair = batch_conditionings([positive] * b + [negative] * b, device, dtype)
     single = batch_conditionings([positive] * b, device, dtype)
+    captions = RefinedCaptions(model)
 
     def batched_model(x2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-        return model(x2.to(dtype), t2, *pair)
+        return model(x2.to(dtype), t2, *pair, caption=captions(*pair[:2]))
 
     def single_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x.to(dtype), t, *single)
+        return model(x.to(dtype), t, *single, caption=captions(*single[:2]))
 
     trunc = sampling.cfg_trunc if sampling.cfg_trunc < 1.0 else None
     velocity = GuidedVelocity(batched_model, single_model,

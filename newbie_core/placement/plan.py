@@ -67,6 +67,9 @@ class StagePlan:
     upcasts, none of their cost). ``breakdown`` lists what the predicted peak is made of.
     ``bandwidth`` (host -> device bytes/s) and ``block_compute_s`` are the rates the plan was
     made with, None where the caller had none; with both, ``predicted_step_s`` is known.
+    ``once`` blocks run once per stage, before the forwards that repeat (the caller keeps their
+    output, e.g. a DiT's caption refiners, which see the conditioning alone): they stream through
+    the ring once, ahead of the cycle, and are resident only when every block is.
     """
     stage: str
     budget: int
@@ -86,6 +89,7 @@ class StagePlan:
     materialized: tuple[int, ...] = ()
     bandwidth: float | None = None
     block_compute_s: float | None = None
+    once: tuple[int, ...] = ()
 
     @property
     def n_blocks(self) -> int:
@@ -104,6 +108,24 @@ class StagePlan:
         return tuple(i for i in range(self.n_blocks)
                      if i not in res or (self.storage[i].upcast_per_use and i not in mat))
 
+    @property
+    def prologue_blocks(self) -> tuple[int, ...]:
+        """The ring blocks that run once, ahead of the cycle."""
+        once = set(self.once)
+        return tuple(i for i in self.ring_blocks if i in once)
+
+    @property
+    def cycle_blocks(self) -> tuple[int, ...]:
+        """The ring blocks of every forward: the cycle that repeats."""
+        once = set(self.once)
+        return tuple(i for i in self.ring_blocks if i not in once)
+
+    @property
+    def streamed_per_forward(self) -> tuple[int, ...]:
+        """The streamed blocks that every forward copies again (the ``once`` blocks copy once)."""
+        once = set(self.once)
+        return tuple(i for i in self.streamed if i not in once)
+
     def render(self) -> str:
         n_res, n = len(self.resident), self.n_blocks
         fp8 = sum(s is Storage.FP8 for s in self.storage)
@@ -121,6 +143,10 @@ class StagePlan:
                      + (f", staging {fmt_bytes(self.staging_bytes)} per slot" if self.staging_bytes else "")),
             ("chunks (attention / ffn)", f"{self.attn_chunk} / {self.ffn_chunk}"),
         ]
+        if self.once:
+            rows.append(("run once per stage", f"{_ranges(self.once)} (output kept for every forward; "
+                                               + ("resident" if set(self.once) <= set(self.resident)
+                                                  else "streamed once") + ")"))
         if self.bandwidth is not None and self.block_compute_s is not None:
             rows.append(("rates planned with", f"link {self.bandwidth / 1e9:.1f} GB/s, compute "
                                                f"{self.block_compute_s * 1e3:.2f} ms per block"))

@@ -33,6 +33,11 @@ Decisions, and why:
   fused kernel, bench/upcast_kernel.py), a streamed block 1.7 ms of copy at 55 GB/s. Measured
   on an H200 at 512² without CFG under 2 GB: 5 blocks at compute dtype + 35 streamed ran
   64.4 ms per step, against 9 resident fp8 + 31 streamed (see BENCHMARKS.md).
+- **Blocks that run once per stage** (``once``: the caller keeps their output for every forward,
+  as the sampler does with the DiT's caption refiners, which see the conditioning alone) never
+  hold VRAM for the stage unless every block fits: they stream through the ring once, ahead of
+  the cycle, and residency goes to the blocks every forward runs. They count once in the copy
+  bytes, not per forward.
 - **Packed storage** (a quantised file's blocks, codecs.py) plans like fp8: sized by the file's
   bytes, decoded into a slot per use, or once when the budget lets a block stay decoded.
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
@@ -49,7 +54,7 @@ The predicted peak is analytic (see budget.py for the allocator model), never a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from .budget import activation_reserved, fmt_bytes, segment_bytes
 from .plan import BlockSize, StagePlan, Storage, StorageChoice
@@ -76,7 +81,8 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
                bandwidth: float | None = None,
                block_compute_s: float | None = None,
                max_slots: int = 3,
-               activations_in_own_pool: bool = False) -> StagePlan:
+               activations_in_own_pool: bool = False,
+               once: Collection[int] = ()) -> StagePlan:
     """Plan one stage.
 
     ``always_resident_bytes`` is what the small modules take once placed
@@ -87,17 +93,20 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     ``activations_in_own_pool``: the blocks' activations come from a private pool (CUDA graphs),
     which cannot reuse the segment the one-time upcast of kept blocks staged through, so that
     segment counts on top (measured on an H200 at 512², fp8 resident with graphs: 55 MB above the
-    bf16 row, 13 MB above a plan that left it out).
+    bf16 row, 13 MB above a plan that left it out). ``once``: indices of blocks that run once per
+    stage, not per forward (see module docstring).
     """
     if not blocks:
         raise ValueError(f"stage {stage!r}: no blocks to plan.")
     if not chunk_candidates:
         raise ValueError(f"stage {stage!r}: chunk_candidates is empty; pass at least ((None, None),).")
+    if any(not 0 <= i < len(blocks) for i in once):
+        raise ValueError(f"stage {stage!r}: once blocks {sorted(once)} are not all among its {len(blocks)} blocks.")
     act = activation_bytes or (lambda a, f: 0)
     chunks = sorted(chunk_candidates, key=lambda c: -act(*c))   # largest (fastest) first
     choice = StorageChoice(storage)
     ctx = _Ctx(stage, list(blocks), budget, always_resident_bytes, act, chunks, bandwidth,
-               block_compute_s, max_slots, activations_in_own_pool)
+               block_compute_s, max_slots, activations_in_own_pool, once)
     if choice is StorageChoice.AUTO:
         first = ctx.evaluate(Storage.BF16, len(blocks), ctx.slots_for(Storage.BF16, len(blocks)), 0, 0)
         kind = Storage.BF16 if first.predicted_peak <= budget else Storage.FP8
@@ -118,14 +127,25 @@ def resident_set(n: int, k: int) -> tuple[int, ...]:
 class _Ctx:
     """The planner's inputs, and how one configuration turns into a StagePlan."""
 
-    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots, own_pool):
+    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots, own_pool, once):
         self.stage, self.blocks, self.budget, self.fixed, self.own_pool = stage, blocks, budget, fixed, own_pool
         self.act, self.chunks, self.bandwidth, self.compute_s = act, chunks, bandwidth, compute_s
         self.max_slots = max(1, max_slots)
         self.n = len(blocks)
+        self.once = frozenset(once)
+        self.steady = [i for i in range(self.n) if i not in self.once]     # run by every forward
+        # Resident counts, most first: all blocks, then the steady blocks only (once blocks stream)
+        self.counts = sorted({self.n, *range(len(self.steady) + 1)}, reverse=True)
+
+    def resident(self, n_resident: int) -> tuple[int, ...]:
+        """The resident blocks of a configuration: all of them, or ``n_resident`` of the steady
+        blocks spread evenly."""
+        if n_resident >= self.n:
+            return tuple(range(self.n))
+        return tuple(self.steady[j] for j in resident_set(len(self.steady), n_resident))
 
     def ring_blocks(self, kind: Storage, n_resident: int, n_materialized: int = 0) -> list[int]:
-        resident = set(resident_set(self.n, n_resident))
+        resident = set(self.resident(n_resident))
         if kind.upcast_per_use:
             kept = set(resident_set(self.n, n_materialized)) if n_resident == self.n else set()
             return [i for i in range(self.n) if i not in kept]
@@ -146,13 +166,14 @@ class _Ctx:
         largest, Q8_0 under 2 GB shrank every block's chunks to the smallest)."""
         if not (self.bandwidth and self.compute_s):
             return False
-        mean = sum(b.storage_bytes(kind) for b in self.blocks) / self.n
+        steady = self.steady or range(self.n)
+        mean = sum(self.blocks[i].storage_bytes(kind) for i in steady) / len(steady)
         return mean / self.bandwidth > self.compute_s
 
     def chain(self, kind: Storage) -> list[tuple[int, int, int, int]]:
         """Every configuration (n_resident, slots, chunk index, n_materialized), best first; see
         module docstring."""
-        n, last = self.n, len(self.chunks) - 1
+        n, last, counts = self.n, len(self.chunks) - 1, self.counts
         low = lambda r: min(2, len(self.ring_blocks(kind, r)))   # noqa: E731
         materialized = []
         if kind.upcast_per_use:      # all resident, n..1 of them kept at compute dtype
@@ -160,17 +181,17 @@ class _Ctx:
         if self.transfer_bound(kind):
             cfgs = [(n, self.slots_for(kind, n), c, 0) for c in range(last + 1)]
             if kind.upcast_per_use:     # a third slot lets the next copy land while two upcast
-                cfgs += [(r, self.slots_for(kind, r), last, 0) for r in range(n - 1, -1, -1)]
+                cfgs += [(r, self.slots_for(kind, r), last, 0) for r in counts[1:]]
                 cfgs.append((0, low(0), last, 0))
             else:
-                cfgs += [(r, low(r), last, 0) for r in range(n - 1, -1, -1)]
+                cfgs += [(r, low(r), last, 0) for r in counts[1:]]
             return materialized + cfgs
-        cfgs = [(r, self.slots_for(kind, r), 0, 0) for r in range(n, -1, -1)]
+        cfgs = [(r, self.slots_for(kind, r), 0, 0) for r in counts]
         cfgs += [(0, low(0), c, 0) for c in range(last + 1)]
         return materialized + cfgs
 
     def evaluate(self, kind: Storage, n_resident: int, slots: int, chunk: int, n_materialized: int) -> StagePlan:
-        resident = resident_set(self.n, n_resident)
+        resident = self.resident(n_resident)
         streamed = [i for i in range(self.n) if i not in set(resident)]
         ring = self.ring_blocks(kind, n_resident, n_materialized)
         kept = tuple(i for i in resident if i not in set(ring)) if kind.upcast_per_use else ()
@@ -200,14 +221,14 @@ class _Ctx:
             prefetch_depth=max(0, slots - 1), slot_bytes=slot_bytes, staging_bytes=staging,
             attn_chunk=attn, ffn_chunk=ffn, predicted_peak=peak, breakdown=breakdown,
             reason=self.reason(kind, n_resident, slots, chunk, len(kept)), predicted_step_s=step, materialized=kept,
-            bandwidth=self.bandwidth, block_compute_s=self.compute_s)
+            bandwidth=self.bandwidth, block_compute_s=self.compute_s, once=tuple(sorted(self.once)))
 
     def predict_time(self, kind: Storage, streamed: Sequence[int]) -> float | None:
         if not (self.bandwidth and self.compute_s):
             return None
         exposed = sum(max(0.0, self.blocks[i].storage_bytes(kind) / self.bandwidth - self.compute_s)
-                      for i in streamed)
-        return self.n * self.compute_s + exposed
+                      for i in streamed if i not in self.once)
+        return len(self.steady) * self.compute_s + exposed
 
     def reason(self, kind: Storage, n_resident: int, slots: int, chunk: int, n_materialized: int = 0) -> str:
         parts = []
@@ -218,6 +239,8 @@ class _Ctx:
                          f"{self.n - n_resident} streams while resident blocks compute")
         else:
             parts.append(f"all {self.n} blocks stream")
+        if self.once and n_resident < self.n:
+            parts.append(f"{len(self.once)} block(s) run once per stage and stream once, ahead of the forwards")
         if kind is Storage.FP8 and n_materialized == self.n:
             parts.append("fp8 storage, but every block fits at compute dtype: upcast once when placed")
         elif kind is Storage.FP8:

@@ -31,6 +31,12 @@ runner makes sure positions up to ``p + depth`` were issued. Issuing position ``
    1024² CFG, Q8_0 under 2 GB: 5.15 ms a step of copy waits, 0.005 ms through staging). The
    planner sizes staging by the largest streamed block's stored bytes, so it holds them.
 
+Blocks that run once per stage (``plan.once``, e.g. a DiT's caption refiners, whose output the
+sampler keeps for every step) form a *prologue* ahead of the cycle: positions ``0 .. O-1`` are
+the prologue's blocks and the cycle starts at position ``O``, so they stream once and every
+forward after them copies only its own blocks. When the caller runs them again (a new
+conditioning), the runner starts a new prologue at the next position, as a resync.
+
 Computing position ``p``: main stream waits ``copy_done[p % S]``, runs the block, records
 ``compute_done[p % S]``, then issues up to ``p + 1 + depth``. Because positions run on across
 forwards, the last blocks of one forward prefetch the first blocks of the next. The hot path
@@ -67,8 +73,12 @@ class StreamingRunner:
                  ready: dict[int, Any] | None = None, patches: BlockPatches | None = None):
         self.plan, self.compute, self.storage = plan, list(compute), list(storage)
         self.store, self.engine, self.ring, self.resident = store, engine, ring, resident
-        self.order = plan.ring_blocks
+        self.order = plan.cycle_blocks              # the ring blocks of every forward
+        self.prologue = plan.prologue_blocks        # ring blocks run once, ahead of the cycle
         self.ring_pos = {b: k for k, b in enumerate(self.order)}
+        self.prologue_pos = {b: j for j, b in enumerate(self.prologue)}
+        self._prologue_at: int | None = 0 if self.prologue else None   # first position of the prologue
+        self._origin = len(self.prologue)           # position of the cycle's block 0
         self.depth = plan.prefetch_depth
         self.bytes_h2d = 0
         self._next = 0          # next position to compute
@@ -76,7 +86,7 @@ class StreamingRunner:
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._bindings: dict[tuple, list[tuple[dict, str, torch.Tensor, torch.Tensor]]] = {}
         self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
-                                if i not in self.ring_pos}
+                                if i not in self.ring_pos and i not in self.prologue_pos}
         self.upcast = upcast                     # owned (and released) by the session
         self._ready = dict(ready or {})          # resident block -> its copy event, until first use
         self._upcast = [layout.needs_upcast for layout in self.storage]
@@ -93,9 +103,9 @@ class StreamingRunner:
         # a resident block's once, at its first use; a ring block's at every use.
         self.patches = patches if patches else None
         self._unpatched = {i for i in self._resident_views if i in patches} if self.patches else set()
-        if self.order and (ring is None or ring.n_slots < 1):
+        if (self.order or self.prologue) and (ring is None or ring.n_slots < 1):
             raise ValueError("the plan streams blocks but no ring was given.")
-        short = [i for i in self.order if i not in resident and self._through_staging[i]
+        short = [i for i in (*self.prologue, *self.order) if i not in resident and self._through_staging[i]
                  and self.storage[i].nbytes > staging_bytes]
         if short:
             raise ValueError(f"plan {plan.stage!r}: the ring's staging buffers of {staging_bytes:,} bytes cannot "
@@ -115,12 +125,11 @@ class StreamingRunner:
                 self.patches.apply(index, views)
                 self._unpatched.discard(index)
             return self._call(index, block, ("resident", index), views, args, kwargs)
-        k = self.ring_pos.get(index)
-        if k is None:
+        if index not in self.ring_pos and index not in self.prologue_pos:
             raise RuntimeError(f"block {index} is neither resident nor streamed in plan {self.plan.stage!r}; "
                                f"the model's block_sequence() changed after planning.")
-        if self._next % len(self.order) != k:
-            self._resync(k)
+        if self._block_at(self._next) != index:
+            self._resync(index)
         p = self._next
         self.issue_upto(p + self.depth)
         s = p % self.ring.n_slots
@@ -136,17 +145,27 @@ class StreamingRunner:
 
     def start(self) -> None:
         """Issue the first prefetches at once, so they overlap whatever runs before block 0."""
-        if self.order:
-            self.issue_upto(self.depth)
+        self.issue_upto(self.depth)
 
     # -- scheduling -----------------------------------------------------------------------
+    def _block_at(self, p: int) -> int | None:
+        """The block of position ``p``: the prologue's while it lasts, then the cycle's."""
+        at = self._prologue_at
+        if at is not None and at <= p < at + len(self.prologue):
+            return self.prologue[p - at]
+        if not self.order or p < self._origin:
+            return None
+        return self.order[(p - self._origin) % len(self.order)]
+
     def issue_upto(self, last: int) -> None:
         while self._issued < last:
+            block = self._block_at(self._issued + 1)
+            if block is None:           # a prologue with no cycle after it: nothing more to copy
+                return
             self._issued += 1
-            self._issue(self._issued)
+            self._issue(self._issued, block)
 
-    def _issue(self, q: int) -> None:
-        block = self.order[q % len(self.order)]
+    def _issue(self, q: int, block: int) -> None:
         s = q % self.ring.n_slots
         storage, compute, slot = self.storage[block], self.compute[block], self.ring.slots[s]
         if block in self.resident:              # resident fp8: upcast only, once the slot is free
@@ -175,19 +194,23 @@ class StreamingRunner:
             self.ring.copy_done[s] = self.engine.side_record()    # (3)
         self.bytes_h2d += storage.nbytes
 
-    def _resync(self, k: int) -> None:
-        """A forward was cut short (an exception) or started again: restart the cycle at ring
-        block ``k`` after everything issued so far. Slot contents are simply re-issued."""
-        log.debug("runner %s: resync at ring block %d (expected %d)", self.plan.stage, k,
-                  self._next % len(self.order))
+    def _resync(self, block: int) -> None:
+        """A forward was cut short (an exception) or started again, or the caller runs the
+        prologue again: go on with ``block`` at the position after everything issued so far (a
+        prologue block starts a new prologue there). Slot contents are simply re-issued."""
+        log.debug("runner %s: resync at block %d (expected %s)", self.plan.stage, block, self._block_at(self._next))
         # Full barrier both ways: the main stream waits for every queued copy, and later copies
         # wait for everything the main stream did, including a failed block whose kernels read
         # a slot but never recorded its compute_done.
         self.engine.drain()
         self.engine.side_wait(self.engine.main_record())
-        r = len(self.order)
         p = self._issued + 1
-        p += (k - p) % r
+        if block in self.prologue_pos:
+            self._prologue_at = p - self.prologue_pos[block]
+            self._origin = self._prologue_at + len(self.prologue)
+        else:
+            self._prologue_at = None
+            self._origin = p - self.ring_pos[block]
         self._next, self._issued = p, p - 1
 
     def _slot_views(self, s: int, block: int) -> dict[str, torch.Tensor]:

@@ -91,15 +91,20 @@ def joint_block_flops(config: DiTConfig, batch: int, seq: int) -> int:
     return int(_block_flops(config, batch, seq, True))
 
 
-def flops_per_forward(config: DiTConfig, batch: int, cap_tokens: int, image_tokens: int) -> int:
-    """Matmul FLOPs (2*m*n*k) of one forward, attention QK and PV included."""
+def flops_per_forward(config: DiTConfig, batch: int, cap_tokens: int, image_tokens: int,
+                      caption_refined: bool = False) -> int:
+    """Matmul FLOPs (2*m*n*k) of one forward, attention QK and PV included. ``caption_refined``:
+    the forward is given its refined caption (NextDiT.refine_caption, once per conditioning), so
+    the cap embedder and the context refiner are not part of it."""
     b, a, d_model, clip = batch, config.adaln_dim, config.dim, config.clip_text_dim
     s = cap_tokens + image_tokens
-    flops = config.n_context_refiner * _block_flops(config, b, cap_tokens, False)
+    flops = 0
+    if not caption_refined:
+        flops += config.n_context_refiner * _block_flops(config, b, cap_tokens, False)
+        flops += 2 * b * cap_tokens * config.cap_feat_dim * d_model             # cap_embedder
     flops += config.n_noise_refiner * _block_flops(config, b, image_tokens, True)
     flops += config.n_layers * _block_flops(config, b, s, True)
     flops += 2 * b * image_tokens * config.patch_features * d_model             # x_embedder
-    flops += 2 * b * cap_tokens * config.cap_feat_dim * d_model                 # cap_embedder
     flops += 2 * b * (config.timestep_freq_dim * a + a * a)                      # t_embedder
     flops += 2 * b * (clip * clip + (a + clip) * a)                             # pooled proj + time_text
     flops += 2 * b * (a * d_model + image_tokens * d_model * config.patch_features)  # final layer

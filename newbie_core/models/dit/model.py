@@ -57,6 +57,11 @@ class NextDiT(nn.Module):
                 + [(f"noise_refiner.{i}", b) for i, b in enumerate(self.noise_refiner)]
                 + [(f"layers.{i}", b) for i, b in enumerate(self.layers)])
 
+    def caption_blocks(self) -> tuple[str, ...]:
+        """The blocks :meth:`refine_caption` runs: with its output passed to ``forward``, they run
+        once per conditioning instead of once per step (placement's ``once`` blocks)."""
+        return tuple(f"context_refiner.{i}" for i in range(len(self.context_refiner)))
+
     @property
     def chunking(self) -> ActivationChunks:
         return self._chunking
@@ -107,11 +112,37 @@ class NextDiT(nn.Module):
         self._layout = None
         return super().to_empty(device=device, recurse=recurse)
 
+    # -- caption --------------------------------------------------------------------------
+    def refine_caption(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:
+        """(B,L,cap_dim) Gemma features, (B,L) right-padded mask -> (B,L,dim) caption tokens after
+        the cap embedder and the context refiner.
+
+        Those see the conditioning alone (no latent, no time, no modulation), so a sampler makes
+        them once per conditioning and passes them to every step's ``forward`` as ``caption``:
+        the same code on the same values as a forward that makes them itself, without the two
+        refiner blocks (2 x 156 MB in bf16) in every step's compute and copies.
+        """
+        b = cap_feats.shape[0]
+        cap_lens, cap_valid = _caption_lengths(cap_mask, cap_feats, b)
+        mask = caption_padding(cap_lens, cap_valid, cap_feats.shape[1])
+        rope = rope_cos_sin(caption_positions(b, cap_feats.shape[1], cap_feats.device), self.config.axes_dims,
+                            self.config.rope_theta)
+        return self._refined_caption(cap_feats, mask, rope)
+
+    def _refined_caption(self, cap_feats: torch.Tensor, mask: KeyPadding | None,
+                         rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cap = self.cap_embedder(cap_feats.to(self.x_embedder.weight.dtype))    # (B, L, dim)
+        for index, block in enumerate(self.context_refiner):
+            cap = self.block_runner(index, block, cap, mask, *rope)
+        return cap
+
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor,
-                cap_mask: torch.Tensor, clip_text_pooled: torch.Tensor | None) -> torch.Tensor:
+                cap_mask: torch.Tensor, clip_text_pooled: torch.Tensor | None,
+                caption: torch.Tensor | None = None) -> torch.Tensor:
         """(B,16,H,W) latent, (B,) time, (B,L,cap_dim) Gemma features, (B,L) right-padded mask,
-        (B,clip_dim) Jina pooled -> (B,16,H,W) velocity, in x's dtype."""
+        (B,clip_dim) Jina pooled -> (B,16,H,W) velocity, in x's dtype. ``caption``: these
+        features' :meth:`refine_caption`, made once for every step's forward."""
         cfg, p = self.config, self.config.patch_size
         b, _, h, w = x.shape
         t = _batch_time(t, b)
@@ -121,16 +152,17 @@ class NextDiT(nn.Module):
         n_img = hp * wp
 
         c = self.adaln_vector(t, clip_text_pooled)                               # (B, A)
-        cap = self.cap_embedder(cap_feats.to(dtype))                             # (B, L, dim)
+        if caption is None:
+            cap = self._refined_caption(cap_feats, lay.cap_mask, lay.cap_rope)  # (B, L, dim)
+        elif caption.shape != (b, cap_feats.shape[1], cfg.dim):
+            raise ValueError(f"NextDiT: caption {tuple(caption.shape)} is not the refined caption of cap_feats "
+                             f"{tuple(cap_feats.shape)} (expected ({b}, {cap_feats.shape[1]}, {cfg.dim})).")
+        else:
+            cap = caption
         img = self.x_embedder(patchify(_check_latent(x, cfg).to(dtype), p))      # (B, N, dim)
-        cap_cos, cap_sin = lay.cap_rope
         img_cos, img_sin = lay.img_rope
-        cap_attn_mask = lay.cap_mask
 
-        index = 0
-        for block in self.context_refiner:
-            cap = self.block_runner(index, block, cap, cap_attn_mask, cap_cos, cap_sin)
-            index += 1
+        index = len(self.context_refiner)
         for block in self.noise_refiner:
             img = self.block_runner(index, block, img, None, img_cos, img_sin, c)
             index += 1
@@ -170,11 +202,16 @@ def token_layout(config: DiTConfig, cap_mask: torch.Tensor, cap_feats: torch.Ten
     joint_valid, joint_pos = _joint_positions(cap_lens, img_pos)
     return TokenLayout(
         cap_lens=tuple(cap_lens),
-        cap_mask=None if all(n == length for n in cap_lens) else KeyPadding(tuple(cap_lens), cap_valid),
+        cap_mask=caption_padding(cap_lens, cap_valid, length),
         joint_mask=None if joint_valid is None else KeyPadding(tuple(n + n_img for n in cap_lens), joint_valid),
         cap_rope=rope_cos_sin(caption_positions(batch, length, device), axes, theta),
         img_rope=rope_cos_sin(img_pos, axes, theta),
         joint_rope=rope_cos_sin(joint_pos, axes, theta))
+
+
+def caption_padding(cap_lens: list[int], cap_valid: torch.Tensor, length: int) -> KeyPadding | None:
+    """The caption's key padding, None when no caption is padded."""
+    return None if all(n == length for n in cap_lens) else KeyPadding(tuple(cap_lens), cap_valid)
 
 
 def _batch_time(t: torch.Tensor | float, batch: int) -> torch.Tensor:
