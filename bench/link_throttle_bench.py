@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             projected = projection(base, link_bps)
             out.append({"storage": storage, "budget_gb": budget, "link_gbps": link, "size": f"{size}x{size}",
                         "cfg": True, "steps": steps, "s_per_step": row["s_per_step"],
+                        "chunks": row["chunks"], "resident_blocks": row["resident_blocks"],
+                        "chunks_unthrottled": base["chunks"], "resident_blocks_unthrottled": base["resident_blocks"],
                         "s_per_step_unthrottled": base["s_per_step"], "bytes_h2d_per_step": base["bytes_h2d_per_step"],
                         "projected_s_per_step": projected, "x_projection": row["s_per_step"] / projected,
                         "throttled": device.type == "cuda", "native_link_gbps": native / 1e9,

@@ -312,7 +312,7 @@ def test_the_throttle_bench_plans_its_throttled_rows_for_the_throttled_link(monk
 
     def fake_row(path, device, budget, size, steps, storage=None, link_gbps=None):
         seen.append(link_gbps)
-        return {"s_per_step": 1.0, "bytes_h2d_per_step": 1e9}
+        return {"s_per_step": 1.0, "bytes_h2d_per_step": 1e9, "chunks": [None, None], "resident_blocks": 3}
 
     monkeypatch.setattr(bench, "sample_row", fake_row)
     monkeypatch.setattr(newbie_core.tiny, "build_tiny_checkpoints", lambda root: None)
@@ -362,3 +362,35 @@ def test_the_slow_link_fp8_chain_ends_on_two_slots_when_nothing_stays_resident()
     assert streaming[-1] == (0, 2), "the very last plan drops the third slot"
     assert all(slots == 3 for _, slots in streaming[:-1]), streaming
     assert [r for r, _ in streaming] == sorted((r for r, _ in streaming), reverse=True)
+
+
+def test_a_slow_link_shrinks_chunks_for_residents_only_as_far_as_the_caller_allows():
+    """Chunks in many pieces cost more launches than residents save (planner.py): below the
+    caller's transfer_chunks a slow link keeps its residents at the smallest allowed chunks, and
+    smaller chunks come only once nothing is resident, to fit at all."""
+    budget = _all_resident_budget(UNIFORM, CHUNKS[2]) - 3 * BLOCK
+    rates = dict(bandwidth=10e9, block_compute_s=5e-3)
+    free = _plan(budget, **rates)
+    capped = _plan(budget, transfer_chunks=CHUNKS[:2], **rates)
+    assert (free.attn_chunk, free.ffn_chunk) == CHUNKS[2]
+    assert (capped.attn_chunk, capped.ffn_chunk) == CHUNKS[1] and len(capped.resident) < len(free.resident)
+    assert capped.streamed and "copies are slower than compute" in capped.reason
+    tiny = _plan_or_none(_all_resident_budget(UNIFORM, CHUNKS[2]) - 13 * BLOCK, transfer_chunks=CHUNKS[:2], **rates)
+    assert tiny is not None and not tiny.resident and (tiny.attn_chunk, tiny.ffn_chunk) == CHUNKS[2], \
+        "the smallest chunks remain to fit at all"
+
+
+def _plan_or_none(budget, **kw):
+    from newbie_core.placement import BudgetTooSmallError
+    try:
+        return _plan(budget, **kw)
+    except BudgetTooSmallError:
+        return None
+
+
+def test_the_sampling_plan_allows_a_slow_link_chunks_of_at_most_four_pieces():
+    cands = sample.chunk_candidates(MemorySettings(), 2, 4400)
+    allowed = sample.transfer_chunks(cands, 2, 4400)
+    assert (None, None) in allowed and len(allowed) < len(cands)
+    assert all(-(-4400 // a) <= 4 for a, _ in allowed if a) and all(-(-8800 // f) <= 4 for _, f in allowed if f)
+    assert (1152, 2304) in allowed and (384, 768) not in allowed and (384, 768) in cands

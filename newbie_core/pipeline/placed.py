@@ -178,6 +178,9 @@ class PlacementInputs:
     always_resident_bytes: int
     activation_bytes: Callable[[int | None, int | None], int]
     chunk_candidates: tuple[tuple[int | None, int | None], ...] = ((None, None),)
+    # The candidates chunks may shrink to for residents when copies are slower than compute
+    # (planner.py); None: all of them.
+    transfer_chunks: tuple[tuple[int | None, int | None], ...] | None = None
     graphs: bool = False          # blocks replay as CUDA graphs (the estimate counts their pool)
     patches: BlockPatches | None = None   # LoRA changes to the blocks, added by placement
     # This machine's rates, for the planner's time prediction and its order of sacrifices
@@ -198,7 +201,8 @@ def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorS
     return plan_stage(inputs.stage, sizes, UNLIMITED if budget is None else budget,
                       always_resident_bytes=inputs.always_resident_bytes,
                       activation_bytes=inputs.activation_bytes,
-                      chunk_candidates=inputs.chunk_candidates, storage=inputs.storage,
+                      chunk_candidates=inputs.chunk_candidates, transfer_chunks=inputs.transfer_chunks,
+                      storage=inputs.storage,
                       bandwidth=inputs.bandwidth, block_compute_s=inputs.block_compute_s,
                       activations_in_own_pool=inputs.graphs, once=[index[name] for name in inputs.once])
 

@@ -61,6 +61,20 @@ def even_chunks(total: int, floor: int, align: int = CHUNK_ALIGN) -> list[int]:
         parts = parts + 1 if parts < 4 else parts * 3 // 2 if parts % 4 == 0 else parts * 4 // 3
 
 
+# A slow link trades chunks for resident blocks only down to this many pieces per attention or
+# FFN (planner.py says why): 12-piece chunks at 1024² with CFG ran up to 2.2x their projection.
+TRANSFER_MAX_PIECES = 4
+
+
+def transfer_chunks(candidates, batch: int, tokens: int) -> tuple[tuple[int | None, int | None], ...]:
+    """The candidates whose attention (over ``tokens`` query rows) and FFN (over batch x tokens)
+    split into at most TRANSFER_MAX_PIECES pieces."""
+    def pieces(chunk: int | None, total: int) -> int:
+        return 1 if chunk is None else -(-total // chunk)
+    return tuple((a, f) for a, f in candidates
+                 if pieces(a, tokens) <= TRANSFER_MAX_PIECES and pieces(f, batch * tokens) <= TRANSFER_MAX_PIECES)
+
+
 @dataclass
 class SampleResult:
     latent: torch.Tensor                      # raw latent (B, 16, H/8, W/8), float32, CPU
@@ -186,13 +200,15 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     if patches is not None:
         small += patches.device_bytes            # factors on the device + one application's temporaries
     graphs = use_graphs(memory, batch, cap_tokens + image_tokens, device)
+    candidates = chunk_candidates(memory, batch, cap_tokens + image_tokens)
     bandwidth, block_compute_s = block_rates(config, memory, batch, cap_tokens + image_tokens, dtype, device)
     inputs = PlacementInputs(
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs,
                                                  memory.fp8_compute),
-        chunk_candidates=chunk_candidates(memory, batch, cap_tokens + image_tokens), graphs=graphs,
+        chunk_candidates=candidates, transfer_chunks=transfer_chunks(candidates, batch, cap_tokens + image_tokens),
+        graphs=graphs,
         patches=patches, bandwidth=bandwidth, block_compute_s=block_compute_s, once=model.caption_blocks())
     return model, inputs, plan_for(model, inputs, budget, handle.ckpt.source)
 

@@ -23,6 +23,13 @@ Decisions, and why:
   waited for its slot before its copy (measured before staged copies stopped waiting for compute,
   runner.py; not measured again since). So upcast-per-use storage (fp8, packed) keeps its third
   slot while residents go, and drops to two only when nothing is left resident.
+  How far chunks may shrink for residents is the caller's ``transfer_chunks``: the candidates
+  cheap enough to trade for residency. Chunks cost launches, and in many pieces per sequence
+  they cost more than the copies the residents save: measured on an H200 at 1024² with CFG (no
+  CUDA graphs), through a copy engine throttled to 12 and 25 GB/s, fp8 under 4 GB and Q4_K
+  under 2 GB planned 12-piece chunks (384 query rows, 768 FFN tokens) and ran 0.23-0.34 s per
+  step, 1.4-2.2x the 0.12-0.18 s their copies and compute projected. Below those candidates
+  chunks shrink only once nothing is left resident, to fit at all.
 - **fp8 storage with room to spare.** fp8 is a storage format: a resident fp8 block is upcast
   into a ring slot before every use. When the budget allows, resident blocks are instead kept at
   compute dtype, upcast once when placed (*materialized*): same bits, no per-use upcast. The
@@ -82,7 +89,8 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
                block_compute_s: float | None = None,
                max_slots: int = 3,
                activations_in_own_pool: bool = False,
-               once: Collection[int] = ()) -> StagePlan:
+               once: Collection[int] = (),
+               transfer_chunks: Collection[ChunkPair] | None = None) -> StagePlan:
     """Plan one stage.
 
     ``always_resident_bytes`` is what the small modules take once placed
@@ -94,7 +102,8 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     which cannot reuse the segment the one-time upcast of kept blocks staged through, so that
     segment counts on top (measured on an H200 at 512², fp8 resident with graphs: 55 MB above the
     bf16 row, 13 MB above a plan that left it out). ``once``: indices of blocks that run once per
-    stage, not per forward (see module docstring).
+    stage, not per forward (see module docstring). ``transfer_chunks``: the candidates chunks
+    may shrink to for residents when copies are slower than compute (default: all of them).
     """
     if not blocks:
         raise ValueError(f"stage {stage!r}: no blocks to plan.")
@@ -104,9 +113,12 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
         raise ValueError(f"stage {stage!r}: once blocks {sorted(once)} are not all among its {len(blocks)} blocks.")
     act = activation_bytes or (lambda a, f: 0)
     chunks = sorted(chunk_candidates, key=lambda c: -act(*c))   # largest (fastest) first
+    allowed = set(chunks if transfer_chunks is None else transfer_chunks) | {chunks[0]}
+    # the last candidate, in that order, that a slow link may shrink chunks to for residents
+    transfer_last = max(i for i, c in enumerate(chunks) if c in allowed)
     choice = StorageChoice(storage)
     ctx = _Ctx(stage, list(blocks), budget, always_resident_bytes, act, chunks, bandwidth,
-               block_compute_s, max_slots, activations_in_own_pool, once)
+               block_compute_s, max_slots, activations_in_own_pool, once, transfer_last)
     if choice is StorageChoice.AUTO:
         first = ctx.evaluate(Storage.BF16, len(blocks), ctx.slots_for(Storage.BF16, len(blocks)), 0, 0)
         kind = Storage.BF16 if first.predicted_peak <= budget else Storage.FP8
@@ -127,11 +139,13 @@ def resident_set(n: int, k: int) -> tuple[int, ...]:
 class _Ctx:
     """The planner's inputs, and how one configuration turns into a StagePlan."""
 
-    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots, own_pool, once):
+    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots, own_pool, once,
+                 transfer_last):
         self.stage, self.blocks, self.budget, self.fixed, self.own_pool = stage, blocks, budget, fixed, own_pool
         self.act, self.chunks, self.bandwidth, self.compute_s = act, chunks, bandwidth, compute_s
         self.max_slots = max(1, max_slots)
         self.n = len(blocks)
+        self.transfer_last = transfer_last
         self.once = frozenset(once)
         self.steady = [i for i in range(self.n) if i not in self.once]     # run by every forward
         # Resident counts, most first: all blocks, then the steady blocks only (once blocks stream)
@@ -179,12 +193,14 @@ class _Ctx:
         if kind.upcast_per_use:      # all resident, n..1 of them kept at compute dtype
             materialized = [(n, self.slots_for(kind, n, m), 0, m) for m in range(n, 0, -1)]
         if self.transfer_bound(kind):
-            cfgs = [(n, self.slots_for(kind, n), c, 0) for c in range(last + 1)]
+            t = self.transfer_last      # chunks shrink this far for residents (plan_stage)
+            cfgs = [(n, self.slots_for(kind, n), c, 0) for c in range(t + 1)]
             if kind.upcast_per_use:     # a third slot lets the next copy land while two upcast
-                cfgs += [(r, self.slots_for(kind, r), last, 0) for r in counts[1:]]
-                cfgs.append((0, low(0), last, 0))
+                cfgs += [(r, self.slots_for(kind, r), t, 0) for r in counts[1:]]
+                cfgs.append((0, low(0), t, 0))
             else:
-                cfgs += [(r, low(r), last, 0) for r in counts[1:]]
+                cfgs += [(r, low(r), t, 0) for r in counts[1:]]
+            cfgs += [(0, low(0), c, 0) for c in range(t + 1, last + 1)]     # then only to fit at all
             return materialized + cfgs
         cfgs = [(r, self.slots_for(kind, r), 0, 0) for r in counts]
         cfgs += [(0, low(0), c, 0) for c in range(last + 1)]
