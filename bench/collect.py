@@ -115,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--soak", type=Path, help="soak.log (or soak.json)")
     ap.add_argument("--parts", type=Path, help="forward_bench --parts log (fused rows)")
     ap.add_argument("--fp8-quant", type=Path, help="fp8_quant_bench.py's log")
-    ap.add_argument("--throttle", type=Path, help="link_throttle_bench.py's --out")
+    ap.add_argument("--throttle", type=Path, nargs="+", help="link_throttle_bench.py's --out (one per run)")
+    ap.add_argument("--throttle-before", type=Path,
+                    help="a throttle run of the same visit before a change, shown beside the runs (not in the fits)")
+    ap.add_argument("--throttle-note", help="what changed between --throttle-before and --throttle")
     ap.add_argument("--forward", type=Path, help="forward_bench.py's forward.json (whole-forward variants)")
     ap.add_argument("--decode", type=Path, help="gguf_decode_bench.py's log")
     ap.add_argument("--earlier", nargs="*", default=[], metavar="KEY=WHEN",
@@ -185,11 +188,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.lora:
         (here / "lora.json").write_text(json.dumps({"rows": json.loads(args.lora.read_text()), **stamp}, indent=1) + "\n")
     if args.throttle:
-        (here / "throttle.json").write_text(json.dumps({"rows": json.loads(args.throttle.read_text()), **stamp},
-                                                       indent=1) + "\n")
+        write_throttle(here, args.throttle, args.throttle_before, args.throttle_note, stamp)
     if args.soak:
         soak = json.loads(args.soak.read_text()) if args.soak.suffix == ".json" else soak_from_log(args.soak)
         (here / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")
+
+
+def write_throttle(here: Path, runs: list[Path], before: Path | None, note: str | None, stamp: dict) -> None:
+    """throttle.json: every run's rows (numbered), and a run from before a change with its note."""
+    rows = [{**r, "run": k} for k, path in enumerate(runs, 1) for r in json.loads(path.read_text())]
+    doc = {"rows": rows, **stamp}
+    if before is not None:
+        doc.update(before=json.loads(before.read_text()), before_note=note or "")
+    (here / "throttle.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def write_gguf(here: Path, path: Path, stamp: dict) -> None:
@@ -213,7 +224,7 @@ def collect_partial(here: Path, gguf: Path | None, host_ram: Path | None, peers:
     extra.json the peers it ran beside the GGUF rows (``gguf_peers``), its note and commands.
     Every other file stays as the last whole visit left it."""
     visit = datetime.now(timezone.utc).isoformat(timespec="minutes")
-    first = json.loads(gguf.read_text())[0] if gguf else {}
+    first = next((r for r in json.loads((gguf or host_ram).read_text()) if "machine" in r), {})
     stamp = {"date": first.get("date", visit[:10]), "machine": first.get("machine", "GPU"), "visit": visit,
              "visit_label": f"partial visit {visit}"}
     if gguf:

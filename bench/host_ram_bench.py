@@ -78,6 +78,7 @@ def plan_fingerprint(cfg: dict) -> str:
 
 def one_row(cfg: dict) -> dict:
     """Runs inside the child process."""
+    import torch
     from newbie_core.pipeline import generate
     from newbie_core.pipeline.generate import host_plan
     from newbie_core.placement.host_budget import bytes_read
@@ -95,6 +96,7 @@ def one_row(cfg: dict) -> dict:
             "host_ram_peak_gb": (host_ram_peak() or 0) / 2**30, "predicted_host_peak_gb": predicted / 2**30,
             "pinned_gb": max((r.pinned_bytes or 0) for r in result.report.records) / 2**30,
             "bytes_read_gb": ((bytes_read() or 0) - (read0 or 0)) / 1e9,
+            "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "stages": result.report.to_dict()["stages"]}
 
 

@@ -61,18 +61,36 @@ def throttle_section() -> list[str]:
     doc = _load("throttle.json")
     if not doc:
         return ["", "Not yet checked against a throttled link (`bash bench/gpu_visit.sh throttle`)."]
+    runs = sorted({r.get("run", 1) for r in doc["rows"]})
     out = ["", f"Checked at a few points by throttling the copy stream to the link's speed "
-               f"(`bench/link_throttle_bench.py`, {doc['date']}, {_visit(doc)}):", "",
-           "| storage | budget GB | link GB/s | measured s/step | projected s/step | measured / projected |",
-           "|---|---|---|---|---|---|"]
+               f"(`bench/link_throttle_bench.py`, {doc['date']}, {_visit(doc)}, {len(runs)} run(s)). Each throttled "
+               "row is planned for its link, as a machine with that link plans it; the projection is the "
+               "unthrottled row's max(step, MB/step over the link):", "",
+           "| storage | budget GB | link GB/s | chunks (attention / FFN) | resident blocks | measured s/step "
+           + "/ ".join(f"run {k}" for k in runs) + " | projected s/step | measured / projected |",
+           "|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["storage"], r["budget_gb"], r["link_gbps"])     # noqa: E731
+    groups: dict = {}
     for r in doc["rows"]:
-        out.append(f"| {r['storage']} | {r['budget_gb']} | {r['link_gbps']} | {r['s_per_step']:.3f} | "
-                   f"{r['projected_s_per_step']:.3f} | {r['x_projection']:.3f} |")
+        groups.setdefault(key(r), []).append(r)
+    for rows in groups.values():
+        r = rows[0]
+        chunks = " / ".join(str(c) for c in r["chunks"]) if r.get("chunks") else "-"
+        ratios = [x["x_projection"] for x in rows]
+        out.append(f"| {r['storage']} | {r['budget_gb']} | {r['link_gbps']} | {chunks} | {r.get('resident_blocks', '-')} | "
+                   + " / ".join(f"{x['s_per_step']:.3f}" for x in rows) + f" | {r['projected_s_per_step']:.3f} | "
+                   + " / ".join(f"{x:.2f}" for x in ratios) + " |")
     worst = max(doc["rows"], key=lambda r: r["x_projection"])
-    out += ["", f"The projection is optimistic where copy and compute are nearly equal: worst "
-                f"{worst['x_projection']:.2f}x ({worst['storage']}, {worst['budget_gb']} GB, {worst['link_gbps']} GB/s). "
-                "Read the table's s/step as a lower bound there; where one side clearly dominates it held within "
-                "about 10 %."]
+    out += ["", f"Worst {worst['x_projection']:.2f}x ({worst['storage']}, {worst['budget_gb']} GB, "
+                f"{worst['link_gbps']} GB/s): the projection is optimistic where copy and compute are nearly equal. "
+                "Below 1 the throttled plan kept more blocks resident than the unthrottled one whose bytes the "
+                "projection uses."]
+    if doc.get("before"):
+        before = {key(r): r for r in doc["before"]}
+        lines = [f"{k[0]} {k[1]} GB at {k[2]} GB/s {before[k]['s_per_step']:.3f} -> "
+                 f"{min(x['s_per_step'] for x in rows):.3f}-{max(x['s_per_step'] for x in rows):.3f} s"
+                 for k, rows in groups.items() if k in before]
+        out += ["", f"Before: {doc.get('before_note', '')} " + "; ".join(lines) + "."]
     return out
 
 
@@ -128,7 +146,8 @@ def small_pc_sections() -> list[str]:
             if "same_plan_as" in r:
                 twin = r["same_plan_as"]
                 out.append(f"| {r['storage']} | {r['ram_budget_gb']} | {r['vram_budget_gb']} | {r['temperature']} | "
-                           f"same plan as {twin['storage']} at {twin['ram_budget_gb']} GB RAM / "
+                           f"same plan as {twin['storage']} at "
+                           f"{'unlimited' if twin['ram_budget_gb'] is None else twin['ram_budget_gb']} GB RAM / "
                            f"{twin['vram_budget_gb']} GB VRAM |" + " |" * 7)
                 continue
             if "error" in r:
