@@ -227,9 +227,11 @@ def fp8_compute_section(rows: list[dict], peers: list[dict], extra: dict) -> lis
     fp8c = [r for r in rows if r["row"] == "ours-fp8-compute"]
     out = []
     if fp8c:
-        out += ["", "## Optional fp8 compute (`--fp8-compute`, off by default), 1024² CFG", "",
+        earlier = _earlier_note(fp8c)
+        out += ["", "## Optional fp8 compute (`--fp8-compute`, off by default), 1024² CFG" + earlier, "",
                 "Row-wise scaled e4m3 operands through `torch._scaled_mm` for the blocks' linears; the "
-                "activations and the weights are quantised on the fly at every use.", "",
+                "activations and the weights are quantised on the fly at every use."
+                + (" × comfyui-full divides by this visit's ComfyUI row." if earlier else ""), "",
                 "| weights | budget GB | ms/step (min-max) | × resident | × comfyui-full | TFLOP/s | peak GB | "
                 "bitwise = its resident | final latent vs bf16 (rel L2) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in fp8c:
