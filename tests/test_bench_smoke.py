@@ -406,3 +406,29 @@ def test_stream_gaps_puts_each_compute_gap_down_to_what_compute_waited_for():
     events.append(kernel(9, 700, 10) | {"name": "decode"})
     names = _script("stream_gaps").kernel_names(events, top=1)
     assert names == {"7": [["k", 400.0, 4]], "9": [["k", 76.0, 2]]}, "top 1 per stream, by time"
+
+
+def test_throttle_runs_are_numbered_and_the_run_before_a_change_stays_out_of_the_fits(tmp_path, monkeypatch):
+    """collect.py keeps each throttle run, numbered, and a run from before a change beside them;
+    the section prints every run of a row on one line and the before figures with their note,
+    while the fits table's overlap loss reads the runs alone."""
+    collect, small, fits = _script("collect"), _script("report_small_pc"), _script("fits")
+
+    def row(s, chunks):
+        return {"storage": "fp8", "budget_gb": 4.0, "link_gbps": 12, "s_per_step": s, "s_per_step_unthrottled": 0.1,
+                "bytes_h2d_per_step": 1.2e9, "projected_s_per_step": 0.1, "x_projection": s / 0.1,
+                "chunks": chunks, "resident_blocks": 28}
+    runs = []
+    for k, s in enumerate((0.12, 0.13)):
+        runs.append(tmp_path / f"run{k}.json")
+        runs[-1].write_text(json.dumps([row(s, [1152, 2304])]))
+    before = tmp_path / "before.json"
+    before.write_text(json.dumps([row(0.3, [384, 768])]))
+    collect.write_throttle(tmp_path, runs, before, "12-piece chunks:", {"date": "d", "visit": "v"})
+    doc = json.loads((tmp_path / "throttle.json").read_text())
+    assert [r["run"] for r in doc["rows"]] == [1, 2] and doc["before"][0]["s_per_step"] == 0.3
+    monkeypatch.setattr(small, "HERE", tmp_path)
+    text = "\n".join(small.throttle_section())
+    assert "| fp8 | 4.0 | 12 | 1152 / 2304 | 28 | 0.120 / 0.130 | 0.100 | 1.20 / 1.30 |" in text
+    assert "Before: 12-piece chunks: fp8 4.0 GB at 12 GB/s 0.300 -> 0.120-0.130 s." in text
+    assert fits.overlap_loss(tmp_path / "throttle.json") == pytest.approx(0.3), "(0.13 - 0.1) / 0.1, not the 2.0 before"
