@@ -154,3 +154,18 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         _request(width=100)
     with pytest.raises(ValueError, match="denoise"):
         SamplingSettings(denoise=0.0)
+
+
+def test_the_host_plan_counts_the_caption_refiners_once_not_per_step(models):
+    """Bytes per step (the copy and disk rooflines of --plan) leave out the blocks that stream once."""
+    from newbie_core.pipeline.host_ram import host_model
+    from newbie_core.pipeline.sample import plan_sampling
+    from newbie_core.placement import block_sizes
+    _, _, full = plan_sampling(models.dit, MemorySettings(), 2, 16, 64, 64, CPU, None)
+    model, inputs, plan = plan_sampling(models.dit, MemorySettings(), 2, 16, 64, 64, CPU,
+                                        full.predicted_peak - 3 * (full.slot_bytes or 2 * 2**20))
+    assert plan.once and set(plan.once) <= set(plan.streamed), "the tight budget streams the caption refiners"
+    stored = [s.storage_bytes(k) for s, k in zip(block_sizes(model, inputs.compute_dtype), plan.storage)]
+    per_step = host_model("sample", model, inputs, plan).streamed_bytes_per_step
+    assert per_step == sum(stored[i] for i in plan.streamed_per_forward)
+    assert per_step == sum(stored[i] for i in plan.streamed) - sum(stored[i] for i in plan.once)
