@@ -77,7 +77,8 @@ def throttle_section() -> list[str]:
         r = rows[0]
         chunks = " / ".join(str(c) for c in r["chunks"]) if r.get("chunks") else "-"
         ratios = [x["x_projection"] for x in rows]
-        out.append(f"| {r['storage']} | {r['budget_gb']} | {r['link_gbps']} | {chunks} | {r.get('resident_blocks', '-')} | "
+        out.append(f"| {r['storage']} | {r['budget_gb']} | {r['link_gbps']} | {chunks} | "
+                   f"{r.get('resident_blocks', '-')} | "
                    + " / ".join(f"{x['s_per_step']:.3f}" for x in rows) + f" | {r['projected_s_per_step']:.3f} | "
                    + " / ".join(f"{x:.2f}" for x in ratios) + " |")
     worst = max(doc["rows"], key=lambda r: r["x_projection"])
