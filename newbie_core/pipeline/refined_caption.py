@@ -23,7 +23,6 @@ class RefinedCaptions:
     def __init__(self, model, size: int = 4):
         self.model, self.size = model, size
         self._entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.made = 0                # refine_caption calls (tests: once per conditioning)
 
     def __call__(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:
         for feats, mask, refined in self._entries:
@@ -33,7 +32,6 @@ class RefinedCaptions:
             if _same(feats, cap_feats) and _same(mask, cap_mask):
                 return refined
         refined = self.model.refine_caption(cap_feats, cap_mask)
-        self.made += 1
         self._entries = [(cap_feats, cap_mask, refined), *self._entries][: self.size]
         return refined
 

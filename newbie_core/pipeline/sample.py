@@ -199,16 +199,16 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     patches, _ = dit_patches(handle.loras, model, config, handle.param_patches)
     if patches is not None:
         small += patches.device_bytes            # factors on the device + one application's temporaries
-    graphs = use_graphs(memory, batch, cap_tokens + image_tokens, device)
-    candidates = chunk_candidates(memory, batch, cap_tokens + image_tokens)
-    bandwidth, block_compute_s = block_rates(config, memory, batch, cap_tokens + image_tokens, dtype, device)
+    tokens = cap_tokens + image_tokens
+    graphs = use_graphs(memory, batch, tokens, device)
+    candidates = chunk_candidates(memory, batch, tokens)
+    bandwidth, block_compute_s = block_rates(config, memory, batch, tokens, dtype, device)
     inputs = PlacementInputs(
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs,
                                                  memory.fp8_compute),
-        chunk_candidates=candidates, transfer_chunks=transfer_chunks(candidates, batch, cap_tokens + image_tokens),
-        graphs=graphs,
+        chunk_candidates=candidates, transfer_chunks=transfer_chunks(candidates, batch, tokens), graphs=graphs,
         patches=patches, bandwidth=bandwidth, block_compute_s=block_compute_s, once=model.caption_blocks())
     return model, inputs, plan_for(model, inputs, budget, handle.ckpt.source)
 

@@ -9,7 +9,8 @@ moved or copied by this.
 
 Ring schedule. The blocks that use the ring (streamed ones, and fp8 ones kept resident) form a
 cycle that repeats every forward. Position ``p`` of that endless sequence is ring block
-``p % R`` of forward ``p // R`` and uses slot ``p % S``. Before computing position ``p`` the
+``p % R`` of forward ``p // R`` (counted from the cycle's origin, after any prologue: below) and
+uses slot ``p % S``. Before computing position ``p`` the
 runner makes sure positions up to ``p + depth`` were issued. Issuing position ``q``:
 
 1. in a ring without staging buffers (every block at compute dtype), a block is copied straight
@@ -77,6 +78,7 @@ class StreamingRunner:
         self.prologue = plan.prologue_blocks        # ring blocks run once, ahead of the cycle
         self.ring_pos = {b: k for k, b in enumerate(self.order)}
         self.prologue_pos = {b: j for j, b in enumerate(self.prologue)}
+        self._in_ring = frozenset(plan.ring_blocks)   # prologue and cycle
         self._prologue_at: int | None = 0 if self.prologue else None   # first position of the prologue
         self._origin = len(self.prologue)           # position of the cycle's block 0
         self.depth = plan.prefetch_depth
@@ -85,8 +87,7 @@ class StreamingRunner:
         self._issued = -1       # highest position issued
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._bindings: dict[tuple, list[tuple[dict, str, torch.Tensor, torch.Tensor]]] = {}
-        self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items()
-                                if i not in self.ring_pos and i not in self.prologue_pos}
+        self._resident_views = {i: compute[i].views(buf) for i, buf in resident.items() if i not in self._in_ring}
         self.upcast = upcast                     # owned (and released) by the session
         self._ready = dict(ready or {})          # resident block -> its copy event, until first use
         self._upcast = [layout.needs_upcast for layout in self.storage]
@@ -125,7 +126,7 @@ class StreamingRunner:
                 self.patches.apply(index, views)
                 self._unpatched.discard(index)
             return self._call(index, block, ("resident", index), views, args, kwargs)
-        if index not in self.ring_pos and index not in self.prologue_pos:
+        if index not in self._in_ring:
             raise RuntimeError(f"block {index} is neither resident nor streamed in plan {self.plan.stage!r}; "
                                f"the model's block_sequence() changed after planning.")
         if self._block_at(self._next) != index:

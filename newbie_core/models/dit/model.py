@@ -122,11 +122,7 @@ class NextDiT(nn.Module):
         the same code on the same values as a forward that makes them itself, without the two
         refiner blocks (2 x 156 MB in bf16) in every step's compute and copies.
         """
-        b = cap_feats.shape[0]
-        cap_lens, cap_valid = _caption_lengths(cap_mask, cap_feats, b)
-        mask = caption_padding(cap_lens, cap_valid, cap_feats.shape[1])
-        rope = rope_cos_sin(caption_positions(b, cap_feats.shape[1], cap_feats.device), self.config.axes_dims,
-                            self.config.rope_theta)
+        _, mask, rope = caption_layout(self.config, cap_mask, cap_feats, cap_feats.shape[0], cap_feats.device)
         return self._refined_caption(cap_feats, mask, rope)
 
     def _refined_caption(self, cap_feats: torch.Tensor, mask: KeyPadding | None,
@@ -195,23 +191,29 @@ class TokenLayout:
 
 def token_layout(config: DiTConfig, cap_mask: torch.Tensor, cap_feats: torch.Tensor, batch: int,
                  hp: int, wp: int, device: torch.device) -> TokenLayout:
-    cap_lens, cap_valid = _caption_lengths(cap_mask, cap_feats, batch)
-    length, n_img = cap_feats.shape[1], hp * wp
+    cap_lens, cap_mask_keys, cap_rope = caption_layout(config, cap_mask, cap_feats, batch, device)
+    n_img = hp * wp
     axes, theta = config.axes_dims, config.rope_theta
     img_pos = image_positions(cap_lens, hp, wp, device)                         # (B, N, 3)
     joint_valid, joint_pos = _joint_positions(cap_lens, img_pos)
     return TokenLayout(
         cap_lens=tuple(cap_lens),
-        cap_mask=caption_padding(cap_lens, cap_valid, length),
+        cap_mask=cap_mask_keys,
         joint_mask=None if joint_valid is None else KeyPadding(tuple(n + n_img for n in cap_lens), joint_valid),
-        cap_rope=rope_cos_sin(caption_positions(batch, length, device), axes, theta),
+        cap_rope=cap_rope,
         img_rope=rope_cos_sin(img_pos, axes, theta),
         joint_rope=rope_cos_sin(joint_pos, axes, theta))
 
 
-def caption_padding(cap_lens: list[int], cap_valid: torch.Tensor, length: int) -> KeyPadding | None:
-    """The caption's key padding, None when no caption is padded."""
-    return None if all(n == length for n in cap_lens) else KeyPadding(tuple(cap_lens), cap_valid)
+def caption_layout(config: DiTConfig, cap_mask: torch.Tensor, cap_feats: torch.Tensor, batch: int,
+                   device: torch.device) -> tuple[list[int], KeyPadding | None, tuple[torch.Tensor, torch.Tensor]]:
+    """The caption's valid lengths, key padding (None when no caption is padded) and RoPE tables:
+    all the context refiner needs, shared by the forward's layout and ``refine_caption``."""
+    cap_lens, cap_valid = _caption_lengths(cap_mask, cap_feats, batch)
+    length = cap_feats.shape[1]
+    padding = None if all(n == length for n in cap_lens) else KeyPadding(tuple(cap_lens), cap_valid)
+    return cap_lens, padding, rope_cos_sin(caption_positions(batch, length, device), config.axes_dims,
+                                           config.rope_theta)
 
 
 def _batch_time(t: torch.Tensor | float, batch: int) -> torch.Tensor:
