@@ -17,6 +17,7 @@
 #   bash bench/gpu_visit.sh decode                   # GGUF decode launch shapes against a copy
 #   bash bench/gpu_visit.sh gaps                     # what streamed Q8_0 / fp8 steps wait for (profiler)
 #   bash bench/gpu_visit.sh probe                    # fused-kernel and forward variants, idle gaps
+#   bash bench/gpu_visit.sh act-memory               # what the 2 GB rows' peaks hold, per allocator setting
 #
 # Wheels the machine lacks (diffusers, gguf, importlib_metadata, platformdirs) go in .whl/ (ignored by git).
 # All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
@@ -39,7 +40,7 @@ for part in "$@"; do
     case "$part" in
         tests)
             timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s ${CUDA_TESTS:-tests/test_dit_fused.py \
-                tests/test_cuda_pipeline.py tests/test_gguf_cuda.py tests/test_placement_cuda.py tests/test_fp8_compute.py} \
+                tests/test_cuda_pipeline.py tests/test_gguf_cuda.py tests/test_placement_cuda.py tests/test_fp8_compute.py tests/test_allocator.py} \
                 > "$OUT/cuda_tier.log" 2>&1
             timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -s \
                 tests/reliability/test_cuda_reliability.py > "$OUT/reliability.log" 2>&1
@@ -99,7 +100,20 @@ for part in "$@"; do
         decode)
             timeout 120 python3 bench/gguf_decode_bench.py > "$OUT/gguf_decode.log" 2>&1
             cat "$OUT/gguf_decode.log" | tail -n 12 ;;
-        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe gaps)"; exit 2 ;;
+        act-memory)
+            # what the peaks hold and each allocator setting's peaks (bench/activation_memory.py):
+            # rows storage:budget:size:file:allocators
+            ggufs
+            for spec in ${ACT_ROWS:-fp8:2:1024:bf16.safetensors:native,expandable,async \
+                    bf16:2:1024:Q4_K.gguf:native,expandable,async bf16:none:1024:bf16.safetensors:native,expandable \
+                    fp8:2:512:bf16.safetensors:native,expandable bf16:4:1024:bf16.safetensors:expandable}; do
+                IFS=: read -r st b sz f al <<< "$spec"
+                timeout 200 python3 bench/activation_memory.py /tmp/full --file "NewBie-Image-Exp0.1-$f" --storage "$st" \
+                    $([ "$b" = none ] || echo "--budget $b") --size "$sz" --allocator ${al//,/ } \
+                    --out "$OUT/act_${st}_${b}_${sz}_${f%%.*}.json" >> "$OUT/act.log" 2>&1
+            done
+            grep '^{' "$OUT/act.log" | cut -c1-330 ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe gaps act-memory)"; exit 2 ;;
     esac
 done
 step done
