@@ -123,8 +123,8 @@ def test_compiled_kernels_match_eager_on_cuda():
         gate = torch.tanh(scale.float())
         assert torch.allclose(k.gated_residual(xs, ys, w, gate, EPS).float(),
                               gated_residual(xs, ys, w, gate, EPS).float(), atol=5e-2, rtol=1e-2)
-        a = xs.reshape(-1, 256)
-        assert torch.allclose(k.swiglu(a, a).float(), swiglu(a, a).float(), atol=2e-2, rtol=1e-2)
+        a, b = xs.reshape(-1, 256), ys.reshape(-1, 256)
+        assert torch.allclose(k.swiglu(a.clone(), b).float(), swiglu(a, b).float(), atol=2e-2, rtol=1e-2)
     assert all(getattr(k, name).compiled is not None for name in ("norm_scale", "gated_residual", "swiglu"))
 
 
@@ -202,3 +202,59 @@ def test_one_code_object_for_every_signature_falls_back_to_eager(monkeypatch):
         assert k.compiled is None
     finally:
         torch._dynamo.reset()
+
+
+def _gate_up(dtype: torch.dtype, tokens: int = 37, hidden: int = 96, device: str = "cpu"):
+    g = torch.Generator().manual_seed(1)
+    gate, up = ((torch.randn(tokens, hidden, generator=g) * 4).to(dtype).to(device) for _ in range(2))
+    if dtype == torch.float16:                # 300 * silu(300) overflows fp16: clamped to 65504
+        gate[0, :2], up[0, :2] = 300.0, 300.0
+    return gate, up
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_swiglu_written_over_its_gate_gives_the_bits_of_the_product_in_a_new_tensor(dtype):
+    gate, up = _gate_up(dtype)
+    for into, plain in ((fused.swiglu_into_eager, swiglu_eager), (fused.swiglu_into, swiglu)):
+        buf = gate.clone()
+        out = into(buf, up)
+        assert out.data_ptr() == buf.data_ptr()
+        assert torch.equal(out, plain(gate, up))
+    assert Kernels(compiled=False).swiglu is fused.swiglu_into_eager and "swiglu" in fused.IN_PLACE
+
+
+@pytest.mark.cuda
+def test_the_compiled_swiglu_over_its_gate_gives_the_compiled_products_bits():
+    if not fused.compile_available():
+        pytest.skip("needs CUDA and Triton")
+    k = Kernels(compiled=True, hand=False)
+    plain = torch.compile(swiglu, fullgraph=True, dynamic=None)
+    for dtype in (torch.bfloat16, torch.float16):
+        gate, up = _gate_up(dtype, tokens=300, hidden=1024, device="cuda")
+        for n in (300, 77):
+            buf = gate[:n].clone()
+            assert torch.equal(k.swiglu(buf, up[:n]), plain(gate[:n], up[:n]))
+            assert torch.equal(buf, plain(gate[:n], up[:n]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_ffn_holds_two_hidden_tensors_at_most(compiled):
+    """w1's output takes the product and w3's goes before w2 runs: the FFN's peak is two
+    (tokens x hidden) tensors and its (tokens x dim) result, not three hidden tensors."""
+    if compiled and not fused.compile_available():
+        pytest.skip("needs Triton")
+    from newbie_core.models.dit.blocks import FeedForward
+    tokens, dim, hidden = 4096, 256, 2048
+    ff = FeedForward(dim, hidden).to("cuda", torch.bfloat16)
+    ff.kernels = Kernels(compiled=compiled, hand=False)
+    x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+    ff(x)                                             # compile and warm cuBLAS outside the measurement
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ff(x)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    one_hidden = tokens * hidden * 2
+    assert peak <= 2 * one_hidden + out.numel() * 2 + 2**20, f"{peak / one_hidden:.2f} hidden tensors live"

@@ -29,10 +29,14 @@ class FeedForward(nn.Module):
 
     def _swiglu(self, x: torch.Tensor, weights: tuple) -> torch.Tensor:
         """(T, dim) -> (T, dim); always 2-D, so a compiled product sees one dynamic dim.
-        ``weights``: w1, w3, w2 as ``Kernels.weights`` gives them."""
+        ``weights``: w1, w3, w2 as ``Kernels.weights`` gives them. The product is written over
+        w1's output (``Kernels.swiglu``), and w3's is let go before w2 runs: two (T, hidden)
+        tensors live at most, not three."""
         k = self.kernels
         gate, up = k.linears(x, weights[:2])
-        return k.linears(k.swiglu(gate, up), weights[2:])[0]
+        hidden = k.swiglu(gate, up)
+        del gate, up
+        return k.linears(hidden, weights[2:])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunk = self.token_chunk
@@ -84,4 +88,5 @@ class JointTransformerBlock(nn.Module):
         attn = self.attention(k.norm_scale(x, self.attention_norm1.weight, scale_a, eps), mask, cos, sin)
         # the attention's residual and the FFN's input norm in one pass over x
         x, h = k.residual_norm(x, attn, self.attention_norm2.weight, gate_a, self.ffn_norm1.weight, scale_f, eps)
+        del attn        # not live through the FFN, the block's peak (one (B, S, dim) tensor)
         return k.gated_residual(x, self.feed_forward(h), self.ffn_norm2.weight, gate_f, eps)

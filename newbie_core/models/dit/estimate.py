@@ -16,7 +16,7 @@ whole forward (RoPE cos/sin for three sequences, caption + image streams while p
                    + workspace               math: B*H*q*S*(2e+1) scores, softmax, mask
                                              efficient/flash: B*H*S*4 (log-sum-exp)
   ffn phase        = 3*B*S*D*e              residual, h, normed h
-                   + 3*f*F*e                w1 out, w3 out, silu(w1) * w3
+                   + 2*f*F*e                w1 out, w3 out (silu(w1) * w3 is written over w1's)
                    + f*D*e                  w2 chunk output
                    + B*S*D*e  (if f < B*S)  the output the chunks are written into
   fp8 compute      + 3*D*F + f*(D + F)       the FFN's e4m3 weights, and its inputs in e4m3
@@ -65,7 +65,7 @@ def estimate_activation_bytes(config: DiTConfig, batch: int, cap_tokens: int, im
     attention = (2 * b * s * d_model * e + b * s * (h + 2 * hkv) * hd * e + b * s * (h + hkv) * hd * e
                  + (b + 1) * s * h * hd * e + b * s * d_model * e + workspace)
     chunked_out = b * s * d_model * e if f < b * s else 0
-    ffn = 3 * b * s * d_model * e + 3 * f * f_dim * e + f * d_model * e + chunked_out
+    ffn = 3 * b * s * d_model * e + 2 * f * f_dim * e + f * d_model * e + chunked_out
     if fp8_compute:
         ffn += 3 * d_model * f_dim + f * (d_model + f_dim)
     packing = b * (cap_tokens + image_tokens + s) * d_model * e
