@@ -32,7 +32,7 @@ from newbie_core.models.dit import build_dit  # noqa: E402
 from newbie_core.models.gguf.dequant import block_geometry, dequantize  # noqa: E402
 from newbie_core.pipeline import MemorySettings, SamplingSettings, StorageDType, load_dit_handle  # noqa: E402
 from newbie_core.pipeline.sample import run_sampling  # noqa: E402
-from newbie_core.placement import Report  # noqa: E402
+from newbie_core.placement import Report, active_allocator, use_expandable_segments  # noqa: E402
 
 from lora_bench import _conds  # noqa: E402
 from row_timing import latent_drift, pinned_bandwidth, steady_steps  # noqa: E402
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
+    use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
         from make_gguf import main as make
         from newbie_core.tiny import build_tiny_checkpoints
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = pinned_bandwidth(device) if device.type == "cuda" else float("inf")
     base = sample_row(bf16, device, None, size, steps)
     stamp = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "allocator": active_allocator(device).value,
              "date": datetime.date.today().isoformat(), "bandwidth_gbps": bandwidth / 1e9}
     rows = []
     layer = sum(p.numel() for n, p in build_dit(load_dit_handle(bf16).ckpt.config, "meta").named_parameters()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from newbie_core.pipeline import StorageDType  # noqa: E402
-from newbie_core.placement import CudaCopyEngine  # noqa: E402
+from newbie_core.placement import CudaCopyEngine, use_expandable_segments  # noqa: E402
 from newbie_core.placement import session as placement_session  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
+    use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
         from newbie_core.tiny import build_tiny_checkpoints
         root = Path(tempfile.mkdtemp(prefix="throttle_"))

@@ -31,7 +31,7 @@ from newbie_core.pipeline import (MemorySettings, Models, SamplingSettings, Stor
                                   load_dit_handle, load_text_encoder_handle, load_vae_handle)
 from newbie_core.pipeline.sample import run_sampling  # noqa: E402
 from newbie_core.pipeline.encode import encode_texts  # noqa: E402
-from newbie_core.placement import HOST_CACHE, Report  # noqa: E402
+from newbie_core.placement import HOST_CACHE, Report, active_allocator, use_expandable_segments  # noqa: E402
 from newbie_core.prompt import prepare_texts  # noqa: E402
 from row_timing import (GB, PROMPT, latent_drift, load_models, pinned_bandwidth, run_row,  # noqa: E402
                         set_budget, summary, try_row)
@@ -357,6 +357,7 @@ def main() -> None:
         return smoke(args.out)
     if args.models is None:
         parser.error("--models is required (except with --smoke)")
+    use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     device = torch.device("cuda", torch.cuda.current_device())
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = pinned_bandwidth(device)
@@ -372,7 +373,8 @@ def main() -> None:
         return None
     steps = 6 if args.quick else args.steps
     budgets = [None, 2] if args.quick else [None, 16, 8, 4, 2]
-    stamp = {"machine": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat()}
+    stamp = {"machine": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
+             "allocator": active_allocator(device).value}
 
     def save(rows: list[dict], name: str = "results.json") -> None:   # after every group: a cut-short run keeps its rows
         clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **stamp} for r in rows]

@@ -226,7 +226,10 @@ def run_generate(args: argparse.Namespace, checked: CheckedArgs) -> int:
 
     from .pipeline import describe_plan, generate, stage_budget
     from .pipeline.fit import check_size_fits
+    from .placement import use_expandable_segments
 
+    # before the first CUDA allocation; PYTORCH_CUDA_ALLOC_CONF, when set, is the user's choice
+    use_expandable_segments()
     device = v.check_device(args.device, "--device")
     if args.fp8_compute:
         v.check_fp8_compute(device, "--fp8-compute")

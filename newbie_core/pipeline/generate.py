@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..placement import BudgetTooSmallError, Report, StagePlan, auto_budget
+from ..placement import BudgetTooSmallError, Report, StagePlan, active_allocator, auto_budget
 from ..prompt import AUTO_SYSTEM_PROMPT, EncoderTexts, WeightingMode, prepare_weighted_texts
 from ..sampling import validate_size
 from .encode import ENCODER_DTYPE, encode_texts, plan_gemma, plan_jina
@@ -164,4 +164,6 @@ def describe_plan(models: Models, request: GenerationRequest, device: torch.devi
     given = request.memory.link_gbps is not None
     parts = [p.render() for p in stages] + [describe_host(host, request.memory, device).render(link, disk, given)]
     header = f"device {device}, VRAM budget " + ("none (CPU)" if budget is None else f"{budget / 2**30:.2f} GiB")
+    if device.type == "cuda":     # its fragmentation is part of the activation estimates (placement/allocator.py)
+        header += f", allocator {active_allocator(device).value}"
     return "\n\n".join([header] + parts)

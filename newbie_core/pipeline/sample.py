@@ -20,7 +20,8 @@ from ..models.dit import (ActivationChunks, AttentionKernel, DiTConfig, NextDiT,
 from ..models.dit.fused import kernels
 from ..models.dit.estimate import joint_block_flops
 from ..placement.bandwidth import link_bandwidth, matmul_throughput
-from ..placement import HOST_CACHE, Report, StagePlan, StorageChoice, measure_stage, run_with_oom_retry, stage_guard
+from ..placement import (HOST_CACHE, Allocator, Report, StagePlan, StorageChoice, active_allocator, measure_stage,
+                         run_with_oom_retry, stage_guard)
 from ..sampling import (GuidanceConfig, GuidedVelocity, denormalize_latent, flow_sigmas, initial_noise,
                         noise_latent, normalize_latent, sample)
 from .conditioning import Conditioning, batch_conditionings
@@ -97,12 +98,13 @@ def chunk_candidates(memory: MemorySettings, batch: int, tokens: int) -> tuple[t
 
 # The live activations reserve more than the analytic sum of the largest tensors (estimate.py):
 # the allocator's per-size segments, inductor's buffers, cuDNN's workspace. Refitted on the H200
-# rows of 2026-12-02 (the fused forward; 1024² CFG bf16/fp8/fp16 at budgets none/4/2 GB, fp8
-# compute, 512² without CFG with graphs): those stage peaks need a factor of 1.38-1.79 on the
-# formula that no longer counts float32 RoPE temporaries or repeated K/V; 1.9 keeps every one of
-# them under its prediction (by 0.07-0.3 GB at 1024²; the old 2.2 on the old formula over-predicted
-# 0.26-0.28 GB there and chunked the fp8 2 GB row's FFN for nothing).
-DIT_ACTIVATION_FACTOR = 1.9
+# Reserved activation bytes per byte of the analytic count (estimate.py), per allocator
+# (placement/allocator.py says how they differ). Native: rows of 2026-12-02 (the fused forward;
+# 1024² CFG bf16/fp8/fp16 at budgets none/4/2 GB, fp8 compute, 512² without CFG with graphs) needed
+# 1.38-1.79 on the formula that no longer counts float32 RoPE temporaries or repeated K/V; 1.9 kept
+# every one of them under its prediction (by 0.07-0.3 GB at 1024²; the old 2.2 on the old formula
+# over-predicted 0.26-0.28 GB there and chunked the fp8 2 GB row's FFN for nothing).
+DIT_ACTIVATION_FACTOR = {Allocator.NATIVE: 1.9, Allocator.EXPANDABLE: 1.3, Allocator.ASYNC: 1.75}
 # With CUDA graphs the blocks' temporaries live in the graph pool and the code between blocks
 # (embedders, packing, RoPE tables, final layer) keeps its own cache beside it, plus one static
 # copy of each block input. Measured on an H200 (eager vs graphs, same plan): +0.06 GiB at 512²
@@ -130,15 +132,17 @@ def use_graphs(memory: MemorySettings, batch: int, tokens: int, device: torch.de
 
 def dit_activation_estimate(config: DiTConfig, batch: int, cap_tokens: int, image_tokens: int,
                             dtype: torch.dtype, device: torch.device,
-                            graphs: bool = False, fp8_compute: bool = False) -> Callable[[int | None, int | None], int]:
+                            graphs: bool = False, fp8_compute: bool = False,
+                            allocator: Allocator = Allocator.NATIVE) -> Callable[[int | None, int | None], int]:
     kernel = AttentionKernel.FLASH if device.type == "cuda" else AttentionKernel.MATH
     latent = batch * config.in_channels * image_tokens * config.patch_size ** 2 * 4   # fp32 x, v, denoised
     sequence = batch * (cap_tokens + image_tokens) * config.dim * dtype.itemsize
     graph_extra = GRAPH_FIXED_BYTES + GRAPH_SEQUENCE_FACTOR * sequence if graphs and device.type == "cuda" else 0
+    factor = DIT_ACTIVATION_FACTOR[allocator]
 
     def estimate(attn: int | None, ffn: int | None) -> int:
         act = estimate_activation_bytes(config, batch, cap_tokens, image_tokens, dtype, attn, ffn, kernel, fp8_compute)
-        return int(DIT_ACTIVATION_FACTOR * act) + 4 * latent + graph_extra
+        return int(factor * act) + 4 * latent + graph_extra
     return estimate
 
 
@@ -207,7 +211,7 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs,
-                                                 memory.fp8_compute),
+                                                 memory.fp8_compute, active_allocator(device)),
         chunk_candidates=candidates, transfer_chunks=transfer_chunks(candidates, batch, tokens), graphs=graphs,
         patches=patches, bandwidth=bandwidth, block_compute_s=block_compute_s, once=model.caption_blocks())
     return model, inputs, plan_for(model, inputs, budget, handle.ckpt.source)

@@ -8,9 +8,11 @@ It knows modules and bytes, not NewBie: a model plugs in through ``block_sequenc
   host-RAM cache, the copy stream and its events, GPU ring slots, fp8 upcast into bf16 slots.
 - runner (``runner``, ``session``): carries out a plan through the model's runner hook.
 - accounting and guard: measured peaks beside predictions; clean failure and OOM retry.
+- allocator: which CUDA allocator runs (its fragmentation shapes a plan's activation estimate).
 """
 
 from .accounting import Report, StageRecord, measure_stage
+from .allocator import Allocator, active_allocator, use_expandable_segments
 from .budget import GiB, MiB, auto_budget, fmt_bytes, parse_bytes, resolve_budget
 from .copy_engine import CudaCopyEngine, FakeCopyStream, ImmediateCopyEngine, StreamRaceError, make_engine
 from .fp8 import dequantize, quantize
@@ -23,7 +25,7 @@ from .session import (ResidentModules, StreamingSession, block_layouts, block_si
                       stream_blocks)
 
 __all__ = [
-    "BlockLayout", "BlockSize", "BudgetTooSmallError", "CacheKey", "CudaCopyEngine", "FakeCopyStream", "GiB",
+    "Allocator", "active_allocator", "use_expandable_segments", "BlockLayout", "BlockSize", "BudgetTooSmallError", "CacheKey", "CudaCopyEngine", "FakeCopyStream", "GiB",
     "HOST_CACHE", "HostBlockStore", "HostCache", "HostMode", "ImmediateCopyEngine", "MiB", "Plan",
     "PlacementOOMError", "Report", "ResidentModules", "StagePlan", "StageRecord", "Storage", "StorageChoice",
     "StreamRaceError", "StreamingSession", "auto_budget", "block_layouts", "block_sizes", "cache_key",
