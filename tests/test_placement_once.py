@@ -123,3 +123,20 @@ def test_the_planner_spends_residency_on_the_blocks_every_forward_runs():
     assert "run once per stage" in partial[0].render()
     with pytest.raises(ValueError, match="once blocks"):
         plan_stage("toy", sizes, 2**40, once=(12,))
+
+
+def test_a_once_block_in_compute_layout_copies_straight_into_its_slot(resyncs):
+    """A GGUF file's F16 caption refiners among packed blocks: the prologue's compute-layout
+    blocks go straight into their slot, so the staging buffers hold only the cycle's fp8 (or
+    packed) blocks, smaller than a compute-layout block; streamed == resident, bit for bit."""
+    model = PrologueToy()
+    mixed = (Storage.BF16, Storage.BF16) + (Storage.FP8,) * 4
+    everything = _once_plan(model, tuple(range(6)), storage=Storage.FP8)
+    resident, _ = _run(model, dataclasses.replace(everything, storage=mixed), [7, 8], steps=3)
+    plan = _once_plan(model, resident=(), slots=2, storage=Storage.FP8)
+    sizes = block_sizes(model)
+    plan = dataclasses.replace(plan, storage=mixed, staging_bytes=max(sizes[i].fp8_bytes for i in range(2, 6)))
+    assert plan.staging_bytes < sizes[0].compute_bytes
+    streamed, session = _run(model, plan, [7, 8], steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(resident, streamed))
+    assert resyncs == [0], "the second conditioning's prologue is the one resync"

@@ -142,3 +142,30 @@ def test_allocator_model():
     assert parse_bytes("6GiB") == 6 * GiB and parse_bytes("1.5 GB") == 1_500_000_000
     with pytest.raises(ValueError, match="GiB"):
         parse_bytes("lots")
+
+
+def test_blocks_stored_in_compute_layout_among_packed_ones_go_resident_first_and_stay_as_stored():
+    """A GGUF DiT's F16 refiners (stored bytes = compute bytes) among Q4_K layers: residency goes
+    to them first, a resident one is kept (no decode, no slot), and once none of those that run
+    per forward streams, staging shrinks to the packed blocks' size. The once ones (caption
+    refiners) copy straight into their slot and never size staging."""
+    full, packed = 40 * MiB, 12 * MiB
+    plain = {0, 1, 2, 3}            # 0, 1 run once; 2, 3 every forward
+    blocks = [BlockSize(f"b{i}", full, full // 2, full if i in plain else packed) for i in range(12)]
+    def plan(budget):
+        return plan_stage("s", blocks, budget, storage="packed", once=(0, 1),
+                          activation_bytes=lambda a, f: 100 * MiB)
+    budget = plan(2**40).predicted_peak
+    small = plan(budget)
+    while len(small.resident) > 4:                       # walk down to a plan with a few residents
+        budget -= 4 * MiB
+        small = plan(budget)
+    assert len(small.resident) >= 2 and {2, 3} <= set(small.resident) and {2, 3} <= set(small.materialized)
+    assert not {2, 3} & set(small.ring_blocks) and not {0, 1} & set(small.resident)
+    assert small.staging_bytes == packed
+    fewer = plan(small.predicted_peak - 1)
+    while len(fewer.resident) >= 2:
+        fewer = plan(fewer.predicted_peak - 1)
+    # with a plain block streaming, staging must hold it: one plain block resident would cost more
+    # than both, so the next plan down keeps none
+    assert fewer.resident == () and fewer.staging_bytes == full

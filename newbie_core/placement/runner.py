@@ -30,7 +30,10 @@ runner makes sure positions up to ``p + depth`` were issued. Issuing position ``
    copy stream for the compute that last read the slot, and behind the two caption refiners,
    whose compute is tiny, compute then waited for each refiner's bytes (measured on an H200 at
    1024² CFG, Q8_0 under 2 GB: 5.15 ms a step of copy waits, 0.005 ms through staging). The
-   planner sizes staging by the largest streamed block's stored bytes, so it holds them.
+   planner sizes staging by the largest such block's stored bytes, so it holds them. A prologue
+   block stored in compute layout (a GGUF file's F16 caption refiners) is copied straight into
+   its slot: it runs once per conditioning, so its wait is paid once, and the staging buffers
+   need not hold it.
 
 Blocks that run once per stage (``plan.once``, e.g. a DiT's caption refiners, whose output the
 sampler keeps for every step) form a *prologue* ahead of the cycle: positions ``0 .. O-1`` are
@@ -91,9 +94,10 @@ class StreamingRunner:
         self.upcast = upcast                     # owned (and released) by the session
         self._ready = dict(ready or {})          # resident block -> its copy event, until first use
         self._upcast = [layout.needs_upcast for layout in self.storage]
-        # (4): in a ring with staging buffers every streamed block's copy lands there
+        # (4): in a ring with staging buffers every cycle block's copy lands there
         staging_bytes = ring.staging[0].numel() if ring is not None and ring.staging else 0
-        self._through_staging = [bool(staging_bytes) or up for up in self._upcast]
+        once = set(self.prologue)
+        self._through_staging = [up or (bool(staging_bytes) and i not in once) for i, up in enumerate(self._upcast)]
         self.graphs = graphs
         if graphs is not None:
             graphs.new_forward()

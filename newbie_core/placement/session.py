@@ -149,15 +149,18 @@ class StreamingSession:
         lazy = not any(self.layouts[i].storage.needs_upcast for i in plan.resident)
         ready: dict[int, object] = {}
         staging = None
-        if materialized:   # fp8 bytes land here, then are upcast into the block's own buffer
-            staging = torch.empty(max(self.layouts[i].storage.nbytes for i in materialized),
+        # fp8 or packed bytes land here, then are upcast into the block's own buffer; a block
+        # stored in compute layout is copied straight into it
+        decoded = {i for i in materialized if self.layouts[i].storage.needs_upcast}
+        if decoded:
+            staging = torch.empty(max(self.layouts[i].storage.nbytes for i in decoded),
                                   dtype=torch.uint8, device=self.device)
         for i in plan.resident:
             layouts = self.layouts[i]
             size = layouts.compute.nbytes if i in materialized else layouts.storage.nbytes
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             host = self.store.acquire(i, self.engine)
-            if i in materialized:   # copy, then upcast on the main stream; the next copy waits for it
+            if i in decoded:   # copy, then upcast on the main stream; the next copy waits for it
                 src = staging[: layouts.storage.nbytes]
                 self.engine.copy(src, host)
                 self.engine.main_wait(self.engine.side_record())
