@@ -104,7 +104,7 @@ def chunk_candidates(memory: MemorySettings, batch: int, tokens: int) -> tuple[t
 # 1.38-1.79 on the formula that no longer counts float32 RoPE temporaries or repeated K/V; 1.9 kept
 # every one of them under its prediction (by 0.07-0.3 GB at 1024²; the old 2.2 on the old formula
 # over-predicted 0.26-0.28 GB there and chunked the fp8 2 GB row's FFN for nothing).
-DIT_ACTIVATION_FACTOR = {Allocator.NATIVE: 1.9, Allocator.EXPANDABLE: 1.3, Allocator.ASYNC: 1.75}
+DIT_ACTIVATION_FACTOR = {Allocator.NATIVE: 2.1, Allocator.EXPANDABLE: 1.35, Allocator.ASYNC: 1.8}
 # With CUDA graphs the blocks' temporaries live in the graph pool and the code between blocks
 # (embedders, packing, RoPE tables, final layer) keeps its own cache beside it, plus one static
 # copy of each block input. Measured on an H200 (eager vs graphs, same plan): +0.06 GiB at 512²
