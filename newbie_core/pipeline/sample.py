@@ -99,11 +99,12 @@ def chunk_candidates(memory: MemorySettings, batch: int, tokens: int) -> tuple[t
 # The live activations reserve more than the analytic sum of the largest tensors (estimate.py):
 # the allocator's per-size segments, inductor's buffers, cuDNN's workspace. Refitted on the H200
 # Reserved activation bytes per byte of the analytic count (estimate.py), per allocator
-# (placement/allocator.py says how they differ). Native: rows of 2026-12-02 (the fused forward;
-# 1024² CFG bf16/fp8/fp16 at budgets none/4/2 GB, fp8 compute, 512² without CFG with graphs) needed
-# 1.38-1.79 on the formula that no longer counts float32 RoPE temporaries or repeated K/V; 1.9 kept
-# every one of them under its prediction (by 0.07-0.3 GB at 1024²; the old 2.2 on the old formula
-# over-predicted 0.26-0.28 GB there and chunked the fp8 2 GB row's FFN for nothing).
+# (placement/allocator.py says how they differ). Measured on an H200 on 2026-12-03 with the
+# in-place FFN (bench/activation_memory.py; 1024² CFG fp8 and Q4_K under 2 GB, bf16 resident,
+# and 512² CFG fp8 under 2 GB with CUDA graphs), every stage peak stayed under its prediction:
+# native by 148-174 MiB at 1024² and 106 MiB at 512², expandable segments by 126-164 and 49,
+# cudaMallocAsync by 156-218 at 1024² (its 512² graph row was not measured). The native factor
+# was 1.9 on the old formula, which counted a third (tokens x ffn) tensor (1.38-1.79 needed then).
 DIT_ACTIVATION_FACTOR = {Allocator.NATIVE: 2.1, Allocator.EXPANDABLE: 1.35, Allocator.ASYNC: 1.8}
 # With CUDA graphs the blocks' temporaries live in the graph pool and the code between blocks
 # (embedders, packing, RoPE tables, final layer) keeps its own cache beside it, plus one static
