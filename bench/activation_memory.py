@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
 import os
 import subprocess
@@ -35,7 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from newbie_core.models.dit import build_dit  # noqa: E402
 from newbie_core.pipeline import StorageDType  # noqa: E402
+from newbie_core.pipeline.placed import packed_spec  # noqa: E402
+from newbie_core.placement import block_sizes  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
 
@@ -76,6 +80,19 @@ def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, list[tuple[str, 
     return peak, sorted(((s, b, n) for s, (b, n) in sites.items()), key=lambda r: -r[1])
 
 
+def plan_bytes(handle, plan, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """What the plan copies, MB: the resident uploads, the once blocks, every forward's streamed
+    blocks, and the prefetch past the last step. A run of ``n`` steps copies upload + once +
+    n x per_forward + ahead, which the runner's counter (``bytes_h2d``) matches to the byte."""
+    model = build_dit(handle.ckpt.config, "meta", dtype)
+    sizes = block_sizes(model, dtype, packed=packed_spec(model, handle.ckpt.source))
+    stored = [s.storage_bytes(kind) for s, kind in zip(sizes, plan.storage)]
+    ahead = [i for i in plan.cycle_blocks[: plan.prefetch_depth + 1] if i not in plan.resident]
+    return {k: sum(stored[i] for i in blocks) / 1e6 for k, blocks in (
+        ("upload_mb", plan.resident), ("once_mb", [i for i in plan.streamed if i in plan.once]),
+        ("per_forward_mb", plan.streamed_per_forward), ("ahead_mb", ahead))}
+
+
 def one_run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     history = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").find("cudaMallocAsync") < 0
@@ -84,14 +101,15 @@ def one_run(args: argparse.Namespace) -> dict:
     storage = StorageDType.FP8 if args.storage == "fp8" else StorageDType.BF16
     row = sample_row(Path(args.root) / "diffusion_models" / args.file, device, args.budget, args.size, args.steps,
                      storage=storage)
-    out = {"file": args.file, "storage": args.storage, "budget_gb": args.budget, "size": args.size,
+    out = {"machine": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
+           "file": args.file, "storage": args.storage, "budget_gb": args.budget, "size": args.size,
            "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "native",
            "s_per_step": row["s_per_step"], "s_step_min": row["s_step_min"], "s_step_max": row["s_step_max"],
            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB,
            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,
            "stage_peak_reserved_gib": row["peak_reserved_gb"], "predicted_peak_gib": row["predicted_peak_gb"],
            "resident_blocks": row["resident_blocks"], "chunks": row["chunks"],
-           "bytes_h2d_per_step": row["bytes_h2d_per_step"]}
+           "bytes_h2d_per_step": row["bytes_h2d_per_step"], **plan_bytes(row["_handle"], row["_plan"])}
     if history:
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)

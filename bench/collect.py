@@ -12,7 +12,7 @@ A visit that re-measured only the GGUF rows (with a few peers beside them) and/o
 leaves the other files alone:
 
     python bench/collect.py --gguf OUT/gguf.json --gguf-peers OUT/p/peers.json --gguf-note "..." \
-        --host-ram OUT/host_ram.json
+        --host-ram OUT/host_ram.json --activation OUT/act_*.json
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="without --final: peers.json of the visit that re-ran only the GGUF rows")
     ap.add_argument("--gguf-note", help="what changed for the GGUF rows, shown under their table")
     ap.add_argument("--host-ram", type=Path)
+    ap.add_argument("--activation", type=Path, nargs="+", help="activation_memory.py's --out files")
     ap.add_argument("--lora", type=Path)
     ap.add_argument("--soak", type=Path, help="soak.log (or soak.json)")
     ap.add_argument("--parts", type=Path, help="forward_bench --parts log (fused rows)")
@@ -132,9 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     here = args.into
     if args.final is None:
-        if not (args.gguf or args.host_ram):
-            ap.error("give --final and --peers (a whole visit), or --gguf / --host-ram alone (a partial visit)")
-        collect_partial(here, args.gguf, args.host_ram, args.gguf_peers, args.gguf_note, args.commands)
+        if not (args.gguf or args.host_ram or args.activation):
+            ap.error("give --final and --peers (a whole visit), or --gguf / --host-ram / --activation alone "
+                     "(a partial visit)")
+        collect_partial(here, args.gguf, args.host_ram, args.gguf_peers, args.gguf_note, args.commands,
+                        args.activation)
         return
     if args.peers is None:
         ap.error("--final needs --peers: every speed figure sits beside the peers of its visit")
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         write_gguf(here, args.gguf, {"visit": stamp["visit"]})
     if args.host_ram:
         write_host_ram(here, args.host_ram, stamp)
+    if args.activation:
+        write_activation(here, args.activation, stamp)
     if args.lora:
         (here / "lora.json").write_text(json.dumps({"rows": json.loads(args.lora.read_text()), **stamp}, indent=1) + "\n")
     if args.throttle:
@@ -218,19 +223,29 @@ def write_host_ram(here: Path, path: Path, stamp: dict) -> None:
     (here / "host_ram.json").write_text(json.dumps({"rows": rows, **stamp}, indent=1) + "\n")
 
 
+def write_activation(here: Path, files: list[Path], stamp: dict, top: int = 8) -> None:
+    """activation_memory.json: every run of the files, with the ``top`` largest allocating sites
+    at each run's peak."""
+    rows = [{**r, **({"live_at_peak": r["live_at_peak"][:top]} if "live_at_peak" in r else {})}
+            for path in files for r in json.loads(path.read_text())]
+    (here / "activation_memory.json").write_text(json.dumps({"rows": rows, **stamp}, indent=1) + "\n")
+
+
 def collect_partial(here: Path, gguf: Path | None, host_ram: Path | None, peers: Path | None, note: str | None,
-                    commands: list[str]) -> None:
+                    commands: list[str], activation: list[Path] | None = None) -> None:
     """A visit that ran only the GGUF rows and/or host-RAM rows: gguf.json / host_ram.json, and in
     extra.json the peers it ran beside the GGUF rows (``gguf_peers``), its note and commands.
     Every other file stays as the last whole visit left it."""
     visit = datetime.now(timezone.utc).isoformat(timespec="minutes")
-    first = next((r for r in json.loads((gguf or host_ram).read_text()) if "machine" in r), {})
+    first = next((r for r in json.loads((gguf or host_ram or activation[0]).read_text()) if "machine" in r), {})
     stamp = {"date": first.get("date", visit[:10]), "machine": first.get("machine", "GPU"), "visit": visit,
              "visit_label": f"partial visit {visit}"}
     if gguf:
         write_gguf(here, gguf, stamp)
     if host_ram:
         write_host_ram(here, host_ram, stamp)
+    if activation:
+        write_activation(here, activation, stamp)
     if not gguf:
         return
     extra_path = here / "extra.json"

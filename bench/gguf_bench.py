@@ -62,7 +62,8 @@ def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: 
             "peak_reserved_gb": (record.peak_reserved or 0) / GB, "predicted_peak_gb": (record.predicted_peak or 0) / GB,
             "bytes_h2d_per_step": record.bytes_h2d / steps, "resident_blocks": len(plan.resident),
             "predicted_step_s": plan.predicted_step_s,
-            "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk], "_latent": result.latent}
+            "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk], "_latent": result.latent,
+            "_plan": plan, "_handle": handle}
 
 
 def dequant_ms_per_layer(device: torch.device, qtype: T, elements: int) -> float:
