@@ -267,7 +267,8 @@ class _Ctx:
             resident=resident, storage=tuple(kind for _ in self.blocks), slots=slots,
             prefetch_depth=max(0, slots - 1), slot_bytes=slot_bytes, staging_bytes=staging,
             attn_chunk=attn, ffn_chunk=ffn, predicted_peak=peak, breakdown=breakdown,
-            reason=self.reason(kind, n_resident, slots, chunk, len(kept)), predicted_step_s=step, materialized=kept,
+            reason=self.reason(kind, n_resident, slots, chunk, len(decoded), len(kept) - len(decoded)),
+            predicted_step_s=step, materialized=kept,
             bandwidth=self.bandwidth, block_compute_s=self.compute_s, once=tuple(sorted(self.once)))
 
     def predict_time(self, kind: Storage, streamed: Sequence[int]) -> float | None:
@@ -277,7 +278,8 @@ class _Ctx:
                       for i in streamed if i not in self.once)
         return len(self.steady) * self.compute_s + exposed
 
-    def reason(self, kind: Storage, n_resident: int, slots: int, chunk: int, n_materialized: int = 0) -> str:
+    def reason(self, kind: Storage, n_resident: int, slots: int, chunk: int, n_materialized: int = 0,
+               n_plain: int = 0) -> str:
         parts = []
         if n_resident == self.n:
             parts.append(f"all {self.n} blocks fit resident")
@@ -288,16 +290,17 @@ class _Ctx:
             parts.append(f"all {self.n} blocks stream")
         if self.once and n_resident < self.n:
             parts.append(f"{len(self.once)} block(s) run once per stage and stream once, ahead of the forwards")
-        if kind is Storage.FP8 and n_materialized == self.n:
+        if kind is Storage.FP8 and n_materialized + n_plain == self.n:
             parts.append("fp8 storage, but every block fits at compute dtype: upcast once when placed")
         elif kind is Storage.FP8:
             parts.append("fp8 storage halves transfer and resident bytes; upcast into a bf16 slot per use"
                          + (f" ({n_materialized} resident blocks upcast once instead)" if n_materialized else ""))
-        elif kind is Storage.PACKED and n_materialized == self.n:
+        elif kind is Storage.PACKED and n_materialized + n_plain == self.n:
             parts.append("packed (quantised) storage, but every block fits at compute dtype: decoded once when placed")
         elif kind is Storage.PACKED:
             parts.append("packed (quantised) storage moves and keeps the file's bytes; decoded into a slot per use"
-                         + (f" ({n_materialized} resident blocks decoded once instead)" if n_materialized else ""))
+                         + (f" ({n_materialized} resident blocks decoded once instead)" if n_materialized else "")
+                         + (f"; {n_plain} resident block(s) stored unquantised, kept as stored" if n_plain else ""))
         if self.transfer_bound(kind) and n_resident < self.n:
             parts.append("copies are slower than compute here, so chunks shrank before residents")
         if chunk:
