@@ -95,6 +95,50 @@ def throttle_section() -> list[str]:
     return out
 
 
+def activation_section() -> list[str]:
+    """Where a small budget's peak goes, per allocator (bench/activation_memory.json), and what
+    each run's plan copies: the Q4_K against fp8 bytes under each allocator's plan."""
+    doc = _load("activation_memory.json")
+    if not doc:
+        return []
+    rows = [r for r in doc["rows"] if "error" not in r]
+    out = ["", f"## Allocators and activation memory (`bench/activation_memory.py`, {doc['date']}, {_visit(doc)})", "",
+           "The sampling stage of one file for 4 steps with torch's allocator history on (step times carry its "
+           "cost: not speed rows), each allocator in a fresh process. Peaks in MiB: live (allocated) and reserved "
+           "(what a budget counts), beside the plan's prediction. Each allocator gets its own plan "
+           "(placement/allocator.py), so the resident blocks differ. MB/forward = what every step copies; "
+           "MB/step (28 steps) adds the one-time uploads and once blocks spread over a 28-step generation.", "",
+           "| file | storage | budget GB | size | allocator | resident | live peak | reserved peak | predicted | "
+           "under prediction by | MB/forward | MB/step (28 steps) |", "|" + "---|" * 12]
+    for r in rows:
+        reserved, predicted = 1024 * r["peak_reserved_gib"], 1024 * r["predicted_peak_gib"]
+        per28 = (r["upload_mb"] + r["once_mb"] + 28 * r["per_forward_mb"] + r["ahead_mb"]) / 28
+        storage = f"gguf-{r['file'].rsplit('-', 1)[-1][:-5].lower()}" if r["file"].endswith(".gguf") else r["storage"]
+        out.append(f"| {r['file'].removeprefix('NewBie-Image-Exp0.1-')} | {storage} | {r['budget_gb'] or 'none'} | "
+                   f"{r['size']}² | {r['allocator']} | {r['resident_blocks']} | {1024 * r['peak_allocated_gib']:.0f} | "
+                   f"{reserved:.0f} | {predicted:.0f} | {predicted - reserved:.0f} | {r['per_forward_mb']:.0f} | {per28:.0f} |")
+    pairs = {}
+    for r in rows:
+        if r["budget_gb"] == 2 and r["size"] == 1024:
+            kind = "Q4_K" if "Q4_K" in r["file"] else "fp8" if r["storage"] == "fp8" else None
+            if kind:
+                pairs.setdefault(r["allocator"], {})[kind] = r["per_forward_mb"]
+    ratios = [f"{a}: {p['Q4_K']:.0f} against {p['fp8']:.0f} MB, **{p['Q4_K'] / p['fp8']:.2f}×**"
+              for a, p in pairs.items() if {"Q4_K", "fp8"} <= set(p)]
+    if ratios:
+        out += ["", "Q4_K against fp8 under 2 GB at 1024² CFG, bytes every step copies, each allocator's plan: "
+                + "; ".join(ratios) + "."]
+    site_rows = [r for r in rows if r.get("live_at_peak")]
+    if site_rows:
+        r = site_rows[0]
+        out += ["", f"What is live at the peak of the first run ({r['file'].removeprefix('NewBie-Image-Exp0.1-')}, "
+                f"{r['storage']}, {r['budget_gb']} GB, {r['allocator']}), by the line that allocated it:", "",
+                "| MiB | tensors | allocated at |", "|---|---|---|"]
+        out += [f"| {s['mib']} | {s['n']} | `{s['site']}` |" for s in r["live_at_peak"]]
+    out += [line for note in doc.get("notes", []) for line in ("", note)]
+    return out
+
+
 def small_pc_sections() -> list[str]:
     """GGUF rows, host-RAM rows, the LoRA cost and the soak (issues 11-13)."""
     out = []
@@ -129,6 +173,7 @@ def small_pc_sections() -> list[str]:
                            f"({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {tflops} | {r['peak_reserved_gb']:.2f} |")
         if extra.get("gguf_commands"):
             out += ["", "This partial visit's commands:", ""] + [f"    {c}" for c in extra["gguf_commands"]]
+    out += activation_section()
     out += decode_section(extra)
     ram = _load("host_ram.json")
     if ram:
