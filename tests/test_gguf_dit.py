@@ -190,3 +190,32 @@ def test_planner_sizes_packed_blocks_by_their_packed_bytes(tmp_path):
     tight = plan_stage("toy", sizes, N_BLOCKS * (2 * 2**20) + 2 * 20 * 2**20 + 40 * 2**20, storage="packed")
     assert "packed" in tight.render()
     assert per_block * N_BLOCKS < sum(s.compute_bytes for s in sizes) / 3
+
+
+def test_unquantised_blocks_among_packed_ones_stay_resident_as_stored_and_stream_bitwise(tmp_path):
+    """Blocks 1 and 4 all F16 among Q8_0 ones (a GGUF DiT's refiners): the planner keeps them
+    resident first, as stored (no decode, no ring slot); the run equals the all-resident one."""
+    model = ToyModel()
+    tensors, types = {}, {}
+    for name, block in model.block_sequence():
+        for k, v in block.named_parameters():
+            key = f"{name}.{k}"
+            tensors[key] = v.detach()
+            plain = name.endswith((".1", ".4")) or v.ndim == 1 or v.shape[-1] % GGML_QUANT_SIZES[T.Q8_0][0]
+            types[key] = (T.F32 if v.ndim == 1 else T.F16) if plain else T.Q8_0
+    source = GGUFSource(write_gguf(tmp_path / "toy-mixed.gguf", "toy", tensors, types))
+    spec = packed_spec(model, source)
+    sizes = block_sizes(model, packed=spec)
+    assert sizes[1].packed_bytes == sizes[1].compute_bytes > sizes[0].packed_bytes
+    everything = tuple(range(N_BLOCKS))
+    ref, _ = packed_run(model, packed_plan(model, spec, everything, 2, 1, materialized=everything), source, spec,
+                        steps=2)
+    budget = plan_stage("toy", sizes, 2**40, storage="packed").predicted_peak
+    plan = plan_stage("toy", sizes, budget, storage="packed")
+    while len(plan.resident) > 2:
+        budget -= 2**20
+        plan = plan_stage("toy", sizes, budget, storage="packed")
+    assert plan.resident == (1, 4) and plan.materialized == (1, 4) and not {1, 4} & set(plan.ring_blocks)
+    assert plan.staging_bytes == max(sizes[i].packed_bytes for i in plan.streamed)
+    outs, session = packed_run(model, plan, source, spec, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(ref, outs))

@@ -97,11 +97,11 @@ def chunk_candidates(memory: MemorySettings, batch: int, tokens: int) -> tuple[t
 
 
 # The live activations reserve more than the analytic sum of the largest tensors (estimate.py):
-# the allocator's per-size segments, inductor's buffers, cuDNN's workspace. Refitted on the H200
-# Reserved activation bytes per byte of the analytic count (estimate.py), per allocator
-# (placement/allocator.py says how they differ). Measured on an H200 on 2026-12-03 with the
-# in-place FFN (bench/activation_memory.py; 1024² CFG fp8 and Q4_K under 2 GB, bf16 resident,
-# and 512² CFG fp8 under 2 GB with CUDA graphs), every stage peak stayed under its prediction:
+# the allocator's segments, inductor's buffers, cuDNN's workspace. So the estimate is the count
+# times a factor per allocator (placement/allocator.py says how they differ). Measured on an
+# H200 on 2026-12-03 with the in-place FFN (bench/activation_memory.py; 1024² CFG fp8 and Q4_K
+# under 2 GB, bf16 resident, 512² CFG fp8 under 2 GB with CUDA graphs), every stage peak stayed
+# under its prediction:
 # native by 148-174 MiB at 1024² and 106 MiB at 512², expandable segments by 126-164 and 49,
 # cudaMallocAsync by 156-218 at 1024² (its 512² graph row was not measured). The native factor
 # was 1.9 on the old formula, which counted a third (tokens x ffn) tensor (1.38-1.79 needed then).

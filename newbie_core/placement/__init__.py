@@ -25,7 +25,8 @@ from .session import (ResidentModules, StreamingSession, block_layouts, block_si
                       stream_blocks)
 
 __all__ = [
-    "Allocator", "active_allocator", "use_expandable_segments", "BlockLayout", "BlockSize", "BudgetTooSmallError", "CacheKey", "CudaCopyEngine", "FakeCopyStream", "GiB",
+    "Allocator", "BlockLayout", "BlockSize", "BudgetTooSmallError", "CacheKey", "CudaCopyEngine", "FakeCopyStream",
+    "GiB", "active_allocator", "use_expandable_segments",
     "HOST_CACHE", "HostBlockStore", "HostCache", "HostMode", "ImmediateCopyEngine", "MiB", "Plan",
     "PlacementOOMError", "Report", "ResidentModules", "StagePlan", "StageRecord", "Storage", "StorageChoice",
     "StreamRaceError", "StreamingSession", "auto_budget", "block_layouts", "block_sizes", "cache_key",

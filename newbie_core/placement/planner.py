@@ -52,7 +52,7 @@ Decisions, and why:
   stored (no decode, no ring slot). Resident, any block saves per step the bytes it holds; these
   also size the staging buffers while any of them streams through the ring, so once every one
   that runs per forward is resident the staging shrinks to the quantised blocks' size (Q4_K
-  under 2 GB: 2 x 120 MiB less). Those that run once copy straight into their slot (runner.py),
+  under 2 GB: 120 MiB less per slot). Those that run once copy straight into their slot (runner.py),
   so they never size the staging.
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
   for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on a
