@@ -169,3 +169,11 @@ def test_blocks_stored_in_compute_layout_among_packed_ones_go_resident_first_and
     # with a plain block streaming, staging must hold it: one plain block resident would cost more
     # than both, so the next plan down keeps none
     assert fewer.resident == () and fewer.staging_bytes == full
+
+
+def test_a_plan_names_the_allocator_its_activations_were_estimated_for():
+    blocks = [BlockSize(f"b{i}", 10 * MiB) for i in range(4)]
+    assert "allocator planned for" not in plan_stage("s", blocks, 2**40).render()
+    plan = plan_stage("s", blocks, 2**40, allocator="cudaMallocAsync")
+    line = next(row for row in plan.render().splitlines() if row.startswith("allocator planned for"))
+    assert plan.allocator == "cudaMallocAsync" and line.split()[-1] == "cudaMallocAsync"

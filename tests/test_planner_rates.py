@@ -231,6 +231,16 @@ def test_plan_sampling_on_cuda_uses_the_measured_link_and_a_joint_block_over_the
     assert inputs.block_compute_s == pytest.approx(flops / rate, rel=1e-12)
     # all resident: no copies; the caption refiners run once per stage, not per forward
     assert plan.once and plan.predicted_step_s == pytest.approx((plan.n_blocks - len(plan.once)) * flops / rate)
+    assert plan.allocator == inputs.allocator == "native", "a CUDA plan made on a CPU box assumes the native allocator"
+
+
+def test_plan_sampling_estimates_the_activations_for_the_allocator_that_runs(tiny_models, monkeypatch):
+    from newbie_core.placement import Allocator
+    native = _plan_on_fake_cuda(tiny_models, monkeypatch, MemorySettings())[0]
+    monkeypatch.setattr(sample, "active_allocator", lambda device: Allocator.EXPANDABLE)
+    expandable = _plan_on_fake_cuda(tiny_models, monkeypatch, MemorySettings())[0]
+    assert expandable.allocator == "expandable"
+    assert expandable.activation_bytes(None, None) < native.activation_bytes(None, None)
 
 
 def test_the_users_link_figure_replaces_the_measurement_and_fp8_compute_uses_the_e4m3_rate(tiny_models,

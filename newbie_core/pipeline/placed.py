@@ -190,6 +190,7 @@ class PlacementInputs:
     # Blocks that run once per stage, not per forward (the DiT's caption refiners, whose output
     # the sampler keeps: refined_caption.py); the planner streams them once.
     once: tuple[str, ...] = ()
+    allocator: str | None = None          # the CUDA allocator activation_bytes was estimated for
 
 
 def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorSource | None = None) -> StagePlan:
@@ -204,7 +205,8 @@ def plan_for(model, inputs: PlacementInputs, budget: int | None, source: TensorS
                       chunk_candidates=inputs.chunk_candidates, transfer_chunks=inputs.transfer_chunks,
                       storage=inputs.storage,
                       bandwidth=inputs.bandwidth, block_compute_s=inputs.block_compute_s,
-                      activations_in_own_pool=inputs.graphs, once=[index[name] for name in inputs.once])
+                      activations_in_own_pool=inputs.graphs, once=[index[name] for name in inputs.once],
+                      allocator=inputs.allocator)
 
 
 @contextmanager

@@ -208,13 +208,15 @@ def plan_sampling(handle: DiTHandle, memory: MemorySettings, batch: int, cap_tok
     graphs = use_graphs(memory, batch, tokens, device)
     candidates = chunk_candidates(memory, batch, tokens)
     bandwidth, block_compute_s = block_rates(config, memory, batch, tokens, dtype, device)
+    allocator = active_allocator(device)
     inputs = PlacementInputs(
         stage="sample", files=tuple(handle.files), storage=_storage(handle, memory), compute_dtype=dtype,
         always_resident_bytes=small,
         activation_bytes=dit_activation_estimate(config, batch, cap_tokens, image_tokens, dtype, device, graphs,
-                                                 memory.fp8_compute, active_allocator(device)),
+                                                 memory.fp8_compute, allocator),
         chunk_candidates=candidates, transfer_chunks=transfer_chunks(candidates, batch, tokens), graphs=graphs,
-        patches=patches, bandwidth=bandwidth, block_compute_s=block_compute_s, once=model.caption_blocks())
+        patches=patches, bandwidth=bandwidth, block_compute_s=block_compute_s, once=model.caption_blocks(),
+        allocator=allocator.value if device.type == "cuda" else None)
     return model, inputs, plan_for(model, inputs, budget, handle.ckpt.source)
 
 

@@ -69,7 +69,9 @@ class StagePlan:
     made with, None where the caller had none; with both, ``predicted_step_s`` is known.
     ``once`` blocks run once per stage, before the forwards that repeat (the caller keeps their
     output, e.g. a DiT's caption refiners, which see the conditioning alone): they stream through
-    the ring once, ahead of the cycle, and are resident only when every block is.
+    the ring once, ahead of the cycle, and are resident only when every block is. ``allocator``
+    names the CUDA allocator the activation estimate was made for (allocator.py), None where the
+    caller gave none.
     """
     stage: str
     budget: int
@@ -90,6 +92,7 @@ class StagePlan:
     bandwidth: float | None = None
     block_compute_s: float | None = None
     once: tuple[int, ...] = ()
+    allocator: str | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -147,6 +150,8 @@ class StagePlan:
             rows.append(("run once per stage", f"{_ranges(self.once)} (output kept for every forward; "
                                                + ("resident" if set(self.once) <= set(self.resident)
                                                   else "streamed once") + ")"))
+        if self.allocator is not None:
+            rows.append(("allocator planned for", self.allocator))
         if self.bandwidth is not None and self.block_compute_s is not None:
             rows.append(("rates planned with", f"link {self.bandwidth / 1e9:.1f} GB/s, compute "
                                                f"{self.block_compute_s * 1e3:.2f} ms per block"))

@@ -68,6 +68,7 @@ The predicted peak is analytic (see budget.py for the allocator model), never a 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Sequence
 
 from .budget import activation_reserved, fmt_bytes, segment_bytes
@@ -97,7 +98,8 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
                max_slots: int = 3,
                activations_in_own_pool: bool = False,
                once: Collection[int] = (),
-               transfer_chunks: Collection[ChunkPair] | None = None) -> StagePlan:
+               transfer_chunks: Collection[ChunkPair] | None = None,
+               allocator: str | None = None) -> StagePlan:
     """Plan one stage.
 
     ``always_resident_bytes`` is what the small modules take once placed
@@ -111,6 +113,7 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     bf16 row, 13 MB above a plan that left it out). ``once``: indices of blocks that run once per
     stage, not per forward (see module docstring). ``transfer_chunks``: the candidates chunks
     may shrink to for residents when copies are slower than compute (default: all of them).
+    ``allocator``: the CUDA allocator ``activation_bytes`` was estimated for, shown in the plan.
     """
     if not blocks:
         raise ValueError(f"stage {stage!r}: no blocks to plan.")
@@ -134,7 +137,7 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     for cfg in ctx.chain(kind):
         plan = ctx.evaluate(kind, *cfg)
         if plan.predicted_peak <= budget:
-            return plan
+            return plan if allocator is None else dataclasses.replace(plan, allocator=allocator)
     raise BudgetTooSmallError(ctx.too_small_message(kind), minimum=ctx.smallest(kind).predicted_peak)
 
 
