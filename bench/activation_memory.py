@@ -36,12 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from newbie_core.models.dit import build_dit  # noqa: E402
 from newbie_core.pipeline import StorageDType  # noqa: E402
-from newbie_core.pipeline.placed import packed_spec  # noqa: E402
-from newbie_core.placement import block_sizes  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
+from row_timing import dit_block_bytes  # noqa: E402
 
 GiB = 2**30
 ALLOCATORS = {"native": None, "expandable": "expandable_segments:True", "async": "backend:cudaMallocAsync"}
@@ -80,13 +78,11 @@ def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, list[tuple[str, 
     return peak, sorted(((s, b, n) for s, (b, n) in sites.items()), key=lambda r: -r[1])
 
 
-def plan_bytes(handle, plan, dtype: torch.dtype = torch.bfloat16) -> dict:
+def plan_bytes(handle, plan) -> dict:
     """What the plan copies, MB: the resident uploads, the once blocks, every forward's streamed
     blocks, and the prefetch past the last step. A run of ``n`` steps copies upload + once +
     n x per_forward + ahead, which the runner's counter (``bytes_h2d``) matches to the byte."""
-    model = build_dit(handle.ckpt.config, "meta", dtype)
-    sizes = block_sizes(model, dtype, packed=packed_spec(model, handle.ckpt.source))
-    stored = [s.storage_bytes(kind) for s, kind in zip(sizes, plan.storage)]
+    stored = dit_block_bytes(handle, plan)
     ahead = [i for i in plan.cycle_blocks[: plan.prefetch_depth + 1] if i not in plan.resident]
     return {k: sum(stored[i] for i in blocks) / 1e6 for k, blocks in (
         ("upload_mb", plan.resident), ("once_mb", [i for i in plan.streamed if i in plan.once]),
@@ -95,7 +91,7 @@ def plan_bytes(handle, plan, dtype: torch.dtype = torch.bfloat16) -> dict:
 
 def one_run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
-    history = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").find("cudaMallocAsync") < 0
+    history = torch.cuda.memory.get_allocator_backend() != "cudaMallocAsync"    # it keeps no history
     if history:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     storage = StorageDType.FP8 if args.storage == "fp8" else StorageDType.BF16

@@ -19,8 +19,8 @@ from newbie_core.models.dit import build_dit, flops_per_forward  # noqa: E402
 from newbie_core.pipeline import (CONDITIONING_CACHE, GenerationRequest, MemorySettings, Models,  # noqa: E402
                                   SamplingSettings, StorageDType, generate, load_dit_handle,
                                   load_text_encoder_handle, load_vae_handle)
+from newbie_core.pipeline.placed import stored_block_bytes  # noqa: E402
 from newbie_core.pipeline.sample import use_graphs  # noqa: E402
-from newbie_core.placement import block_sizes  # noqa: E402
 from newbie_core.prompt import prepare_texts  # noqa: E402
 
 GB = 2**30
@@ -75,10 +75,14 @@ def load_models(root: Path, dtype: str) -> Models:
                   load_vae_handle(root / "vae" / "ae.safetensors"))
 
 
+def dit_block_bytes(handle, plan, dtype: torch.dtype = torch.bfloat16) -> list[int]:
+    """The DiT's blocks' bytes as ``plan`` stores them (pipeline.placed.stored_block_bytes)."""
+    return stored_block_bytes(build_dit(handle.ckpt.config, "meta", dtype), plan, dtype, handle.ckpt.source)
+
+
 def streamed_bytes_per_forward(models: Models, plan, compute: str) -> int:
-    dtype = torch.float16 if compute == "fp16" else torch.bfloat16
-    sizes = block_sizes(build_dit(models.dit.ckpt.config, "meta", dtype), dtype)
-    return sum(sizes[i].storage_bytes(plan.storage[i]) for i in plan.streamed_per_forward)
+    stored = dit_block_bytes(models.dit, plan, torch.float16 if compute == "fp16" else torch.bfloat16)
+    return sum(stored[i] for i in plan.streamed_per_forward)
 
 
 def steady_steps(seconds: list[float]) -> list[float]:

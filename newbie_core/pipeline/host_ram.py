@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..placement import HOST_CACHE, StagePlan, block_sizes
+from ..placement import HOST_CACHE, StagePlan
 from ..placement.host_budget import (HostModel, HostPlan, auto_host_budget, auto_margin_text, plan_host,
                                      process_baseline)
 from ..models.gguf.reader import DECODE_TRANSIENT_BYTES
-from .placed import PlacementInputs, decodes_on_host, non_block_parameters, packed_spec
+from .placed import PlacementInputs, decodes_on_host, non_block_parameters, stored_block_bytes
 from .settings import MemorySettings
 
 
@@ -73,9 +73,7 @@ def host_model(name: str, model, inputs: PlacementInputs, plan: StagePlan, sourc
                forwards_per_step: int = 1, extra_bytes: int = 0) -> HostModel:
     """What one planned stage asks of host RAM: its blocks in their storage layout, and the bytes
     of its streamed blocks copied per step (read from disk unless pinned)."""
-    packed = packed_spec(model, source) if source is not None and plan.storage[0].value == "packed" else None
-    sizes = block_sizes(model, inputs.compute_dtype, packed=packed)
-    stored = [s.storage_bytes(k) for s, k in zip(sizes, plan.storage)]
+    stored = stored_block_bytes(model, plan, inputs.compute_dtype, source)
     streamed = sum(stored[i] for i in plan.streamed_per_forward) * forwards_per_step
     return HostModel(name, sum(stored), max(stored), streamed, extra_bytes, key=copy_key(inputs.files))
 

@@ -123,6 +123,14 @@ def packed_spec(model, source: TensorSource) -> list[dict[str, PackedTensor]] | 
     return spec
 
 
+def stored_block_bytes(model, plan: StagePlan, dtype: torch.dtype, source: TensorSource | None = None) -> list[int]:
+    """Each block's bytes as ``plan`` stores them (compute dtype, fp8, or a packed ``source``'s
+    own bytes): what its host copy holds and what one copy of it moves."""
+    packed = packed_spec(model, source) if source is not None and plan.storage[0].value == "packed" else None
+    sizes = block_sizes(model, dtype, packed=packed)
+    return [s.storage_bytes(k) for s, k in zip(sizes, plan.storage)]
+
+
 def non_block_parameters(model) -> list[tuple[str, nn.Parameter]]:
     """The parameters outside ``model.block_sequence()``: what stays resident beside the blocks."""
     block_prefixes = tuple(name + "." for name, _ in model.block_sequence())

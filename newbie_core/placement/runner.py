@@ -96,8 +96,8 @@ class StreamingRunner:
         self._upcast = [layout.needs_upcast for layout in self.storage]
         # (4): in a ring with staging buffers every cycle block's copy lands there
         staging_bytes = ring.staging[0].numel() if ring is not None and ring.staging else 0
-        once = set(self.prologue)
-        self._through_staging = [up or (bool(staging_bytes) and i not in once) for i, up in enumerate(self._upcast)]
+        self._through_staging = [up or (bool(staging_bytes) and i not in self.prologue_pos)
+                                 for i, up in enumerate(self._upcast)]
         self.graphs = graphs
         if graphs is not None:
             graphs.new_forward()

@@ -188,6 +188,8 @@ _FUNCTIONS: dict[str, tuple[Callable, Callable, tuple[int, ...], dict]] = {
     "residual_norm": (residual_norm, residual_norm_eager, (0, 1), {}),
     "tanh_float": (tanh_float, tanh_float, (0,), {}),
 }
+# The functions of _FUNCTIONS that write their result over their first argument.
+IN_PLACE = frozenset({"swiglu"})
 
 
 def compile_available() -> bool:
@@ -362,10 +364,6 @@ class _Fp8Linears:
     def __call__(self, x: torch.Tensor, weights: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> list[torch.Tensor]:
         xq, xs = self.quantizer(x.device)(x.reshape(-1, x.shape[-1]))
         return [scaled_matmul(xq, xs, wq, ws, x.dtype).view(*x.shape[:-1], wq.shape[0]) for wq, ws in weights]
-
-
-# The functions of _FUNCTIONS that write their result over their first argument.
-IN_PLACE = frozenset({"swiglu"})
 
 
 class Kernels:
