@@ -18,6 +18,7 @@
 #   bash bench/gpu_visit.sh gaps                     # what streamed Q8_0 / fp8 steps wait for (profiler)
 #   bash bench/gpu_visit.sh probe                    # fused-kernel and forward variants, idle gaps
 #   bash bench/gpu_visit.sh act-memory               # what the 2 GB rows' peaks hold, per allocator setting
+#   bash bench/gpu_visit.sh slots                    # streamed rows with at most 3 against at most 2 ring slots
 #
 # Wheels the machine lacks (diffusers, gguf, importlib_metadata, platformdirs) go in .whl/ (ignored by git).
 # All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
@@ -113,7 +114,11 @@ for part in "$@"; do
                     --out "$OUT/act_${st}_${b}_${sz}_${f%%.*}.json" >> "$OUT/act.log" 2>&1
             done
             grep '^{' "$OUT/act.log" | cut -c1-330 ;;
-        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe gaps act-memory)"; exit 2 ;;
+        slots)
+            ggufs; timeout "${SLOTS_LIMIT:-300}" python3 bench/ring_slots.py /tmp/full --out "$OUT/ring_slots.json" \
+                > "$OUT/ring_slots.log" 2>&1
+            grep '^{' "$OUT/ring_slots.log" | cut -c1-330 ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe gaps act-memory slots)"; exit 2 ;;
     esac
 done
 step done
