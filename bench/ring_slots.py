@@ -46,7 +46,7 @@ def run_row(root: Path, device: torch.device, storage: str, budget: float | None
             steps: int, slots: int, native_bps: float, cycles: float) -> dict:
     path, dtype = file_for(root, storage)
     plan_stage, make = placed.plan_stage, placement_session.make_engine
-    placed.plan_stage = functools.partial(plan_stage, max_slots=slots)
+    placed.plan_stage = functools.partial(plan_stage, max_slots=slots, staged_slots=slots)
     if link is not None and device.type == "cuda":
         placement_session.make_engine = lambda d: ThrottledCopyEngine(d, link * 1e9, native_bps, cycles)
     try:

@@ -76,6 +76,10 @@ from .plan import BlockSize, StagePlan, Storage, StorageChoice
 
 ChunkPair = tuple[int | None, int | None]
 
+# The ring slots of upcast-per-use storage (fp8, packed) while any block streams: three, the
+# third kept while residents go (module docstring, "What shrinks first").
+STAGED_SLOTS = 3
+
 
 class BudgetTooSmallError(ValueError):
     """Even the smallest plan (2 ring slots, smallest chunks, nothing resident) does not fit.
@@ -96,6 +100,7 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
                bandwidth: float | None = None,
                block_compute_s: float | None = None,
                max_slots: int = 3,
+               staged_slots: int = STAGED_SLOTS,
                activations_in_own_pool: bool = False,
                once: Collection[int] = (),
                transfer_chunks: Collection[ChunkPair] | None = None,
@@ -114,6 +119,8 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     stage, not per forward (see module docstring). ``transfer_chunks``: the candidates chunks
     may shrink to for residents when copies are slower than compute (default: all of them).
     ``allocator``: the CUDA allocator ``activation_bytes`` was estimated for, shown in the plan.
+    ``max_slots`` caps the ring; ``staged_slots`` is the ring of upcast-per-use storage while any
+    block streams, whose copies land in per-slot staging buffers (module docstring).
     """
     if not blocks:
         raise ValueError(f"stage {stage!r}: no blocks to plan.")
@@ -128,7 +135,8 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     transfer_last = max(i for i, c in enumerate(chunks) if c in allowed)
     choice = StorageChoice(storage)
     ctx = _Ctx(stage, list(blocks), budget, always_resident_bytes, act, chunks, bandwidth,
-               block_compute_s, max_slots, activations_in_own_pool, once, transfer_last)
+               block_compute_s, min(max_slots, staged_slots), max_slots, activations_in_own_pool, once,
+               transfer_last)
     if choice is StorageChoice.AUTO:
         first = ctx.evaluate(Storage.BF16, len(blocks), ctx.slots_for(Storage.BF16, len(blocks)), 0, 0)
         kind = Storage.BF16 if first.predicted_peak <= budget else Storage.FP8
@@ -149,11 +157,11 @@ def resident_set(n: int, k: int) -> tuple[int, ...]:
 class _Ctx:
     """The planner's inputs, and how one configuration turns into a StagePlan."""
 
-    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots, own_pool, once,
-                 transfer_last):
+    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, staged_slots, max_slots,
+                 own_pool, once, transfer_last):
         self.stage, self.blocks, self.budget, self.fixed, self.own_pool = stage, blocks, budget, fixed, own_pool
         self.act, self.chunks, self.bandwidth, self.compute_s = act, chunks, bandwidth, compute_s
-        self.max_slots = max(1, max_slots)
+        self.max_slots, self.staged_slots = max(1, max_slots), max(1, staged_slots)
         self.n = len(blocks)
         self.transfer_last = transfer_last
         self.once = frozenset(once)
@@ -205,7 +213,8 @@ class _Ctx:
         if ring == 0:
             return 0
         # Resident fp8 blocks only need an upcast (no H2D): two slots overlap it fully.
-        return min(ring, self.max_slots if streamed else 2)
+        depth = self.staged_slots if kind.upcast_per_use else self.max_slots
+        return min(ring, depth if streamed else 2)
 
     def transfer_bound(self, kind: Storage) -> bool:
         """Whether copies outrun compute on average. The mean block, not the largest: the ring
