@@ -31,14 +31,31 @@ def _fake_settings(monkeypatch, current: str) -> list[str]:
 
 def test_expandable_segments_are_turned_on_when_nothing_was_configured(monkeypatch):
     calls = _fake_settings(monkeypatch, "")
+    monkeypatch.setattr(alloc, "_set_here", [])
     assert use_expandable_segments() is True and calls == ["expandable_segments:True"]
+    assert alloc._expandable_requested(alloc.allocator_settings())     # even if torch reports nothing
+
+
+def test_settings_set_here_are_known_where_torch_cannot_report_them(monkeypatch):
+    """A torch build that sets allocator settings at run time but cannot read them back."""
+    calls: list[str] = []
+    monkeypatch.delattr(torch._C, "_accelerator_getAllocatorSettings", raising=False)
+    monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings", raising=False)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(alloc, "_set_here", [])
+    for k in alloc._ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert not alloc._expandable_requested(alloc.allocator_settings())
+    assert use_expandable_segments() is True and calls == ["expandable_segments:True"]
+    assert alloc._expandable_requested(alloc.allocator_settings())
 
 
 @pytest.mark.parametrize("user, on", [("backend:cudaMallocAsync", False), ("expandable_segments:False", False),
                                       ("max_split_size_mb:64,expandable_segments:True", True)])
 def test_a_users_allocator_settings_stand(monkeypatch, user, on):
     calls = _fake_settings(monkeypatch, user)
-    assert use_expandable_segments() is on and calls == []
+    monkeypatch.setattr(alloc, "_set_here", [])
+    assert use_expandable_segments() is on and calls == [] and alloc._set_here == []
 
 
 def test_planning_without_a_gpu_assumes_the_native_allocator(monkeypatch):

@@ -345,33 +345,38 @@ def test_plan_text_uses_the_users_link_figure_and_says_so(tiny_models, monkeypat
     assert re.search(r"rates planned with\s+link 9\.0 GB/s", text), "the sampling plan uses it too"
 
 
-def test_a_slow_link_keeps_three_slots_for_fp8_blocks_that_upcast_per_use_but_two_for_bf16():
+def test_staged_storage_streams_on_two_slots_and_keeps_the_third_slots_bytes_resident():
+    """fp8 copies land in per-slot staging buffers, so a third slot would only hold bytes that
+    keep blocks resident (planner.py, "Ring slots"); bf16 copies go straight into their slot
+    and keep the third while residents go."""
     blocks = [BlockSize(f"b{i}", BLOCK, fp8_bytes=BLOCK // 2) for i in range(16)]
-    budget = _all_resident_budget(blocks, CHUNKS[2]) // 2               # half of it must stream
-    rates = dict(bandwidth=5e9, block_compute_s=5e-3)                     # even fp8 copies are exposed
-    fp8 = _plan(budget, blocks, storage="fp8", **rates)
-    bf16 = _plan(budget, blocks, storage="bf16", **rates)
-    assert fp8.streamed and bf16.streamed
-    assert "copies are slower than compute" in fp8.reason and "copies are slower than compute" in bf16.reason
-    assert (fp8.slots, bf16.slots) == (3, 2)
-    assert (fp8.attn_chunk, bf16.attn_chunk) == (CHUNKS[2][0], CHUNKS[2][0])
+    hidden, exposed = {}, dict(bandwidth=5e9, block_compute_s=5e-3)
+    for rates, budget in ((hidden, _all_resident_budget(blocks, CHUNKS[0]) * 7 // 10),
+                          (exposed, _all_resident_budget(blocks, CHUNKS[2]) // 2)):    # some must stream
+        two = _plan(budget, blocks, storage="fp8", **rates)
+        three = _plan(budget, blocks, storage="fp8", staged_slots=3, **rates)
+        assert two.streamed and (two.slots, three.slots) == (2, 3)
+        assert len(two.resident) > len(three.resident), "the third slot's bytes keep blocks resident"
+    bf16 = _plan(_all_resident_budget(blocks, CHUNKS[0]) * 7 // 10, blocks, storage="bf16")
+    assert bf16.streamed and bf16.slots == 3
 
 
-def test_the_slow_link_fp8_chain_ends_on_two_slots_when_nothing_stays_resident():
+def test_a_third_staged_slot_when_asked_is_kept_until_nothing_stays_resident():
     blocks = [BlockSize(f"b{i}", BLOCK, fp8_bytes=BLOCK // 2) for i in range(16)]
     rates = dict(bandwidth=5e9, block_compute_s=5e-3)
-    walk, budget = [], UNBOUNDED
-    while True:                                        # walk the budget down the whole chain
-        try:
-            p = _plan(budget, blocks, storage="fp8", **rates)
-        except ValueError:
-            break
-        walk.append((len(p.resident), p.slots))
-        budget = p.predicted_peak - 1
-    streaming = [w for w in walk if w[0] < 16]
-    assert streaming[-1] == (0, 2), "the very last plan drops the third slot"
-    assert all(slots == 3 for _, slots in streaming[:-1]), streaming
-    assert [r for r, _ in streaming] == sorted((r for r, _ in streaming), reverse=True)
+    for staged, depth in ((3, 3), (2, 2)):
+        walk, budget = [], UNBOUNDED
+        while True:                                        # walk the budget down the whole chain
+            try:
+                p = _plan(budget, blocks, storage="fp8", staged_slots=staged, **rates)
+            except ValueError:
+                break
+            walk.append((len(p.resident), p.slots))
+            budget = p.predicted_peak - 1
+        streaming = [w for w in walk if w[0] < 16]
+        assert streaming[-1] == (0, 2), "the very last plan runs on two slots"
+        assert all(slots == depth for _, slots in streaming[:-1]), streaming
+        assert [r for r, _ in streaming] == sorted((r for r, _ in streaming), reverse=True)
 
 
 def test_a_slow_link_shrinks_chunks_for_residents_only_as_far_as_the_caller_allows():

@@ -18,11 +18,8 @@ Decisions, and why:
   hidden copy costs nothing and a smaller chunk costs every block. When the caller's
   bandwidth and compute figures say copies are *not* hidden, chunks shrink first (and streaming
   then runs on two slots). Measured on an H200 at 512² without CFG under 2 GB, against the
-  residents-first order: bf16 8 resident blocks instead of 7, 102.1 ms per step instead of 104.3;
-  fp8 13 instead of 9, but 55.0 ms instead of 53.9, because with two slots a streamed fp8 block
-  waited for its slot before its copy (measured before staged copies stopped waiting for compute,
-  runner.py; not measured again since). So upcast-per-use storage (fp8, packed) keeps its third
-  slot while residents go, and drops to two only when nothing is left resident.
+  residents-first order: bf16 8 resident blocks instead of 7, 102.1 ms per step instead of 104.3.
+  Upcast-per-use storage (fp8, packed) streams on two slots whatever the link (see "Ring slots").
   How far chunks may shrink for residents is the caller's ``transfer_chunks``: the candidates
   cheap enough to trade for residency. Chunks cost launches, and in many pieces per sequence
   they cost more than the copies the residents save: measured on an H200 at 1024² with CFG (no
@@ -55,11 +52,19 @@ Decisions, and why:
   under 2 GB: 120 MiB less per slot). Those that run once copy straight into their slot (runner.py),
   so they never size the staging.
 - **Ring slots.** Three slots (prefetch depth 2) absorb jitter; two (depth 1) are the minimum
-  for overlap. fp8 blocks, streamed or resident, are upcast into a slot before each use, on a
-  stream of their own; streamed fp8 blocks land first in the slot's own fp8 staging buffer, so
+  for overlap. bf16 blocks copy straight into their slot, so they keep the third slot while
+  residents go. fp8 and packed blocks, streamed or resident, are upcast into a slot before each
+  use, on a stream of their own; streamed ones land first in the slot's own staging buffer, so
   the copy stream never waits for an upcast of another slot (one shared staging buffer serialised
   copy and upcast: measured at 512² under 2 GB, 61.5 ms per step against a 48.5 ms copy
-  roofline), nor for compute: only the upcast into the slot waits for the slot to be free.
+  roofline), nor for compute: only the upcast into the slot waits for the slot to be free. With
+  the staging buffers carrying the copies ahead, a third slot only holds bytes that could keep
+  blocks resident, so this storage streams on two slots (``STAGED_SLOTS``). Measured on an H100
+  at CFG under 2 GB (bench/ring_slots.py, 2026-12-07), three slots against two: at 1024², where
+  copies hide, fp8 122.7 against 122.3 ms per step (1 resident block against 4), Q4_K 123.1
+  against 122.4 (0 against 5), Q8_0 123.0 against 123.4 (0 against 2); at 512², where they do
+  not, fp8 51.2 against 47.2 and Q8_0 50.9 against 46.8; through a copy engine throttled to
+  12 GB/s at 1024², fp8 280.5 against 256.9. The two-slot plans copy 7-21% fewer bytes a step.
   Staging is sized by the largest streamed block's stored bytes, so a block stored at compute
   dtype among packed ones (a GGUF file's F16 refiners) goes through it too (runner.py, step 4).
 
@@ -76,9 +81,9 @@ from .plan import BlockSize, StagePlan, Storage, StorageChoice
 
 ChunkPair = tuple[int | None, int | None]
 
-# The ring slots of upcast-per-use storage (fp8, packed) while any block streams: three, the
-# third kept while residents go (module docstring, "What shrinks first").
-STAGED_SLOTS = 3
+# The ring slots of upcast-per-use storage (fp8, packed) while any block streams: its staging
+# buffers carry the copies ahead, so two (module docstring, "Ring slots").
+STAGED_SLOTS = 2
 
 
 class BudgetTooSmallError(ValueError):
@@ -238,7 +243,7 @@ class _Ctx:
         if self.transfer_bound(kind):
             t = self.transfer_last      # chunks shrink this far for residents (plan_stage)
             cfgs = [(n, self.slots_for(kind, n), c, 0) for c in range(t + 1)]
-            if kind.upcast_per_use:     # a third slot lets the next copy land while two upcast
+            if kind.upcast_per_use:     # staged_slots: two unless a caller asks for a third
                 cfgs += [(r, self.slots_for(kind, r), t, 0) for r in counts[1:]]
                 cfgs.append((0, low(0), t, 0))
             else:
