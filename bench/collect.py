@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--throttle-before", type=Path,
                     help="a throttle run of the same visit before a change, shown beside the runs (not in the fits)")
     ap.add_argument("--throttle-note", help="what changed between --throttle-before and --throttle")
+    ap.add_argument("--ring-slots", type=Path, help="ring_slots.py's --out (three against two ring slots)")
     ap.add_argument("--forward", type=Path, help="forward_bench.py's forward.json (whole-forward variants)")
     ap.add_argument("--decode", type=Path, help="gguf_decode_bench.py's log")
     ap.add_argument("--earlier", nargs="*", default=[], metavar="KEY=WHEN",
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         (here / "lora.json").write_text(json.dumps({"rows": json.loads(args.lora.read_text()), **stamp}, indent=1) + "\n")
     if args.throttle:
         write_throttle(here, args.throttle, args.throttle_before, args.throttle_note, stamp)
+    if args.ring_slots:
+        (here / "ring_slots.json").write_text(
+            json.dumps({"rows": json.loads(args.ring_slots.read_text()), **stamp}, indent=1) + "\n")
     if args.soak:
         soak = json.loads(args.soak.read_text()) if args.soak.suffix == ".json" else soak_from_log(args.soak)
         (here / "soak.json").write_text(json.dumps({**soak, **stamp}, indent=1) + "\n")

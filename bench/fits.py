@@ -1,8 +1,9 @@
 """'What fits your PC': VRAM x RAM x PCIe link -> settings and expected s/image, as Markdown.
 
-A roofline projection from the H200 rows of bench/results.json, not a measurement on those PCs.
-Per row, the DiT's s/step is bounded below by its own s/step measured on the H200 at that budget
-(streaming and decode overheads included; the H200's link hides its copies) and by the bytes
+A roofline projection from the GPU machine's rows of bench/results.json (an H100 or H200), not a
+measurement on those PCs. Per row, the DiT's s/step is bounded below by its own s/step measured
+there at that budget (streaming and decode overheads included; that machine's 55 GB/s link hides
+its copies) and by the bytes
 streamed per step over the user's link (and, where its host copy cannot
 stay pinned in RAM, over the disk): s/step = max(compute, streamed / link[, streamed / disk]).
 s/image = 28 steps plus the encode/decode time measured in the same row. GGUF files come from
@@ -158,14 +159,14 @@ def fit(rows: list[Row], vram_gb: int, ram_gb: int, link_gbps: float, disk_gbps:
 
 
 def render(rows: list[Row], disk_gbps: float = 3.0, source: str = "bench/results.json",
-           loss: float | None = None) -> str:
+           loss: float | None = None, machine: str = "NVIDIA H200") -> str:
     checked = "" if loss is None else (
         f" *checked s/step* adds {loss:.2f} x the smaller of the two, the worst the throttled-link check "
         "below lost on top of max() when copy and compute were close: read the two as a range.")
     out = ["## What fits your PC (roofline projection)", "",
-           f"**A projection, not a measurement.** Compute s/step is measured on an NVIDIA H200 ({source}); "
+           f"**A projection, not a measurement.** Compute s/step is measured on an {machine} ({source}); "
            f"each link's s/step is max(that compute, bytes streamed per step / link bandwidth). s/image = "
-           f"{STEPS} steps + encode/decode as measured on the H200 (a slower GPU computes slower too, so "
+           f"{STEPS} steps + encode/decode as measured there (a slower GPU computes slower too, so "
            f"these are lower bounds for it). GGUF rows: sampling from bench/gguf.json, host RAM from "
            f"bench/host_ram.json, encode/decode from the bf16 row of the same budget; their latents drift from bf16 (Q8_0 little, Q4_K much: "
            f"see the GGUF section). 1024x1024, CFG; a row fits a card when its measured peak is "
@@ -210,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no 1024x1024 CFG rows in {args.results}", file=sys.stderr)
         return 1
+    machine = "example GPU" if args.smoke else json.loads(args.results.read_text())[0]["machine"]
     print(render(rows, args.disk_gbps, "built-in sample rows" if args.smoke else args.results.name,
-                 None if args.smoke else overlap_loss()))
+                 None if args.smoke else overlap_loss(), machine))
     return 0
 
 

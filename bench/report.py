@@ -185,7 +185,7 @@ def peer_notes(peers: list[dict]) -> list[str]:
     return [line for note in out for line in ("", note)]
 
 
-def chart(rows: list[dict], peers: list[dict], path: Path) -> None:
+def chart(rows: list[dict], peers: list[dict], path: Path, machine: str) -> None:
     """Peak VRAM against ms per step at 1024² CFG: our rows, and the peers apart."""
     import matplotlib
     matplotlib.use("Agg")
@@ -212,7 +212,7 @@ def chart(rows: list[dict], peers: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("peak reserved VRAM of the sampling stage (GiB)")
     ax.set_ylabel("ms per sampling step (1024², CFG batch 2)")
-    ax.set_title("NewBie DiT on an H200: ours (circles: bf16 blue, fp8 green) vs peers (red squares, forward only)",
+    ax.set_title(f"NewBie DiT on an {machine.removeprefix('NVIDIA ')}: ours (circles: bf16 blue, fp8 green) vs peers (red squares, forward only)",
                  fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.set_xlim(left=0, right=9.5)
@@ -299,7 +299,7 @@ def main() -> None:
     calib_path = HERE / "calibration.json"
     calib = json.loads(calib_path.read_text()) if calib_path.exists() else []
     if peers:
-        chart(rows, peers, HERE.parent / "docs" / "benchmark_chart.png")
+        chart(rows, peers, HERE.parent / "docs" / "benchmark_chart.png", extra["machine"])
     first = rows[0]
     lines = [
         "# Benchmarks",
@@ -420,7 +420,8 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     import fits
     pipeline = fits.load_rows(HERE / "results.json")
-    lines += ["", fits.render(pipeline + fits.load_gguf_rows(pipeline), loss=fits.overlap_loss(HERE / "throttle.json")),
+    lines += ["", fits.render(pipeline + fits.load_gguf_rows(pipeline), loss=fits.overlap_loss(HERE / "throttle.json"),
+                           machine=extra["machine"]),
               *throttle_section()]
     if calib:
         lines += ["", "## Predicted vs measured stage peaks (`--calibrate`, 2026-11-29, before the fused kernels)", "",

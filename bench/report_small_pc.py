@@ -139,6 +139,32 @@ def activation_section() -> list[str]:
     return out
 
 
+def ring_slots_section() -> list[str]:
+    """Streamed rows planned with at most three against at most two ring slots
+    (bench/ring_slots.json): the measurement behind planner.STAGED_SLOTS."""
+    doc = _load("ring_slots.json")
+    if not doc:
+        return []
+    out = ["", f"## Ring depth: three slots against two (`bench/ring_slots.py`, {doc['date']}, {_visit(doc)})", "",
+           "The same rows planned with at most 3 and at most 2 ring slots, CFG, 8 steps; a link figure means the "
+           "copy engine throttled to that rate (`bench/link_throttle_bench.py`'s engine) and the plan made for it. "
+           "With 2 slots the bytes of the third keep blocks resident.", "",
+           "| storage | budget GB | size | link GB/s | 3 slots: ms/step (resident, MB/step) | "
+           "2 slots: ms/step (resident, MB/step) | 2 against 3 |", "|" + "---|" * 7]
+    rows = doc["rows"]
+    for three in (r for r in rows if r["max_slots"] == 3):
+        two = next((r for r in rows if r["max_slots"] == 2 and all(
+            r[k] == three[k] for k in ("storage", "budget_gb", "size", "link_gbps"))), None)
+        if two is None:
+            continue
+        cell = lambda r: (f"{1e3 * r['s_per_step']:.1f} ({r['resident_blocks']}, "   # noqa: E731
+                          f"{r['bytes_h2d_per_step'] / 1e6:.0f})")
+        link = three["link_gbps"] or f"own ({three['native_link_gbps']:.0f})"
+        out.append(f"| {three['storage']} | {three['budget_gb']} | {three['size']} | {link} | {cell(three)} | {cell(two)} | "
+                   f"{two['s_per_step'] / three['s_per_step']:.3f} |")
+    return out
+
+
 def small_pc_sections() -> list[str]:
     """GGUF rows, host-RAM rows, the LoRA cost and the soak (issues 11-13)."""
     out = []
@@ -174,6 +200,7 @@ def small_pc_sections() -> list[str]:
         if extra.get("gguf_commands"):
             out += ["", "This partial visit's commands:", ""] + [f"    {c}" for c in extra["gguf_commands"]]
     out += activation_section()
+    out += ring_slots_section()
     out += decode_section(extra)
     ram = _load("host_ram.json")
     if ram:
