@@ -182,13 +182,35 @@ def render(rows: list[Row], disk_gbps: float = 3.0, source: str = "bench/results
                     out.append(f"| {vram} GB | {ram} GB | {link} GB/s | no measured row fits | - | - | - | - |"
                                + (" - |" if loss is not None else ""))
                     continue
-                budget = "(auto: all resident)" if f.budget_gb is None else f"--vram-budget {f.budget_gb:g}"
-                files = (f"--dit ...-{GGUF_FILES[f.dtype]}.gguf --gemma ...-{GGUF_FILES[f.dtype]}.gguf"
-                         if f.dtype in GGUF_FILES else f"--dtype {f.dtype}")
-                settings = f"{files} {budget} --ram-budget {_ram_budget(ram):.1f}"
-                out.append(f"| {vram} GB | {ram} GB | {link} GB/s | `{settings}` | {f.s_per_step:.3f} | "
+                out.append(f"| {vram} GB | {ram} GB | {link} GB/s | `{_settings(f, ram)}` | {f.s_per_step:.3f} | "
                            + (f"{f.s_per_step_checked:.3f} | " if loss is not None else "")
                            + f"{f.s_per_image:.1f} | {f.bound} | {f.host_note} |")
+    return "\n".join(out)
+
+
+def _settings(f: Fit, ram: int) -> str:
+    budget = "(auto: all resident)" if f.budget_gb is None else f"--vram-budget {f.budget_gb:g}"
+    files = (f"--dit ...-{GGUF_FILES[f.dtype]}.gguf --gemma ...-{GGUF_FILES[f.dtype]}.gguf"
+             if f.dtype in GGUF_FILES else f"--dtype {f.dtype}")
+    return f"{files} {budget} --ram-budget {_ram_budget(ram):.1f}"
+
+
+def render_summary(rows: list[Row], disk_gbps: float = 3.0, link_gbps: int = 25) -> str:
+    """The README's short form: one line per card and PC, the settings for a ``link_gbps`` link
+    and the projected s/image over each link (the storage picked there when it differs)."""
+    out = [f"| VRAM | RAM | settings (for a {link_gbps} GB/s link) | s/image at "
+           + " / ".join(f"{k}" for k in LINKS_GBPS) + " GB/s |", "|---|---|---|---|"]
+    for vram in VRAM_GB:
+        for ram in RAM_GB:
+            main = fit(rows, vram, ram, link_gbps, disk_gbps)
+            if main is None:
+                out.append(f"| {vram} GB | {ram} GB | no measured row fits | - |")
+                continue
+            times = []
+            for link in LINKS_GBPS:
+                f = fit(rows, vram, ram, link, disk_gbps)
+                times.append(f"{f.s_per_image:.1f}" + ("" if f.dtype == main.dtype else f" ({f.dtype})"))
+            out.append(f"| {vram} GB | {ram} GB | `{_settings(main, ram)}` | {' / '.join(times)} |")
     return "\n".join(out)
 
 
@@ -202,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--disk-gbps", type=float, default=3.0, help="sequential read of the DiT's disk (NVMe ~3)")
     ap.add_argument("--smoke", action="store_true", help="render the built-in sample rows (CI)")
+    ap.add_argument("--summary", action="store_true", help="the README's short table (one line per card and PC)")
     args = ap.parse_args(argv)
     if args.smoke:
         rows = SMOKE_ROWS
@@ -211,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no 1024x1024 CFG rows in {args.results}", file=sys.stderr)
         return 1
+    if args.summary:
+        print(render_summary(rows, args.disk_gbps))
+        return 0
     machine = "example GPU" if args.smoke else json.loads(args.results.read_text())[0]["machine"]
     print(render(rows, args.disk_gbps, "built-in sample rows" if args.smoke else args.results.name,
                  None if args.smoke else overlap_loss(), machine))
