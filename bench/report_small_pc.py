@@ -152,16 +152,18 @@ def ring_slots_section() -> list[str]:
            "| storage | budget GB | size | link GB/s | 3 slots: ms/step (resident, MB/step) | "
            "2 slots: ms/step (resident, MB/step) | 2 against 3 |", "|" + "---|" * 7]
     rows = doc["rows"]
+
+    def cell(r: dict) -> str:
+        return f"{1e3 * r['s_per_step']:.1f} ({r['resident_blocks']}, {r['bytes_h2d_per_step'] / 1e6:.0f})"
     for three in (r for r in rows if r["max_slots"] == 3):
         two = next((r for r in rows if r["max_slots"] == 2 and all(
             r[k] == three[k] for k in ("storage", "budget_gb", "size", "link_gbps"))), None)
         if two is None:
             continue
-        cell = lambda r: (f"{1e3 * r['s_per_step']:.1f} ({r['resident_blocks']}, "   # noqa: E731
-                          f"{r['bytes_h2d_per_step'] / 1e6:.0f})")
         link = three["link_gbps"] or f"own ({three['native_link_gbps']:.0f})"
-        out.append(f"| {three['storage']} | {three['budget_gb']} | {three['size']} | {link} | {cell(three)} | {cell(two)} | "
-                   f"{two['s_per_step'] / three['s_per_step']:.3f} |")
+        out.append(f"| {three['storage']} | {three['budget_gb']} | {three['size']} | {link} | {cell(three)} | "
+                   f"{cell(two)} | {two['s_per_step'] / three['s_per_step']:.3f} |")
+    out += [line for note in doc.get("notes", []) for line in ("", note)]
     return out
 
 

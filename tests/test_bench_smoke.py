@@ -75,9 +75,9 @@ def test_fits_table_is_a_roofline_projection_in_markdown(capsys):
 def test_fits_summary_has_a_line_per_card_and_pc_with_each_links_pick(capsys):
     fits = _script("fits")
     assert fits.main(["--smoke", "--summary"]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and " GB | " in l]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " GB | " in line]
     assert len(lines) == len(fits.VRAM_GB) * len(fits.RAM_GB)
-    four = next(l for l in lines if l.startswith("| 4 GB | 16 GB |"))
+    four = next(line for line in lines if line.startswith("| 4 GB | 16 GB |"))
     f = fits.fit(fits.SMOKE_ROWS, 4, 16, 25, 3.0)
     assert "--dtype fp8 --vram-budget 2" in four and f"{f.s_per_image:.1f}" in four.split("|")[4]
     assert four.split("|")[4].count("/") == len(fits.LINKS_GBPS) - 1
