@@ -72,6 +72,22 @@ def spin_cycles_per_second(device: torch.device) -> float:
     return cycles / (start.elapsed_time(end) / 1e3)
 
 
+def throttle_rates(device: torch.device) -> tuple[float, float]:
+    """This machine's pinned link (bytes/s) and spin cycles per second, what a
+    :class:`ThrottledCopyEngine` needs; on the CPU nothing is throttled."""
+    if device.type != "cuda":
+        return float("inf"), 0.0
+    return pinned_bandwidth(device), spin_cycles_per_second(device)
+
+
+def tiny_root(prefix: str) -> Path:
+    """A temporary folder of tiny checkpoints, for a script's --smoke run on the CPU."""
+    from newbie_core.tiny import build_tiny_checkpoints
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    build_tiny_checkpoints(root)
+    return root
+
+
 def projection(unthrottled: dict, link_bps: float) -> float:
     """fits.py's s/step for a link: the row's own measured step, or its copies over the link."""
     return max(unthrottled["s_per_step"], unthrottled["bytes_h2d_per_step"] / link_bps)
@@ -92,14 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
-        from newbie_core.tiny import build_tiny_checkpoints
-        root = Path(tempfile.mkdtemp(prefix="throttle_"))
-        build_tiny_checkpoints(root)
-        device, size, steps, rows, links = torch.device("cpu"), 64, 3, (("fp8", None),), (12,)
+        root, device, size, steps, rows, links = tiny_root("throttle_"), torch.device("cpu"), 64, 3, (("fp8", None),), (12,)
     else:
         root, device, size, steps, rows, links = Path(args.root), torch.device("cuda"), 1024, args.steps, ROWS, LINKS_GBPS
-    native = pinned_bandwidth(device) if device.type == "cuda" else float("inf")
-    cycles = spin_cycles_per_second(device) if device.type == "cuda" else 0.0
+    native, cycles = throttle_rates(device)
     out = []
     for storage, budget in rows:
         path, dtype = file_for(root, storage)

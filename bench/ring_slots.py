@@ -20,7 +20,6 @@ import datetime
 import functools
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,8 +31,7 @@ from newbie_core.pipeline import placed  # noqa: E402
 from newbie_core.placement import session as placement_session, use_expandable_segments  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
-from link_throttle_bench import ThrottledCopyEngine, file_for, spin_cycles_per_second  # noqa: E402
-from row_timing import pinned_bandwidth  # noqa: E402
+from link_throttle_bench import ThrottledCopyEngine, file_for, throttle_rates, tiny_root  # noqa: E402
 
 # storage, VRAM budget GB, image side, link GB/s (None: this machine's own)
 ROWS = (("fp8", 2.0, 1024, None), ("gguf-q4_k", 2.0, 1024, None), ("gguf-q8_0", 2.0, 1024, None),
@@ -71,14 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
-        from newbie_core.tiny import build_tiny_checkpoints
-        root = Path(tempfile.mkdtemp(prefix="ring_slots_"))
-        build_tiny_checkpoints(root)
-        device, steps, rows = torch.device("cpu"), 2, (("fp8", None, 64, None),)
+        root, device, steps, rows = tiny_root("ring_slots_"), torch.device("cpu"), 2, (("fp8", None, 64, None),)
     else:
         root, device, steps, rows = Path(args.root), torch.device("cuda"), args.steps, ROWS
-    native = pinned_bandwidth(device) if device.type == "cuda" else float("inf")
-    cycles = spin_cycles_per_second(device) if device.type == "cuda" else 0.0
+    native, cycles = throttle_rates(device)
     stamp = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "native_link_gbps": native / 1e9, "date": datetime.date.today().isoformat()}
     out = []

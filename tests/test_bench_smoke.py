@@ -311,6 +311,28 @@ def test_link_throttle_bench_projects_and_throttles_by_the_missing_link_time(tmp
     assert rows and all(not r["throttled"] and r["projected_s_per_step"] == r["s_per_step_unthrottled"] for r in rows)
 
 
+def test_ring_slots_probe_plans_each_depth_and_restores_the_planner(tmp_path, monkeypatch):
+    bench = _script("ring_slots")
+    from newbie_core.pipeline import placed
+    original, seen = placed.plan_stage, []
+
+    def fake_row(path, device, budget, size, steps, storage, link_gbps):
+        seen.append(dict(placed.plan_stage.keywords))
+        plan = type("Plan", (), {"slots": placed.plan_stage.keywords["max_slots"]})()
+        return {"_plan": plan, "resident_blocks": 0, "chunks": [None, None], "s_per_step": 0.1, "s_step_min": 0.1,
+                "s_step_max": 0.1, "bytes_h2d_per_step": 0, "predicted_step_s": None, "peak_reserved_gb": 0,
+                "predicted_peak_gb": 0}
+    monkeypatch.setattr(bench, "sample_row", fake_row)
+    rows = [bench.run_row(tmp_path, bench.torch.device("cpu"), "fp8", 2.0, 64, None, 2, slots, float("inf"), 0.0)
+            for slots in (3, 2)]
+    assert seen == [{"max_slots": 3, "staged_slots": 3}, {"max_slots": 2, "staged_slots": 2}]
+    assert [r["slots"] for r in rows] == [3, 2] and placed.plan_stage is original
+    out = tmp_path / "ring.json"
+    monkeypatch.undo()
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    assert [r["max_slots"] for r in json.loads(out.read_text())] == [3, 2]
+
+
 def test_gguf_decode_bench_smoke_checks_each_variant(capsys):
     assert _script("gguf_decode_bench").main(["--smoke"]) == 0
     lines = capsys.readouterr().out.splitlines()
