@@ -30,9 +30,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
-# Settings this module set at run time. A torch build may not report them back (on the H100 with
-# torch 2.11, 2026-12-07, a process that turned expandable segments on here planned for the
-# native allocator: fp8 under 2 GB kept 4 blocks resident where expandable segments allow 8).
+# Settings this module set at run time. A torch build may not report them back: on the H100 with
+# torch 2.11 (2026-12-07) a process that turned expandable segments on here planned for the
+# native allocator (fp8 under 2 GB kept 4 blocks resident where expandable segments allow 8).
 _set_here: list[str] = []
 
 
