@@ -14,7 +14,6 @@ Also the Triton dequant time of one joint layer's weights per quant type.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
@@ -35,7 +34,7 @@ from newbie_core.pipeline.sample import run_sampling  # noqa: E402
 from newbie_core.placement import Report, active_allocator, use_expandable_segments  # noqa: E402
 
 from lora_bench import _conds  # noqa: E402
-from row_timing import latent_drift, pinned_bandwidth, steady_steps  # noqa: E402
+from row_timing import latent_drift, pinned_bandwidth, sampling_bench_parser, steady_steps  # noqa: E402
 
 GB = 2**30
 
@@ -81,14 +80,10 @@ def dequant_ms_per_layer(device: torch.device, qtype: T, elements: int) -> float
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("root", nargs="?", default="/tmp/full")
+    ap = sampling_bench_parser(__doc__, steps=28)
     ap.add_argument("--types", nargs="+", default=["fp8", "Q8_0", "Q4_K"],
                     help="fp8 = the bf16 file with fp8 storage (the bytes-per-step comparison), or GGUF types")
     ap.add_argument("--budgets", default="none,4,2")
-    ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:

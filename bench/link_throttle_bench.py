@@ -14,7 +14,6 @@ its projection.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -32,7 +31,7 @@ from newbie_core.placement import session as placement_session  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
 from host_ram_bench import STORAGES  # noqa: E402
-from row_timing import pinned_bandwidth  # noqa: E402
+from row_timing import pinned_bandwidth, sampling_bench_parser  # noqa: E402
 
 LINKS_GBPS = (12, 25)
 ROWS = (("fp8", 2.0), ("fp8", 4.0), ("gguf-q4_k", 2.0))      # the fits table's picks for a 4 and 8 GB card
@@ -100,12 +99,7 @@ def file_for(root: Path, storage: str) -> tuple[Path, StorageDType]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("root", nargs="?", default="/tmp/full")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args(argv)
+    args = sampling_bench_parser(__doc__, steps=10).parse_args(argv)
     use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
         root, device, size, steps, rows, links = tiny_root("throttle_"), torch.device("cpu"), 64, 3, (("fp8", None),), (12,)

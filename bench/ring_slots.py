@@ -15,7 +15,6 @@ and bytes per step for each, so the planner's order is chosen from measurements.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json
@@ -31,6 +30,7 @@ from newbie_core.pipeline import placed  # noqa: E402
 from newbie_core.placement import session as placement_session, use_expandable_segments  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
+from row_timing import sampling_bench_parser  # noqa: E402
 from link_throttle_bench import ThrottledCopyEngine, file_for, throttle_rates, tiny_root  # noqa: E402
 
 # storage, VRAM budget GB, image side, link GB/s (None: this machine's own)
@@ -61,12 +61,7 @@ def run_row(root: Path, device: torch.device, storage: str, budget: float | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("root", nargs="?", default="/tmp/full")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args(argv)
+    args = sampling_bench_parser(__doc__, steps=8).parse_args(argv)
     use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
         root, device, steps, rows = tiny_root("ring_slots_"), torch.device("cpu"), 2, (("fp8", None, 64, None),)

@@ -6,6 +6,7 @@ its tables from these, gguf_bench.py and link_throttle_bench.py reuse them.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -24,6 +25,19 @@ from newbie_core.pipeline.sample import use_graphs  # noqa: E402
 from newbie_core.prompt import prepare_texts  # noqa: E402
 
 GB = 2**30
+
+
+def sampling_bench_parser(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The arguments the sampling-row scripts share: the full-size files' folder, steps, the
+    JSON output and a CPU --smoke run on tiny files (gguf_bench, link_throttle_bench, ring_slots)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", nargs="?", default="/tmp/full")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true")
+    return ap
+
+
 PROMPT = ("<character_1>\n<n>hatsune_miku</n>\n<gender>1girl</gender>\n<appearance>aqua_hair, twintails, "
           "very_long_hair, aqua_eyes</appearance>\n<clothing>sailor_collar, pleated_skirt, detached_sleeves"
           "</clothing>\n<expression>smile, open_mouth</expression>\n<action>waving, looking_at_viewer</action>\n"
