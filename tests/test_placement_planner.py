@@ -39,7 +39,10 @@ def sweep(**kw):
 
 @pytest.mark.parametrize("kw", [{}, {"storage": "fp8"}, {"storage": "auto"},
                                 {"bandwidth": 10e9, "block_compute_s": 3.5e-3},
-                                {"bandwidth": 55e9, "block_compute_s": 3.5e-3}])
+                                {"bandwidth": 55e9, "block_compute_s": 3.5e-3},
+                                {"storage": "fp8", "bandwidth": 10e9, "block_compute_s": 3.5e-3},
+                                {"storage": "fp8", "staged_slots": 3},
+                                {"storage": "fp8", "staged_slots": 3, "bandwidth": 10e9, "block_compute_s": 3.5e-3}])
 def test_plans_are_monotone_in_the_budget_and_fit(kw):
     plans = sweep(**kw)
     assert len(plans) >= 5, "the sweep should cover several regimes"
@@ -47,6 +50,8 @@ def test_plans_are_monotone_in_the_budget_and_fit(kw):
     for big, small in zip(plans, plans[1:]):
         assert len(small.resident) <= len(big.resident)
         assert activations(small.attn_chunk, small.ffn_chunk) <= activations(big.attn_chunk, big.ffn_chunk)
+        if big.streamed:
+            assert small.slots <= big.slots, "once blocks stream, the ring only gets shallower"
     for p in plans:
         assert p.predicted_peak <= p.budget
         assert p.predicted_peak == sum(b for _, b in p.breakdown)
