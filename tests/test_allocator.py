@@ -76,8 +76,10 @@ def test_the_activation_estimate_follows_the_allocator():
 
 PROBE = """
 import torch
-from newbie_core.placement import active_allocator, use_expandable_segments
+from newbie_core.placement import active_allocator, allocator, use_expandable_segments
+print("torch", torch.__version__, "can read settings back:", hasattr(torch._C, "_accelerator_getAllocatorSettings"))
 asked = use_expandable_segments()
+print("settings:", allocator.allocator_settings() or "-")
 MiB = 2**20
 torch.cuda.empty_cache()
 a = torch.empty(30 * MiB, dtype=torch.uint8, device="cuda")
@@ -102,6 +104,6 @@ def test_the_allocator_a_process_runs_is_the_one_planned_for(env, want, reserved
         environ["PYTORCH_CUDA_ALLOC_CONF"] = env
     out = subprocess.run([sys.executable, "-c", PROBE], env=environ, capture_output=True, text=True, check=True)
     asked, kind, mib = out.stdout.split("\n")[-2].split()
-    assert f"{asked} {kind}" == want
+    assert f"{asked} {kind}" == want, out.stdout
     if reserved:
         assert reserved[0] <= int(mib) <= reserved[1], f"{mib} MiB reserved"
