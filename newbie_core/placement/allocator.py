@@ -46,7 +46,7 @@ def allocator_settings() -> str:
     """The allocator settings this process runs with (the environment's, or set at run time)."""
     getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     reported = getter() if getter is not None else ",".join(os.environ[k] for k in _ENV if os.environ.get(k))
-    return ",".join(part for part in (reported, *_set_here) if part)
+    return ",".join(part for part in (reported, *(p for p in _set_here if p not in reported)) if part)
 
 
 def _expandable_requested(settings: str) -> bool:
