@@ -18,6 +18,8 @@ import datetime
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,6 +81,20 @@ def throttle_rates(device: torch.device) -> tuple[float, float]:
     return pinned_bandwidth(device), spin_cycles_per_second(device)
 
 
+@contextmanager
+def throttled_copies(device: torch.device, link_gbps: float | None, native_bps: float,
+                     cycles_per_s: float) -> Iterator[None]:
+    """Within it, placement's copy engines copy as slowly as a ``link_gbps`` link (nothing changes
+    on the CPU or without a link figure)."""
+    make = placement_session.make_engine
+    if link_gbps is not None and device.type == "cuda":
+        placement_session.make_engine = lambda d: ThrottledCopyEngine(d, link_gbps * 1e9, native_bps, cycles_per_s)
+    try:
+        yield
+    finally:
+        placement_session.make_engine = make
+
+
 def tiny_root(prefix: str) -> Path:
     """A temporary folder of tiny checkpoints, for a script's --smoke run on the CPU."""
     from newbie_core.tiny import build_tiny_checkpoints
@@ -112,13 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         base = sample_row(path, device, budget, size, steps, storage=dtype)
         for link in links:
             link_bps = link * 1e9
-            make = placement_session.make_engine
-            if device.type == "cuda":
-                placement_session.make_engine = lambda d, l=link_bps: ThrottledCopyEngine(d, l, native, cycles)
-            try:
+            with throttled_copies(device, link, native, cycles):
                 row = sample_row(path, device, budget, size, steps, storage=dtype, link_gbps=link)
-            finally:
-                placement_session.make_engine = make
             projected = projection(base, link_bps)
             out.append({"storage": storage, "budget_gb": budget, "link_gbps": link, "size": f"{size}x{size}",
                         "cfg": True, "steps": steps, "s_per_step": row["s_per_step"],

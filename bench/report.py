@@ -212,8 +212,8 @@ def chart(rows: list[dict], peers: list[dict], path: Path, machine: str) -> None
     ax.set_yscale("log")
     ax.set_xlabel("peak reserved VRAM of the sampling stage (GiB)")
     ax.set_ylabel("ms per sampling step (1024², CFG batch 2)")
-    ax.set_title(f"NewBie DiT on an {machine.removeprefix('NVIDIA ')}: ours (circles: bf16 blue, fp8 green) vs peers (red squares, forward only)",
-                 fontsize=9)
+    ax.set_title(f"NewBie DiT on an {machine.removeprefix('NVIDIA ')}: ours (circles: bf16 blue, fp8 green) "
+                 "vs peers (red squares, forward only)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.set_xlim(left=0, right=9.5)
     ax.set_ylim(80, 2500)                    # room for the labels under the lowest points

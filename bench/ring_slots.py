@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from newbie_core.pipeline import placed  # noqa: E402
-from newbie_core.placement import session as placement_session, use_expandable_segments  # noqa: E402
+from newbie_core.placement import use_expandable_segments  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
 from row_timing import sampling_bench_parser  # noqa: E402
-from link_throttle_bench import ThrottledCopyEngine, file_for, throttle_rates, tiny_root  # noqa: E402
+from link_throttle_bench import file_for, throttle_rates, throttled_copies, tiny_root  # noqa: E402
 
 # storage, VRAM budget GB, image side, link GB/s (None: this machine's own)
 ROWS = (("fp8", 2.0, 1024, None), ("gguf-q4_k", 2.0, 1024, None), ("gguf-q8_0", 2.0, 1024, None),
@@ -43,14 +43,13 @@ ROWS = (("fp8", 2.0, 1024, None), ("gguf-q4_k", 2.0, 1024, None), ("gguf-q8_0", 
 def run_row(root: Path, device: torch.device, storage: str, budget: float | None, size: int, link: float | None,
             steps: int, slots: int, native_bps: float, cycles: float) -> dict:
     path, dtype = file_for(root, storage)
-    plan_stage, make = placed.plan_stage, placement_session.make_engine
+    plan_stage = placed.plan_stage
     placed.plan_stage = functools.partial(plan_stage, max_slots=slots, staged_slots=slots)
-    if link is not None and device.type == "cuda":
-        placement_session.make_engine = lambda d: ThrottledCopyEngine(d, link * 1e9, native_bps, cycles)
     try:
-        row = sample_row(path, device, budget, size, steps, storage=dtype, link_gbps=link)
+        with throttled_copies(device, link, native_bps, cycles):
+            row = sample_row(path, device, budget, size, steps, storage=dtype, link_gbps=link)
     finally:
-        placed.plan_stage, placement_session.make_engine = plan_stage, make
+        placed.plan_stage = plan_stage
     plan = row["_plan"]
     return {"storage": storage, "budget_gb": budget, "size": f"{size}x{size}", "cfg": True, "steps": steps,
             "link_gbps": link, "max_slots": slots, "slots": plan.slots, "resident_blocks": row["resident_blocks"],

@@ -140,8 +140,7 @@ def plan_stage(stage: str, blocks: Sequence[BlockSize], budget: int, *,
     transfer_last = max(i for i, c in enumerate(chunks) if c in allowed)
     choice = StorageChoice(storage)
     ctx = _Ctx(stage, list(blocks), budget, always_resident_bytes, act, chunks, bandwidth,
-               block_compute_s, min(max_slots, staged_slots), max_slots, activations_in_own_pool, once,
-               transfer_last)
+               block_compute_s, max_slots, staged_slots, activations_in_own_pool, once, transfer_last)
     if choice is StorageChoice.AUTO:
         first = ctx.evaluate(Storage.BF16, len(blocks), ctx.slots_for(Storage.BF16, len(blocks)), 0, 0)
         kind = Storage.BF16 if first.predicted_peak <= budget else Storage.FP8
@@ -162,11 +161,12 @@ def resident_set(n: int, k: int) -> tuple[int, ...]:
 class _Ctx:
     """The planner's inputs, and how one configuration turns into a StagePlan."""
 
-    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, staged_slots, max_slots,
+    def __init__(self, stage, blocks, budget, fixed, act, chunks, bandwidth, compute_s, max_slots, staged_slots,
                  own_pool, once, transfer_last):
         self.stage, self.blocks, self.budget, self.fixed, self.own_pool = stage, blocks, budget, fixed, own_pool
         self.act, self.chunks, self.bandwidth, self.compute_s = act, chunks, bandwidth, compute_s
-        self.max_slots, self.staged_slots = max(1, max_slots), max(1, staged_slots)
+        self.max_slots = max(1, max_slots)
+        self.staged_slots = max(1, min(max_slots, staged_slots))      # the cap holds for staged storage too
         self.n = len(blocks)
         self.transfer_last = transfer_last
         self.once = frozenset(once)
