@@ -18,7 +18,6 @@ import datetime
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from newbie_core.placement import Report, active_allocator, use_expandable_segme
 
 from lora_bench import _conds  # noqa: E402
 from row_timing import latent_drift, pinned_bandwidth, sampling_bench_parser, steady_steps  # noqa: E402
+from tiny_files import tiny_checkpoints  # noqa: E402
 
 GB = 2**30
 
@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
         from make_gguf import main as make
-        from newbie_core.tiny import build_tiny_checkpoints
-        root = Path(tempfile.mkdtemp(prefix="gguf_bench_"))
-        bf16 = Path(build_tiny_checkpoints(root).dit)
+        tiny = tiny_checkpoints("gguf_bench_")
+        root, bf16 = tiny.root, tiny.dit
         make([str(root), "--types", *[t for t in args.types if t != "fp8"]])
         device, size, steps, budgets = torch.device("cpu"), 64, 3, [None]
     else:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+from tiny_files import tiny_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -185,11 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.smoke:
         import tempfile
-        from newbie_core.tiny import build_tiny_checkpoints
         sys.path.insert(0, str(ROOT / "bench"))
         from make_gguf import main as make
-        root = Path(tempfile.mkdtemp(prefix="newbie_host_smoke_"))
-        paths = build_tiny_checkpoints(root)
+        paths = tiny_checkpoints("newbie_host_smoke_")
+        root = paths.root
         make(["--smoke", "--types", "Q8_0", "Q4_K"])
         smoke_root = sorted(Path(tempfile.gettempdir()).glob("newbie_gguf_smoke_*"))[-1]
         files = {"bf16": (paths.dit, paths.gemma), "fp8": (paths.dit, paths.gemma),

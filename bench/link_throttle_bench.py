@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ from newbie_core.placement import session as placement_session  # noqa: E402
 from gguf_bench import sample_row  # noqa: E402
 from host_ram_bench import STORAGES  # noqa: E402
 from row_timing import pinned_bandwidth, sampling_bench_parser  # noqa: E402
+from tiny_files import tiny_checkpoints  # noqa: E402
 
 LINKS_GBPS = (12, 25)
 ROWS = (("fp8", 2.0), ("fp8", 4.0), ("gguf-q4_k", 2.0))      # the fits table's picks for a 4 and 8 GB card
@@ -95,14 +95,6 @@ def throttled_copies(device: torch.device, link_gbps: float | None, native_bps: 
         placement_session.make_engine = make
 
 
-def tiny_root(prefix: str) -> Path:
-    """A temporary folder of tiny checkpoints, for a script's --smoke run on the CPU."""
-    from newbie_core.tiny import build_tiny_checkpoints
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    build_tiny_checkpoints(root)
-    return root
-
-
 def projection(unthrottled: dict, link_bps: float) -> float:
     """fits.py's s/step for a link: the row's own measured step, or its copies over the link."""
     return max(unthrottled["s_per_step"], unthrottled["bytes_h2d_per_step"] / link_bps)
@@ -118,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sampling_bench_parser(__doc__, steps=10).parse_args(argv)
     use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
-        root, device, size, steps, rows, links = tiny_root("throttle_"), torch.device("cpu"), 64, 3, (("fp8", None),), (12,)
+        root, device, size, steps, rows, links = tiny_checkpoints("throttle_").root, torch.device("cpu"), 64, 3, (("fp8", None),), (12,)
     else:
         root, device, size, steps, rows, links = Path(args.root), torch.device("cuda"), 1024, args.steps, ROWS, LINKS_GBPS
     native, cycles = throttle_rates(device)

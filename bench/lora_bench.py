@@ -29,6 +29,7 @@ from newbie_core.pipeline import Conditioning, MemorySettings, SamplingSettings,
 from newbie_core.pipeline.sample import run_sampling  # noqa: E402
 from newbie_core.placement import Report  # noqa: E402
 from newbie_core.tiny.lora import write_lora  # noqa: E402
+from tiny_files import tiny_checkpoints  # noqa: E402
 
 GB = 2**30
 
@@ -95,9 +96,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
     if args.smoke:
-        from newbie_core.tiny import build_tiny_checkpoints
-        root = Path(tempfile.mkdtemp(prefix="lora_bench_"))
-        dit = build_tiny_checkpoints(root).dit
+        tiny = tiny_checkpoints("lora_bench_")
+        root, dit = tiny.root, tiny.dit
         cpu = torch.device("cpu")
         probe = run_sampling(load_dit_handle(dit), *_conds(DiTConfig.tiny(), 7), torch.zeros(1, 16, 8, 8),
                              SamplingSettings(steps=1), MemorySettings(), cpu, Report(), None)

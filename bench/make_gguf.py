@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from newbie_core.models.dit.loading import AXES_METADATA_KEY  # noqa: E402
 from newbie_core.tiny.gguf_files import (_gemma_gguf_name, add_spm_tokenizer, dit_tensor_type, encode_tensor,  # noqa: E402
                                          gemma_tensor_type)
+from tiny_files import tiny_checkpoints  # noqa: E402
 
 THREADS = max(1, (os.cpu_count() or 1) // 4)     # per conversion; four conversions run side by side
 
@@ -101,9 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny checkpoints on the CPU instead")
     args = ap.parse_args(argv)
     if args.smoke:
-        from newbie_core.tiny import build_tiny_checkpoints
-        root = Path(tempfile.mkdtemp(prefix="newbie_gguf_smoke_"))
-        paths = build_tiny_checkpoints(root)
+        paths = tiny_checkpoints("newbie_gguf_smoke_")
+        root = paths.root
         dit, gemma = Path(paths.dit), Path(paths.gemma)
     else:
         root = Path(args.root)

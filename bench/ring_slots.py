@@ -31,7 +31,8 @@ from newbie_core.placement import use_expandable_segments  # noqa: E402
 
 from gguf_bench import sample_row  # noqa: E402
 from row_timing import sampling_bench_parser  # noqa: E402
-from link_throttle_bench import file_for, throttle_rates, throttled_copies, tiny_root  # noqa: E402
+from link_throttle_bench import file_for, throttle_rates, throttled_copies  # noqa: E402
+from tiny_files import tiny_checkpoints  # noqa: E402
 
 # storage, VRAM budget GB, image side, link GB/s (None: this machine's own)
 ROWS = (("fp8", 2.0, 1024, None), ("gguf-q4_k", 2.0, 1024, None), ("gguf-q8_0", 2.0, 1024, None),
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sampling_bench_parser(__doc__, steps=8).parse_args(argv)
     use_expandable_segments()            # as the CLI runs: before the first CUDA allocation
     if args.smoke:
-        root, device, steps, rows = tiny_root("ring_slots_"), torch.device("cpu"), 2, (("fp8", None, 64, None),)
+        root, device, steps, rows = tiny_checkpoints("ring_slots_").root, torch.device("cpu"), 2, (("fp8", None, 64, None),)
     else:
         root, device, steps, rows = Path(args.root), torch.device("cuda"), args.steps, ROWS
     native, cycles = throttle_rates(device)

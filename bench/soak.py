@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from newbie_core.pipeline import (GenerationRequest, MemorySettings, Models, SamplingSettings, generate,  # noqa: E402
                                   load_dit_handle, load_text_encoder_handle, load_vae_handle)
 from newbie_core.placement.host_budget import pinned_bytes  # noqa: E402
+from tiny_files import tiny_checkpoints  # noqa: E402
 
 MIB = 2**20
 SIZES = [(512, 512), (640, 512), (512, 640)]
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
-        from newbie_core.tiny import build_tiny_checkpoints
-        paths = build_tiny_checkpoints(Path(tempfile.mkdtemp(prefix="soak_")))
+        paths = tiny_checkpoints("soak_")
         files = (paths.dit, paths.gemma, paths.jina, paths.vae)
         device, sizes, budgets, runs, steps = torch.device("cpu"), [(64, 64), (96, 64), (64, 96)], [None], 6, 2
     else:
