@@ -33,7 +33,7 @@ from newbie_core.pipeline.sample import run_sampling  # noqa: E402
 from newbie_core.placement import Report, active_allocator, use_expandable_segments  # noqa: E402
 
 from lora_bench import _conds  # noqa: E402
-from row_timing import latent_drift, pinned_bandwidth, sampling_bench_parser, steady_steps  # noqa: E402
+from row_timing import latent_drift, pinned_bandwidth, sampling_bench_parser, set_budget, steady_steps  # noqa: E402
 from tiny_files import tiny_checkpoints  # noqa: E402
 
 GB = 2**30
@@ -47,19 +47,26 @@ def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: 
     conds = _conds(handle.ckpt.config, 300 if device.type == "cuda" else 7)
     report = Report()
     memory = MemorySettings(attention_chunk=chunks[0], ffn_chunk=chunks[1], link_gbps=link_gbps)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        set_budget(device, budget_gb)        # the budget is the card: enforced, as in the pipeline rows
     budget = None if budget_gb is None else int(budget_gb * GB)
-    result = run_sampling(handle, *conds, torch.zeros(1, 16, size // 8, size // 8), SamplingSettings(steps=steps, cfg=5.0),
-                          memory, device, report, budget)
+    try:
+        result = run_sampling(handle, *conds, torch.zeros(1, 16, size // 8, size // 8),
+                              SamplingSettings(steps=steps, cfg=5.0), memory, device, report, budget)
+    finally:
+        if cuda:
+            set_budget(device, None)
     steady = steady_steps(result.step_seconds)
     record = report.records[-1]
     plan = result.plan
     return {"storage": "bf16", "file": path.name, "budget_gb": budget_gb, "size": f"{size}x{size}", "cfg": True, "steps": steps,
             "s_per_step": statistics.median(steady), "s_step_min": min(steady), "s_step_max": max(steady),
             "peak_reserved_gb": (record.peak_reserved or 0) / GB, "predicted_peak_gb": (record.predicted_peak or 0) / GB,
-            "bytes_h2d_per_step": record.bytes_h2d / steps, "resident_blocks": len(plan.resident),
+            "bytes_h2d_per_step": record.bytes_h2d / steps, "alloc_retries": record.alloc_retries,
+            "budget_enforced": cuda and budget_gb is not None, "resident_blocks": len(plan.resident),
             "predicted_step_s": plan.predicted_step_s,
             "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk], "_latent": result.latent,
             "_plan": plan, "_handle": handle}

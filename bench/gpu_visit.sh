@@ -19,6 +19,7 @@
 #   bash bench/gpu_visit.sh probe                    # fused-kernel and forward variants, idle gaps
 #   bash bench/gpu_visit.sh act-memory               # what the 2 GB rows' peaks hold, per allocator setting
 #   bash bench/gpu_visit.sh slots                    # streamed rows with at most 3 against at most 2 ring slots
+#   bash bench/gpu_visit.sh cap                      # fp8 under 2 GB with and without the budget cap, allocator retries
 #
 # Wheels the machine lacks (diffusers, gguf, importlib_metadata, platformdirs) go in .whl/ (ignored by git).
 # All parts share /tmp/full (the full-size random checkpoints) and one inductor cache, so only the
@@ -118,7 +119,11 @@ for part in "$@"; do
             ggufs; timeout "${SLOTS_LIMIT:-300}" python3 bench/ring_slots.py /tmp/full --out "$OUT/ring_slots.json" \
                 > "$OUT/ring_slots.log" 2>&1
             grep '^{' "$OUT/ring_slots.log" | cut -c1-330 ;;
-        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe gaps act-memory slots)"; exit 2 ;;
+        cap)
+            models; timeout "${CAP_LIMIT:-200}" python3 bench/cap_retries.py /tmp/full --out "$OUT/cap_retries.json" \
+                > "$OUT/cap_retries.log" 2>&1
+            cut -c1-300 "$OUT/cap_retries.log" | grep '^{' ;;
+        *) echo "unknown part $part (tests soak lora rows gguf peers host-ram host-ram-grid throttle decode probe gaps act-memory slots cap)"; exit 2 ;;
     esac
 done
 step done

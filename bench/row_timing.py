@@ -142,6 +142,7 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
         "stage_peaks_allocated_gb": {k: (r.peak_allocated or 0) / GB for k, r in recs.items()},
         "predicted_peaks_gb": {k: (r.predicted_peak or 0) / GB for k, r in recs.items()},
         "stage_seconds": {k: r.seconds for k, r in recs.items()},
+        "stage_alloc_retries": {k: r.alloc_retries for k, r in recs.items() if r.alloc_retries is not None},
         "s_per_step": s_step, "s_step_min": min(steady), "s_step_max": max(steady), "steady_steps": len(steady),
         "whole_s": whole, "tflops": flops / s_step / 1e12,
         "host_ram_peak_gb": max((r.host_ram_peak or 0) for r in recs.values()) / GB,
@@ -174,7 +175,9 @@ def summary(row: dict) -> str:
             f"resident {row['resident_blocks']} (kept at compute dtype {row.get('materialized_blocks', 0)}) "
             f"slots {row['slots']} chunks {row['chunks']} graphs {row.get('cuda_graphs', True)} "
             f"bitwise {row.get('bitwise_equal_to_resident')} | measured/predicted GB {stages} | stage s "
-            + " ".join(f"{k}={v:.2f}" for k, v in row["stage_seconds"].items()))
+            + " ".join(f"{k}={v:.2f}" for k, v in row["stage_seconds"].items())
+            + (" | alloc retries " + " ".join(f"{k}={v}" for k, v in retries.items())
+               if (retries := row.get("stage_alloc_retries")) else ""))
 
 
 def latent_drift(lat: torch.Tensor, ref: torch.Tensor) -> dict:

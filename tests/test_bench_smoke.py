@@ -113,6 +113,14 @@ def test_gguf_bench_smoke_rows_are_bitwise_and_carry_their_drift(tmp_path):
         assert r["x_roofline"] >= 1.0 - 1e-9
 
 
+def test_cap_retries_runs_both_conditionings_with_and_without_the_cap(tmp_path):
+    out = tmp_path / "cap.json"
+    _script("cap_retries").main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["conditioning"], r["cap_enforced"]) for r in rows] == [("random", False)] * 2 + [("encoded", False)] * 2
+    assert all(r["s_per_step"] > 0 and r["alloc_retries"] is None for r in rows)    # no allocator on the CPU
+
+
 @pytest.mark.slow
 def test_soak_smoke_reports_no_growth(tmp_path):
     out = tmp_path / "soak.json"

@@ -224,3 +224,28 @@ def test_transfer_hides_behind_compute():
     print(f"\nper forward: resident {resident * 1e3:.1f} ms, streamed bf16 {streamed * 1e3:.1f} ms, "
           f"streamed fp8 {fp8 * 1e3:.1f} ms; block {nbytes / 1e6:.0f} MB, compute {resident / 10 * 1e3:.2f} ms/block")
     assert streamed < 1.25 * resident
+
+
+def test_stage_counts_allocator_retries_at_the_cap():
+    """A stage whose allocations run into the budget cap reports each free-the-cache-and-retry,
+    and one that stays under it reports none: the figure that tells a plan too tight to run fast."""
+    total = torch.cuda.get_device_properties(DEV).total_memory
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_reserved(DEV)
+    torch.cuda.set_per_process_memory_fraction((base + 96 * 2**20) / total, DEV)
+    try:
+        report = Report()
+        with measure_stage(report, "roomy", DEV):
+            a = torch.empty(32 * 2**20, dtype=torch.uint8, device=DEV)
+            del a
+        with measure_stage(report, "tight", DEV):
+            held = torch.empty(60 * 2**20, dtype=torch.uint8, device=DEV)
+            del held                        # cached for the default stream only
+            with torch.cuda.stream(torch.cuda.Stream(DEV)):
+                other = torch.empty(60 * 2**20, dtype=torch.uint8, device=DEV)   # 120 MiB > the cap
+                del other
+        roomy, tight = report.records
+        assert roomy.alloc_retries == 0
+        assert tight.alloc_retries is not None and tight.alloc_retries >= 1, report.render()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, DEV)

@@ -31,6 +31,9 @@ class StageRecord:
     host_ram_peak: int | None = None
     pinned_bytes: int | None = None      # page-locked host copies held at the stage's end
     bytes_read: int | None = None        # read from storage during the stage (page-cache hits excluded)
+    # times the caching allocator hit the budget cap, freed its cache and tried again: each one
+    # synchronizes every stream, so a stage that retries every step is paying for a plan too tight
+    alloc_retries: int | None = None
 
 
 @dataclass
@@ -46,15 +49,21 @@ class Report:
 
     def render(self) -> str:
         head = ("stage", "time", "peak alloc", "peak reserved", "predicted", "baseline", "H2D", "host RAM peak",
-                "pinned", "disk read")
+                "pinned", "disk read", "alloc retries")
         rows = [head] + [(r.name, f"{r.seconds:.2f} s", fmt_bytes(r.peak_allocated), fmt_bytes(r.peak_reserved),
                           fmt_bytes(r.predicted_peak), fmt_bytes(r.baseline_allocated), fmt_bytes(r.bytes_h2d),
-                          fmt_bytes(r.host_ram_peak), fmt_bytes(r.pinned_bytes), fmt_bytes(r.bytes_read))
+                          fmt_bytes(r.host_ram_peak), fmt_bytes(r.pinned_bytes), fmt_bytes(r.bytes_read),
+                          "-" if r.alloc_retries is None else str(r.alloc_retries))
                          for r in self.records]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+def _alloc_retries(device: torch.device) -> int:
+    """The caching allocator's running count of free-the-cache-and-retry events."""
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
 
 
 @contextmanager
@@ -71,6 +80,7 @@ def measure_stage(report: Report, name: str, device: torch.device | str,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         record.baseline_allocated = torch.cuda.memory_allocated(device)
+        retries_before = _alloc_retries(device)
     read_before = bytes_read()
     start = time.perf_counter()
     try:
@@ -80,6 +90,7 @@ def measure_stage(report: Report, name: str, device: torch.device | str,
             torch.cuda.synchronize(device)
             record.peak_allocated = torch.cuda.max_memory_allocated(device)
             record.peak_reserved = torch.cuda.max_memory_reserved(device)
+            record.alloc_retries = _alloc_retries(device) - retries_before
             torch.cuda.empty_cache()
         record.seconds = time.perf_counter() - start
         record.host_ram_peak = host_ram_peak()
