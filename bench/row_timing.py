@@ -76,8 +76,11 @@ def reset_host_peak() -> None:
 
 
 def set_budget(device: torch.device, budget_gb: float | None) -> None:
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(1.0 if budget_gb is None else min(1.0, budget_gb * GB / total), device)
+    """Cap this process's CUDA allocations at ``budget_gb`` (None lifts the cap), as a card of
+    that size would; torch wants the device's index, which ``torch.device("cuda")`` leaves out."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if budget_gb is None else min(1.0, budget_gb * GB / total), index)
 
 
 def load_models(root: Path, dtype: str) -> Models:

@@ -232,7 +232,7 @@ def test_stage_counts_allocator_retries_at_the_cap():
     total = torch.cuda.get_device_properties(DEV).total_memory
     torch.cuda.empty_cache()
     base = torch.cuda.memory_reserved(DEV)
-    torch.cuda.set_per_process_memory_fraction((base + 96 * 2**20) / total, DEV)
+    torch.cuda.set_per_process_memory_fraction((base + 96 * 2**20) / total)      # the current device
     try:
         report = Report()
         with measure_stage(report, "roomy", DEV):
@@ -248,4 +248,4 @@ def test_stage_counts_allocator_retries_at_the_cap():
         assert roomy.alloc_retries == 0
         assert tight.alloc_retries is not None and tight.alloc_retries >= 1, report.render()
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, DEV)
+        torch.cuda.set_per_process_memory_fraction(1.0)
