@@ -3,7 +3,7 @@
 The H200 visit of 2026-12-07 timed fp8 under 2 GB at 150.9 ms/step in the pipeline bench
 (whole generations, budget enforced with ``set_per_process_memory_fraction``) and at 119.5 ms in
 the GGUF bench (sampling alone, the budget only planned for), on the same 8-resident plan. This
-script runs that plan uncapped, capped at the budget and capped 0.25 GB above it, on fixed
+script runs that plan (the GGUF bench's sampling row) uncapped, capped at the budget and capped 0.25 GB above it, on fixed
 random conditioning and on conditioning the encoders just made, and gives per run the step median, the
 caching allocator's free-the-cache-and-retry count (each one synchronizes every stream) and
 the peak reserved bytes; and, at the sampling stage's entry, the CUDA segments with the live
@@ -16,7 +16,6 @@ blocks that sit inside them (what could split a segment so a large activation no
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,16 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from newbie_core.pipeline import (MemorySettings, Models, SamplingSettings, StorageDType, load_dit_handle,  # noqa: E402
-                                  load_text_encoder_handle, load_vae_handle)
+from newbie_core.pipeline import MemorySettings, StorageDType, load_text_encoder_handle  # noqa: E402
 from newbie_core.pipeline.conditioning import ConditioningCache  # noqa: E402
 from newbie_core.pipeline.encode import encode_texts  # noqa: E402
-from newbie_core.pipeline.sample import run_sampling  # noqa: E402
 from newbie_core.placement import Report, active_allocator, use_expandable_segments  # noqa: E402
 from newbie_core.prompt import prepare_texts  # noqa: E402
 
-from lora_bench import _conds  # noqa: E402
-from row_timing import GB, PROMPT, load_models, sampling_bench_parser, set_budget, steady_steps  # noqa: E402
+from gguf_bench import sample_row  # noqa: E402
+from row_timing import GB, PROMPT, load_models, sampling_bench_parser  # noqa: E402
 from tiny_files import tiny_checkpoints  # noqa: E402
 
 
@@ -52,44 +49,29 @@ def segment_layout(device: torch.device) -> list[dict]:
     return out
 
 
-COUNTERS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free")
+# the full retries are in the row already (the stage record's alloc_retries)
+COUNTERS = ("num_sync_all_streams", "num_device_alloc", "num_device_free")
 
 
 def counters(device: torch.device) -> dict[str, int]:
-    """The allocator's running counts: full retries, all-stream syncs (every cache release does
-    one), and segment allocations / frees (with expandable segments, page maps / unmaps)."""
+    """The allocator's running counts: all-stream syncs (every cache release does one) and
+    segment allocations / frees (with expandable segments, page maps / unmaps)."""
     stats = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
     return {k: int(stats.get(k, 0)) for k in COUNTERS}
 
 
-def sample_once(models, conds, device, budget_gb: float | None, slack_gb: float | None, size: int,
+def sample_once(path: Path, conds, device, budget_gb: float | None, slack_gb: float | None, size: int,
                 steps: int) -> dict:
-    """One sampling run of the fp8 DiT planned for ``budget_gb``; with a ``slack_gb`` the process
-    is capped at the budget plus that much (0: as a card of exactly the budget's size would be)."""
-    cap = slack_gb is not None and budget_gb is not None
-    memory = MemorySettings(vram_budget_gb=budget_gb, fp8_streaming=True)
-    report = Report()
-    cuda = device.type == "cuda"
-    if cuda:
+    """The GGUF bench's sampling row of the fp8 DiT (gguf_bench.sample_row) planned for
+    ``budget_gb`` and capped ``slack_gb`` above it (None: uncapped), with the allocator's counts
+    over the run and the segments it starts from."""
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-        layout = segment_layout(device)
-        set_budget(device, budget_gb + slack_gb if cap else None)
-    before = counters(device)
-    try:
-        result = run_sampling(models.dit, *conds, torch.zeros(1, 16, size // 8, size // 8),
-                              SamplingSettings(steps=steps, cfg=5.0, seed=0), memory, device, report,
-                              None if budget_gb is None else int(budget_gb * GB))
-    finally:
-        if cuda:
-            set_budget(device, None)
+    layout, before = segment_layout(device), counters(device)
+    row = sample_row(path, device, budget_gb, size, steps, storage=StorageDType.FP8, conds=conds, cap_slack_gb=slack_gb)
     after = counters(device)
-    steady = steady_steps(result.step_seconds)
-    rec = report.records[-1]
-    return {"budget_gb": budget_gb, "cap_gb": budget_gb + slack_gb if cap and cuda else None, "s_per_step": statistics.median(steady),
-            "s_step_min": min(steady), "s_step_max": max(steady), "alloc_retries": rec.alloc_retries,
-            "allocator_counts": {k: after[k] - before[k] for k in COUNTERS},
-            "peak_reserved_gb": (rec.peak_reserved or 0) / GB, "predicted_peak_gb": (rec.predicted_peak or 0) / GB,
-            "resident_blocks": len(result.plan.resident), "segments_at_entry": layout if cuda else []}
+    return {**{k: v for k, v in row.items() if not k.startswith("_")},
+            "allocator_counts": {k: after[k] - before[k] for k in COUNTERS}, "segments_at_entry": layout}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,25 +81,24 @@ def main(argv: list[str] | None = None) -> None:
     use_expandable_segments()
     if args.smoke:
         tiny = tiny_checkpoints("cap_retries_")
-        models = Models(load_dit_handle(tiny.dit, StorageDType.FP8),
-                        load_text_encoder_handle(tiny.gemma, tiny.jina), load_vae_handle(tiny.vae))
+        dit, encoders = tiny.dit, load_text_encoder_handle(tiny.gemma, tiny.jina)
         device, size, steps, budgets = torch.device("cpu"), 64, 3, [None]
     else:
-        models = load_models(Path(args.root), "fp8")
+        root = Path(args.root)
+        dit, encoders = root / "diffusion_models" / "NewBie-Image-Exp0.1-bf16.safetensors", load_models(root, "fp8").encoders
         device, size, steps = torch.device("cuda"), 1024, args.steps
         budgets = [float(b) for b in args.budgets.split(",")]
-    fixed = _conds(models.dit.ckpt.config, 300 if device.type == "cuda" else 7)
     rows = []
     for source in ("random", "encoded"):
         for budget in budgets:
             for slack in (None, 0.0, 0.25):
                 if source == "encoded":      # the encoders run first, as in a whole generation
-                    conds = encode_texts(models.encoders, prepare_texts(PROMPT), MemorySettings(
+                    conds = encode_texts(encoders, prepare_texts(PROMPT), MemorySettings(
                         vram_budget_gb=budget, fp8_streaming=True), device, Report(),
                         None if budget is None else int(budget * GB), cache=ConditioningCache())
                 else:
-                    conds = fixed
-                row = {"conditioning": source, **sample_once(models, conds, device, budget, slack, size, steps)}
+                    conds = None             # gguf_bench's fixed random conditioning
+                row = {"conditioning": source, **sample_once(dit, conds, device, budget, slack, size, steps)}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "segments_at_entry"}), flush=True)
     if args.out:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from newbie_core.models.dit import build_dit  # noqa: E402
 from newbie_core.models.gguf.dequant import block_geometry, dequantize  # noqa: E402
-from newbie_core.pipeline import MemorySettings, SamplingSettings, StorageDType, load_dit_handle  # noqa: E402
+from newbie_core.pipeline import Conditioning, MemorySettings, SamplingSettings, StorageDType, load_dit_handle  # noqa: E402
 from newbie_core.pipeline.sample import run_sampling  # noqa: E402
 from newbie_core.placement import Report, active_allocator, use_expandable_segments  # noqa: E402
 
@@ -41,17 +41,21 @@ GB = 2**30
 
 def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: int, steps: int,
                chunks: tuple[int, int] = (0, 0), storage: StorageDType = StorageDType.BF16,
-               link_gbps: float | None = None) -> dict:
-    """One sampling run's row; ``link_gbps`` plans for that link instead of the measured one."""
+               link_gbps: float | None = None, conds: tuple[Conditioning, Conditioning] | None = None,
+               cap_slack_gb: float | None = 0.0) -> dict:
+    """One sampling run's row; ``link_gbps`` plans for that link instead of the measured one.
+    ``conds`` replaces the fixed random conditioning. The process is capped at the budget plus
+    ``cap_slack_gb`` (0: a card of exactly the budget's size), and not at all with None."""
     handle = load_dit_handle(path, storage)
-    conds = _conds(handle.ckpt.config, 300 if device.type == "cuda" else 7)
+    conds = conds or _conds(handle.ckpt.config, 300 if device.type == "cuda" else 7)
     report = Report()
     memory = MemorySettings(attention_chunk=chunks[0], ffn_chunk=chunks[1], link_gbps=link_gbps)
     cuda = device.type == "cuda"
+    cap_gb = None if budget_gb is None or cap_slack_gb is None or not cuda else budget_gb + cap_slack_gb
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        set_budget(device, budget_gb)        # the budget is the card: enforced, as in the pipeline rows
+        set_budget(device, cap_gb)           # the budget is the card: enforced, as in the pipeline rows
     budget = None if budget_gb is None else int(budget_gb * GB)
     try:
         result = run_sampling(handle, *conds, torch.zeros(1, 16, size // 8, size // 8),
@@ -66,7 +70,7 @@ def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: 
             "s_per_step": statistics.median(steady), "s_step_min": min(steady), "s_step_max": max(steady),
             "peak_reserved_gb": (record.peak_reserved or 0) / GB, "predicted_peak_gb": (record.predicted_peak or 0) / GB,
             "bytes_h2d_per_step": record.bytes_h2d / steps, "alloc_retries": record.alloc_retries,
-            "budget_enforced": cuda and budget_gb is not None, "resident_blocks": len(plan.resident),
+            "cap_gb": cap_gb, "resident_blocks": len(plan.resident),
             "predicted_step_s": plan.predicted_step_s,
             "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk], "_latent": result.latent,
             "_plan": plan, "_handle": handle}
