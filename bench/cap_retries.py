@@ -3,11 +3,12 @@
 The H200 visit of 2026-12-07 timed fp8 under 2 GB at 150.9 ms/step in the pipeline bench
 (whole generations, budget enforced with ``set_per_process_memory_fraction``) and at 119.5 ms in
 the GGUF bench (sampling alone, the budget only planned for), on the same 8-resident plan. This
-script runs that plan (the GGUF bench's sampling row) uncapped, capped at the budget and capped 0.25 GB above it, on fixed
-random conditioning and on conditioning the encoders just made, and gives per run the step median, the
-caching allocator's free-the-cache-and-retry count (each one synchronizes every stream) and
-the peak reserved bytes; and, at the sampling stage's entry, the CUDA segments with the live
-blocks that sit inside them (what could split a segment so a large activation no longer fits).
+script runs that plan (the GGUF bench's sampling row) uncapped, capped at the budget and capped
+0.25 GB above it, on fixed random conditioning and on conditioning the encoders just made. Per
+run: the step median, the caching allocator's free-the-cache-and-retry count (each one
+synchronizes every stream), its segment maps and frees, and the peak reserved bytes; and, at
+the sampling stage's entry, the CUDA segments with the live blocks inside them (what could
+split a segment so a large activation no longer fits).
 
     python bench/cap_retries.py /tmp/full --out $OUT/cap_retries.json
     python bench/cap_retries.py --smoke          # tiny files on the CPU: the runs, no allocator
