@@ -66,7 +66,8 @@ def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: 
     steady = steady_steps(result.step_seconds)
     record = report.records[-1]
     plan = result.plan
-    return {"storage": "bf16", "file": path.name, "budget_gb": budget_gb, "size": f"{size}x{size}", "cfg": True, "steps": steps,
+    label = "gguf" if path.suffix == ".gguf" else storage.value      # callers name the GGUF's quant type
+    return {"storage": label, "file": path.name, "budget_gb": budget_gb, "size": f"{size}x{size}", "cfg": True, "steps": steps,
             "s_per_step": statistics.median(steady), "s_step_min": min(steady), "s_step_max": max(steady),
             "peak_reserved_gb": (record.peak_reserved or 0) / GB, "predicted_peak_gb": (record.predicted_peak or 0) / GB,
             "bytes_h2d_per_step": record.bytes_h2d / steps, "alloc_retries": record.alloc_retries,

@@ -119,6 +119,7 @@ def test_cap_retries_runs_both_conditionings_uncapped_and_capped(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["conditioning"], r["cap_gb"]) for r in rows] == [("random", None)] * 3 + [("encoded", None)] * 3
     assert all(r["s_per_step"] > 0 and r["alloc_retries"] is None for r in rows)    # no allocator on the CPU
+    assert {r["storage"] for r in rows} == {"fp8"}       # the row names the storage it ran, not bf16
 
 
 @pytest.mark.slow
