@@ -72,6 +72,22 @@ def test_fits_table_is_a_roofline_projection_in_markdown(capsys):
     assert fits.fit([r for r in rows if r.dtype == "bf16"], 16, 16, 50, 3.0).host_note.startswith("encoders")
 
 
+def test_fits_counts_the_whole_dit_for_eviction_and_keeps_exact_storage_within_the_tie_band():
+    """A 2 GB row that keeps 8 of 40 blocks resident streams 32 blocks' bytes only; whether the DiT
+    fits a PC's RAM once the encoders are evicted depends on all 40 (2.70 GiB streamed would fit
+    8 GB's 6 GB, the 3.38 GiB DiT does not)."""
+    fits = _script("fits")
+    row = fits.Row("fp8", 2, 1.9, 0.123, 2_903_063_040, 4.22, 10.4, resident_blocks=8, n_blocks=40)
+    assert row.dit_bytes == 2_903_063_040 * 40 // 32
+    assert fits.fit([row], 4, 8, 25, 3.0).host_note.startswith("DiT streamed from disk")
+    assert fits.fit([fits.Row("fp8", 2, 1.9, 0.123, 2_903_063_040, 4.22, 10.4)], 4, 8, 25, 3.0) \
+        .host_note.startswith("encoders")                  # without block counts: the streamed bytes
+    resident = [fits.Row("bf16", None, 7.06, 0.120, 0, 4.27, 15.7), fits.Row("fp8", None, 7.06, 0.120, 0, 4.17, 10.4)]
+    assert fits.fit(resident, 8, 32, 25, 3.0).dtype == "bf16"       # 2.3 % faster: within the band
+    faster = [resident[0], fits.Row("fp8", None, 7.06, 0.110, 0, 3.9, 10.4)]
+    assert fits.fit(faster, 8, 32, 25, 3.0).dtype == "fp8"          # 8.7 % faster: picked
+
+
 def test_fits_summary_has_a_line_per_card_and_pc_with_each_links_pick(capsys):
     fits = _script("fits")
     assert fits.main(["--smoke", "--summary"]) == 0
@@ -89,9 +105,11 @@ def test_fits_reads_the_measured_results():
     assert {r.dtype for r in rows} == {"bf16", "fp8"} and any(r.budget_gb is None for r in rows)
     gguf = fits.load_gguf_rows(rows)
     assert {r.dtype for r in gguf} == {"gguf-q8_0", "gguf-q4_k"} and all(r.host_ram_peak_gb > 0 for r in gguf)
-    # Over a slow link a 4 GB card is bound by the bytes it streams: Q4_K moves the fewest.
+    # Over a slow link a 4 GB card is picked by the bytes it streams: Q4_K moves the fewest, and
+    # fp8 (over twice Q4_K's bytes) would be bound by the link there.
     slow = fits.fit(rows + gguf, 4, 16, 12, 3.0)
-    assert slow.dtype == "gguf-q4_k" and slow.bound == "link"
+    assert slow.dtype == "gguf-q4_k"
+    assert fits.fit(rows, 4, 16, 12, 3.0).bound == "link"
 
 
 @pytest.mark.slow
