@@ -33,7 +33,8 @@ from newbie_core.pipeline.sample import run_sampling  # noqa: E402
 from newbie_core.placement import Report, active_allocator, use_expandable_segments  # noqa: E402
 
 from lora_bench import _conds  # noqa: E402
-from row_timing import latent_drift, pinned_bandwidth, sampling_bench_parser, set_budget, steady_steps  # noqa: E402
+from row_timing import (latent_drift, pinned_bandwidth, reset_host_peak, sampling_bench_parser,  # noqa: E402
+                        set_budget, steady_steps)
 from tiny_files import tiny_checkpoints  # noqa: E402
 
 GB = 2**30
@@ -57,6 +58,7 @@ def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: 
         torch.cuda.reset_peak_memory_stats(device)
         set_budget(device, cap_gb)           # the budget is the card: enforced, as in the pipeline rows
     budget = None if budget_gb is None else int(budget_gb * GB)
+    reset_host_peak()
     try:
         result = run_sampling(handle, *conds, torch.zeros(1, 16, size // 8, size // 8),
                               SamplingSettings(steps=steps, cfg=5.0), memory, device, report, budget)
@@ -71,6 +73,7 @@ def sample_row(path: Path, device: torch.device, budget_gb: float | None, size: 
             "s_per_step": statistics.median(steady), "s_step_min": min(steady), "s_step_max": max(steady),
             "peak_reserved_gb": (record.peak_reserved or 0) / GB, "predicted_peak_gb": (record.predicted_peak or 0) / GB,
             "bytes_h2d_per_step": record.bytes_h2d / steps, "alloc_retries": record.alloc_retries,
+            "ram_budget_gb": None, "host_ram_peak_gb": (record.host_ram_peak or 0) / GB,   # RAM: auto
             "cap_gb": cap_gb, "resident_blocks": len(plan.resident),
             "predicted_step_s": plan.predicted_step_s,
             "n_blocks": plan.n_blocks, "chunks": [plan.attn_chunk, plan.ffn_chunk], "_latent": result.latent,

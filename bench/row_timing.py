@@ -140,6 +140,7 @@ def run_row(models: Models, device, size: int, cfg: float, budget_gb: float | No
     return {
         "row": "ours", "dtype": dtype if compute == "bf16" else compute, "size": f"{size}x{size}",
         "cfg": cfg != 1.0, "budget_gb": budget_gb, "fp8_compute": fp8_compute,
+        "storage": models.dit.storage.value, "ram_budget_gb": memory.ram_budget_gb,    # None: auto
         "peak_vram_gb": max(r.peak_reserved or 0 for r in recs.values()) / GB,
         "stage_peaks_gb": {k: (r.peak_reserved or 0) / GB for k, r in recs.items()},
         "stage_peaks_allocated_gb": {k: (r.peak_allocated or 0) / GB for k, r in recs.items()},

@@ -41,6 +41,7 @@ def test_run_benchmarks_smoke_writes_a_row_the_report_reads(tmp_path):
     _script("run_benchmarks").smoke(tmp_path)
     rows = json.loads((tmp_path / "results.json").read_text())
     assert rows[0]["row"] == "ours" and rows[0]["steady_steps"] >= 1 and rows[0]["whole_s"] > 0
+    assert rows[0]["storage"] == "bf16" and rows[0]["ram_budget_gb"] is None and rows[0]["host_ram_peak_gb"] > 0
     lines = _script("report").rows_table(rows, "64x64", True)
     assert len(lines) == 3 and "| ours | bf16 | none |" in lines[2]
 
@@ -126,6 +127,7 @@ def test_gguf_bench_smoke_rows_are_bitwise_and_carry_their_drift(tmp_path):
     _script("gguf_bench").main(["--smoke", "--out", str(out)])
     rows = json.loads(out.read_text())
     assert [r["storage"] for r in rows] == ["bf16", "fp8", "gguf-q8_0", "gguf-q4_k"]
+    assert all(r["ram_budget_gb"] is None and r["host_ram_peak_gb"] > 0 for r in rows)
     for r in rows[1:]:
         assert r["bitwise_equal_to_resident"] and 0 < r["drift_vs_bf16"]["rel_l2"] < 0.1
         assert r["x_roofline"] >= 1.0 - 1e-9
